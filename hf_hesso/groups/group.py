@@ -169,7 +169,9 @@ class GroupSet:
     def __repr__(self) -> str:
         kinds = {k: sum(b.n for b in self.blocks if b.kind == k) for k in KINDS}
         counts = ", ".join(f"{k}={v}" for k, v in kinds.items() if v)
-        return f"GroupSet(model_type={self.model_type!r}, groups={self.num_groups}, blocks={len(self.blocks)}, {counts})"
+        return (
+            f"GroupSet(model_type={self.model_type!r}, groups={self.num_groups}, blocks={len(self.blocks)}, {counts})"
+        )
 
     @property
     def param_names(self) -> list[str]:
@@ -209,7 +211,9 @@ class GroupSet:
     def zero_mask(self, model: nn.Module | None = None) -> torch.Tensor:
         """Boolean `(num_groups,)`: True for every group whose slices are all exactly zero."""
         params = {n: p.detach() for n, p in self.parameters(model).items()}
-        return torch.cat([b.zero_mask(params) for b in self.blocks]) if self.blocks else torch.zeros(0, dtype=torch.bool)
+        return (
+            torch.cat([b.zero_mask(params) for b in self.blocks]) if self.blocks else torch.zeros(0, dtype=torch.bool)
+        )
 
     def zero_(self, model: nn.Module | None, groups: torch.Tensor | list[int]) -> None:
         """Set every slice of the given groups (global indices) to exactly zero, in place."""

@@ -76,7 +76,9 @@ def build_groups(
     layer_ids = range(len(layer_list)) if layers is None else sorted(set(layers))
     for i in layer_ids:
         if not 0 <= i < len(layer_list):
-            raise ValueError(f"`layers` contains {i}, but the model has {len(layer_list)} layers (0..{len(layer_list) - 1}).")
+            raise ValueError(
+                f"`layers` contains {i}, but the model has {len(layer_list)} layers (0..{len(layer_list) - 1})."
+            )
 
     hd = norm.head_dim
     blocks: list[Block] = []
@@ -120,7 +122,12 @@ def build_groups(
         if rep == 1 and kv_heads == norm.num_key_value_heads == norm.num_attention_heads:
             add(i, HEAD, heads, [(q, qp, 0, 1, hd), (k, kp, 0, 1, hd), (v, vp, 0, 1, hd), (o, op, 1, 1, hd)])
         else:
-            add(i, KV_GROUP, kv_heads, [(k, kp, 0, 1, hd), (v, vp, 0, 1, hd), (q, qp, 0, 1, rep * hd), (o, op, 1, 1, rep * hd)])
+            add(
+                i,
+                KV_GROUP,
+                kv_heads,
+                [(k, kp, 0, 1, hd), (v, vp, 0, 1, hd), (q, qp, 0, 1, rep * hd), (o, op, 1, 1, rep * hd)],
+            )
             add(i, QUERY_SLOT, rep, [(q, qp, 0, kv_heads, hd), (o, op, 1, kv_heads, hd)])
         mlp_in = [(_linear(layer, p, where), f"{where}.{p}") for p in layout.mlp_in]
         width = mlp_in[0][0].out_features
