@@ -145,3 +145,9 @@ def test_bad_inputs():
     other = AutoModel.from_config(tiny_config("llama"))
     with pytest.raises(ValueError, match="name parameters that `model` does not have"):
         groups.parameters(other)
+
+
+def test_empty_group_set():
+    groups = build_groups(AutoModel.from_config(tiny_config("llama")), kinds=[HEAD])
+    assert len(groups) == 0 and groups.numel.numel() == 0 and groups.layers().numel() == 0
+    assert groups.zero_mask().numel() == 0

@@ -1,0 +1,30 @@
+"""Layout table and the self-contained slim model classes that travel with saved models."""
+
+from __future__ import annotations
+
+from .configuration_hesso import HESSO_CONFIGS
+from .modeling_hesso import HESSO_MODELS, apply_layer_shape, apply_layer_shapes
+
+_registered = False
+
+
+def register_auto_classes() -> None:
+    """Register every slim config and model class with the `transformers` Auto* factories (idempotent).
+
+    After this, `AutoConfig`/`AutoModel*.from_pretrained(dir)` load a slim checkpoint without
+    `trust_remote_code=True`, using the classes of this installed package.
+    """
+    global _registered
+    if _registered:
+        return
+    import transformers
+
+    for config_class in HESSO_CONFIGS.values():
+        transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for cls in HESSO_MODELS.values():
+        # `register_for_auto_class` stored the Auto* class name each slim class belongs to.
+        getattr(transformers, cls._auto_class).register(cls.config_class, cls, exist_ok=True)
+    _registered = True
+
+
+__all__ = ["HESSO_CONFIGS", "HESSO_MODELS", "apply_layer_shape", "apply_layer_shapes", "register_auto_classes"]

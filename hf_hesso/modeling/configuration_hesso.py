@@ -1,0 +1,93 @@
+# Copyright 2026 The hf_hesso authors. Apache-2.0.
+"""Configs of slim models whose layers may differ in size.
+
+This file travels with every saved slim model, so it must only import `torch`, `transformers` and its sibling
+files (relative imports), never `hf_hesso`.
+
+Each config subclasses the stock config of its family and adds one field, `hesso_layer_shapes`: a list with one
+dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`). The stock fields keep the
+sizes of the model *before* pruning, so the stock validation (e.g. `hidden_size % num_attention_heads == 0`) and
+every derived quantity (head size, rotary size) stay exactly as they were; the model classes in
+`modeling_hesso.py` read the per-layer sizes from the new field.
+"""
+
+from __future__ import annotations
+
+from transformers import BertConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, RobertaConfig
+
+from .architectures import HESSO_PREFIX, LAYER_SHAPES_KEY
+
+
+class _HessoConfigMixin:
+    """Validation shared by every slim config."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_hesso_layer_shapes()
+
+    def validate_hesso_layer_shapes(self) -> None:
+        shapes = getattr(self, LAYER_SHAPES_KEY, None)
+        if shapes is None:
+            return
+        if len(shapes) != self.num_hidden_layers:
+            raise ValueError(
+                f"`{LAYER_SHAPES_KEY}` has {len(shapes)} entries but `num_hidden_layers` is "
+                f"{self.num_hidden_layers}: give one shape per layer."
+            )
+        for i, shape in enumerate(shapes):
+            for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                value = shape.get(key)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(
+                        f"`{LAYER_SHAPES_KEY}[{i}][{key!r}]` is {value!r}; every layer needs a positive integer "
+                        f"`{key}` (a slim model never empties a layer)."
+                    )
+            if shape["num_attention_heads"] % shape["num_key_value_heads"]:
+                raise ValueError(
+                    f"`{LAYER_SHAPES_KEY}[{i}]` has {shape['num_attention_heads']} query heads and "
+                    f"{shape['num_key_value_heads']} key/value heads; query heads must be a multiple of key/value heads."
+                )
+
+
+class HessoLlamaConfig(_HessoConfigMixin, LlamaConfig):
+    model_type = HESSO_PREFIX + "llama"
+    hesso_layer_shapes: list[dict] | None = None
+
+
+class HessoMistralConfig(_HessoConfigMixin, MistralConfig):
+    model_type = HESSO_PREFIX + "mistral"
+    hesso_layer_shapes: list[dict] | None = None
+
+
+class HessoQwen2Config(_HessoConfigMixin, Qwen2Config):
+    model_type = HESSO_PREFIX + "qwen2"
+    hesso_layer_shapes: list[dict] | None = None
+
+
+class HessoQwen3Config(_HessoConfigMixin, Qwen3Config):
+    model_type = HESSO_PREFIX + "qwen3"
+    hesso_layer_shapes: list[dict] | None = None
+
+
+class HessoBertConfig(_HessoConfigMixin, BertConfig):
+    model_type = HESSO_PREFIX + "bert"
+    hesso_layer_shapes: list[dict] | None = None
+
+
+class HessoRobertaConfig(_HessoConfigMixin, RobertaConfig):
+    model_type = HESSO_PREFIX + "roberta"
+    hesso_layer_shapes: list[dict] | None = None
+
+
+# stock model_type -> slim config class.
+HESSO_CONFIGS = {
+    "bert": HessoBertConfig,
+    "llama": HessoLlamaConfig,
+    "mistral": HessoMistralConfig,
+    "qwen2": HessoQwen2Config,
+    "qwen3": HessoQwen3Config,
+    "roberta": HessoRobertaConfig,
+}
+
+for _cls in HESSO_CONFIGS.values():
+    _cls.register_for_auto_class("AutoConfig")

@@ -1,0 +1,295 @@
+"""Physical removal of zeroed groups, and the per-layer shape bookkeeping of slim models.
+
+`slim_model` cuts every group whose slices are all exactly zero out of the model's tensors (nothing else), turns
+the model into the matching `Hesso*` class (a subclass of its stock class) and records the per-layer sizes in
+`config.hesso_layer_shapes`, so that `save_pretrained` writes a checkpoint that `from_pretrained` loads anywhere
+(the model code travels with it). `to_stock` turns a slim model whose layers all ended with the same shape back
+into the stock class and config, where the stock config can express that shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, GroupSet, build_groups
+from .modeling.architectures import (
+    HESSO_PREFIX,
+    LAYER_SHAPES_KEY,
+    LayerShape,
+    base_model_type,
+    get_layout,
+    get_submodule,
+    normalize_config,
+)
+from .modeling.configuration_hesso import HESSO_CONFIGS
+from .modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules
+
+__all__ = ["SlimSummary", "current_layer_shapes", "slim_model", "to_stock"]
+
+
+@dataclass
+class SlimSummary:
+    """What `slim_model` did.
+
+    Attributes:
+        params_before (`int`): parameters of the model before slimming (shared tensors counted once).
+        params_after (`int`): parameters after slimming.
+        layers (`list[LayerShape]`): the kept query heads, key/value heads and MLP channels of every layer.
+        layers_before (`list[LayerShape]`): the same before slimming.
+        removed_groups (`int`): number of groups (of the given `GroupSet`) found all-zero and removed.
+    """
+
+    params_before: int
+    params_after: int
+    layers: list[LayerShape]
+    layers_before: list[LayerShape]
+    removed_groups: int
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    def to_dict(self) -> dict:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_removed": self.params_removed,
+            "removed_groups": self.removed_groups,
+            "layers": [s.to_dict() for s in self.layers],
+            "layers_before": [s.to_dict() for s in self.layers_before],
+        }
+
+    def __str__(self) -> str:
+        ratio = self.params_after / self.params_before if self.params_before else 1.0
+        lines = [
+            f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} kept), "
+            f"{self.removed_groups} groups removed",
+            "layer  heads      kv_heads   mlp_channels",
+        ]
+        for i, (a, b) in enumerate(zip(self.layers_before, self.layers, strict=True)):
+            lines.append(
+                f"{i:>5}  {b.num_attention_heads:>3}/{a.num_attention_heads:<6} {b.num_key_value_heads:>3}/"
+                f"{a.num_key_value_heads:<6} {b.intermediate_size:>6}/{a.intermediate_size}"
+            )
+        return "\n".join(lines)
+
+
+def _num_params(model: nn.Module) -> int:
+    # `parameters()` yields a tensor shared by several modules (tied embeddings) once.
+    return sum(p.numel() for p in model.parameters())
+
+
+def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
+    """The per-layer sizes of `model`, read from its tensors (stock or slim)."""
+    layout = get_layout(model.config.model_type)
+    hd = normalize_config(model.config).head_dim
+    shapes = []
+    for layer in layer_modules(model):
+        q = get_submodule(layer, layout.q)
+        k = get_submodule(layer, layout.k)
+        mlp = get_submodule(layer, layout.mlp_in[0])
+        shapes.append(LayerShape(q.out_features // hd, k.out_features // hd, mlp.out_features))
+    return shapes
+
+
+def _slim_class(model: nn.Module) -> type | None:
+    """The `Hesso*` class `model` becomes (None when it already is one)."""
+    if model.config.model_type.startswith(HESSO_PREFIX):
+        return None
+    cls = type(model)
+    slim = HESSO_MODELS.get(cls.__name__)
+    if slim is None or cls not in slim.__mro__:
+        raise ValueError(
+            f"`model` is a {cls.__name__}, which `slim_model` cannot convert. Supported classes: "
+            f"{', '.join(sorted(HESSO_MODELS))}. Slim the plain transformers model (merge adapters first with "
+            "`merge_and_unload()`)."
+        )
+    return slim
+
+
+def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
+    """Physically remove every group whose slices are all exactly zero, in place.
+
+    Groups that are only partly zero are kept. With grouped-query attention a layer may have zeroed `kv_group`
+    and `query_slot` groups at once: the kept query heads are those of kept key/value heads *and* kept slots, so
+    the layer keeps `kept kv heads x kept slots per kv head` query heads.
+
+    The model's class becomes the matching `Hesso*` subclass of its stock class (`HessoLlamaForCausalLM`), and
+    `model.config` (the same object, so every module sees it) becomes the matching `Hesso*Config` with the per-layer
+    sizes in `config.hesso_layer_shapes`; the stock fields keep their original values. `model.save_pretrained(d)`
+    then writes the weights, the config with `auto_map` and the model code, loadable with
+    `AutoModelFor*.from_pretrained(d, trust_remote_code=True)` anywhere, or without `trust_remote_code` once
+    `import hf_hesso` has registered the classes.
+
+    The sliced projections get new `nn.Parameter` objects: build the optimizer (and the groups) again before
+    training the slim model further.
+
+    Args:
+        model (`nn.Module`): a supported transformers model (bare, `*ForCausalLM`, `*ForSequenceClassification`,
+            `*ForMaskedLM`), stock or already slim.
+        groups (`GroupSet`, *optional*): the groups to consider; default `build_groups(model)`. They must describe
+            the model's current shapes (build them again after a previous slimming).
+        stock (`bool`, *optional*, defaults to `False`): afterwards convert to the stock class and config with
+            `to_stock` (every layer must have ended with the same shape that the stock config can express).
+
+    Returns:
+        `SlimSummary`: parameter counts before/after and the kept sizes of every layer.
+
+    Raises:
+        `ValueError`: when a block (all groups of one kind in one layer) is entirely zero; nothing is changed then.
+    """
+    config = model.config
+    layout = get_layout(config.model_type)
+    hd = normalize_config(config).head_dim
+    if groups is None:
+        groups = build_groups(model)
+    slim_cls = _slim_class(model)
+    before = current_layer_shapes(model)
+    params_before = _num_params(model)
+
+    # Decide everything before touching the model, so an error leaves it unchanged.
+    zero = groups.zero_mask(model).cpu()
+    keep: dict[int, dict[str, torch.Tensor]] = {}
+    for block in groups.blocks:
+        kept = ~zero[block.offset : block.offset + block.n]
+        if not bool(kept.any()):
+            raise ValueError(
+                f"All {block.n} `{block.kind}` groups of layer {block.layer} are zero; removing them would empty the "
+                f"layer's {block.kind} block, which transformers cannot run. Keep at least one group per block "
+                "(the HESSO optimizer never selects a whole block), or restore some weights before `slim_model`."
+            )
+        keep.setdefault(block.layer, {})[block.kind] = kept
+
+    plans = []
+    for i, shape in enumerate(before):
+        heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
+        rep = heads // kv_heads
+        ks = keep.get(i, {})
+        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width}
+        for kind, mask in ks.items():
+            if mask.numel() != expected[kind]:
+                raise ValueError(
+                    f"The groups give layer {i} {mask.numel()} `{kind}` groups but the model has {expected[kind]}: "
+                    "the groups were built for another shape. Call `build_groups(model)` again."
+                )
+        if HEAD in ks:
+            kv_keep = ks[HEAD]
+            q_head_keep = ks[HEAD]
+        else:
+            kv_keep = ks.get(KV_GROUP, torch.ones(kv_heads, dtype=torch.bool))
+            slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
+            # Query head g * rep + j reads key/value head g and sits in slot j.
+            q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
+        mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
+        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()))
+        kept = {
+            "q": q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
+            "kv": kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
+            "mlp": mlp_keep.nonzero().squeeze(1),
+        }
+        plans.append((new_shape, kept))
+
+    for layer, (new_shape, kept) in zip(layer_modules(model), plans, strict=True):
+        apply_layer_shape(layer, layout, new_shape, hd, kept)
+
+    after = [shape for shape, _ in plans]
+    if slim_cls is not None:
+        # Swap classes in place: every submodule holds this same config object, and the model object stays the one
+        # the caller (optimizer, Trainer) holds.
+        config.__class__ = HESSO_CONFIGS[base_model_type(config.model_type)]
+        model.__class__ = slim_cls
+    setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
+    summary = SlimSummary(
+        params_before=params_before,
+        params_after=_num_params(model),
+        layers=after,
+        layers_before=before,
+        removed_groups=int(zero.sum()),
+    )
+    if stock:
+        to_stock(model)
+    return summary
+
+
+# Why a stock config cannot express a uniform shape, per family (None: always possible).
+STOCK_RULES = {
+    "llama": "stock `LlamaConfig` requires `hidden_size % num_attention_heads == 0`, even with `head_dim` set",
+    "bert": "stock BERT derives the head size from `hidden_size / num_attention_heads`, so it cannot express "
+    "pruned heads (a model with all heads kept and only a narrower MLP can be stock)",
+}
+STOCK_RULES["roberta"] = STOCK_RULES["bert"].replace("BERT", "RoBERTa")
+
+
+def _stock_problem(model_type: str, hidden_size: int, original_heads: int, shape: LayerShape) -> str | None:
+    if model_type == "llama" and hidden_size % shape.num_attention_heads:
+        return STOCK_RULES["llama"]
+    if model_type in ("bert", "roberta") and shape.num_attention_heads != original_heads:
+        return STOCK_RULES[model_type]
+    return None
+
+
+def _stock_base(cls: type) -> type:
+    # The first class of the library itself: the slim classes (ours, or loaded as remote code) subclass it.
+    return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+
+
+def to_stock(model: nn.Module) -> nn.Module:
+    """Turn a slim model whose layers all have the same shape into the stock class and config, in place.
+
+    Then `save_pretrained` writes a stock `model_type` that loads with nothing imported and no remote code
+    (serving engines too). Possible when every layer has the same shape and:
+    - Mistral, Qwen2, Qwen3: always (the head size is stored as `head_dim`);
+    - Llama: `hidden_size % num_attention_heads == 0` for the kept head count (a stock `LlamaConfig` rule);
+    - BERT, RoBERTa: only when no head was removed (the head size is `hidden_size / num_attention_heads`), i.e. only
+      the MLP is narrower.
+
+    Returns:
+        `nn.Module`: `model` itself.
+
+    Raises:
+        `ValueError`: naming why the shape cannot be expressed; the model is left unchanged.
+    """
+    config = model.config
+    if not config.model_type.startswith(HESSO_PREFIX):
+        return model
+    model_type = base_model_type(config.model_type)
+    layout = get_layout(model_type)
+    norm = normalize_config(config)
+    shapes = current_layer_shapes(model)
+    distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
+    if len(distinct) != 1:
+        raise ValueError(
+            f"`model` cannot be converted to the stock `{model_type}` class: its layers have {len(distinct)} "
+            f"different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), and a stock config holds one "
+            "size per field. Save it as a slim model instead (`save_pretrained` writes the code it needs)."
+        )
+    shape = distinct[0]
+    problem = _stock_problem(model_type, norm.hidden_size, norm.num_attention_heads, shape)
+    if problem is not None:
+        raise ValueError(
+            f"`model` cannot be converted to the stock `{model_type}` class with {shape.num_attention_heads} heads "
+            f"of size {norm.head_dim} and hidden size {norm.hidden_size}: {problem}. Save it as a slim model instead "
+            "(`save_pretrained` writes the code it needs)."
+        )
+    stock_config_cls = _stock_base(type(config))
+    stock_cls = _stock_base(type(model))
+    updates = {"num_attention_heads": shape.num_attention_heads, "intermediate_size": shape.intermediate_size}
+    if layout.attention_style == "llama":
+        updates.update(num_key_value_heads=shape.num_key_value_heads, head_dim=norm.head_dim)
+    # Validate with the stock class before changing anything.
+    trial = config.to_dict()
+    for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+        trial.pop(key, None)
+    trial.update(updates)
+    stock_config_cls.from_dict(trial)
+
+    config.__class__ = stock_config_cls
+    config.__dict__.pop(LAYER_SHAPES_KEY, None)
+    config.__dict__.pop("auto_map", None)
+    for key, value in updates.items():
+        setattr(config, key, value)
+    model.__class__ = stock_cls
+    return model

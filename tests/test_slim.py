@@ -1,0 +1,225 @@
+"""slim_model: removes exactly the all-zero groups, keeps the function, counts parameters exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+from conftest import DECODERS, ENCODERS, TINY_CONFIGS, tiny_batch, tiny_config
+
+from hf_hesso.groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, build_groups
+from hf_hesso.modeling.architectures import LayerShape, get_layout, get_submodule, normalize_config
+from hf_hesso.slim import current_layer_shapes, slim_model
+
+PREFIX = {
+    "bert": "Bert",
+    "roberta": "Roberta",
+    "llama": "Llama",
+    "llama_mha": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+}
+DECODER_HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
+ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForMaskedLM")
+CASES = [
+    (name, head) for name in sorted(TINY_CONFIGS) for head in (ENCODER_HEADS if name in ENCODERS else DECODER_HEADS)
+]
+assert set(DECODERS) | set(ENCODERS) == set(TINY_CONFIGS)
+
+
+def make_model(name: str, head: str, seed: int = 0, **overrides):
+    """A fresh tiny model of family `name` with head `head`, with non-trivial biases and norms."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, PREFIX[name] + head)(tiny_config(name, **overrides)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "norm" in pname:
+                # Random biases/norm weights, so that a wrongly kept or dropped row shows in the outputs.
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def zero_random_groups(model, groups, seed: int = 0, full_layer: int = 0) -> list[int]:
+    """Zero a random subset of groups of every kind, uneven across layers, never a whole block.
+
+    In layer `full_layer` at least one group of every block is zeroed (so a GQA layer gets kv_group *and*
+    query_slot groups zeroed at once); other layers get a random number (possibly none).
+    """
+    rng = random.Random(seed)
+    chosen = []
+    for block in groups.blocks:
+        low = 1 if block.layer == full_layer else 0
+        count = rng.randint(low, block.n - 1)
+        chosen += [block.offset + i for i in rng.sample(range(block.n), count)]
+    groups.zero_(model, chosen)
+    return chosen
+
+
+def expected_shapes(groups, chosen: list[int], before: list[LayerShape]) -> list[LayerShape]:
+    """The kept structure, computed from the chosen groups alone: (kept kv heads) x (kept slots)."""
+    selected = set(chosen)
+    out = []
+    for layer, shape in enumerate(before):
+        removed = {kind: 0 for kind in (HEAD, KV_GROUP, QUERY_SLOT, MLP_CHANNEL)}
+        for b in groups.blocks:
+            if b.layer == layer:
+                removed[b.kind] = sum(1 for i in range(b.n) if b.offset + i in selected)
+        rep = shape.num_attention_heads // shape.num_key_value_heads
+        if any(b.layer == layer and b.kind == HEAD for b in groups.blocks):
+            kv = heads = shape.num_attention_heads - removed[HEAD]
+        else:
+            kv = shape.num_key_value_heads - removed[KV_GROUP]
+            heads = kv * (rep - removed[QUERY_SLOT])
+        out.append(LayerShape(heads, kv, shape.intermediate_size - removed[MLP_CHANNEL]))
+    return out
+
+
+def expected_param_count(model, before: list[LayerShape], after: list[LayerShape], params_before: int) -> int:
+    """Parameters after slimming, from the kept structure and the projection sizes (biases included)."""
+    layout = get_layout(model.config.model_type)
+    norm = normalize_config(model.config)
+    hd, hidden = norm.head_dim, norm.hidden_size
+    layer0 = get_submodule(model.base_model, layout.layers)[0]
+
+    def has_bias(path):
+        return int(get_submodule(layer0, path).bias is not None)
+
+    removed = 0
+    for a, b in zip(before, after, strict=True):
+        dh = (a.num_attention_heads - b.num_attention_heads) * hd
+        dkv = (a.num_key_value_heads - b.num_key_value_heads) * hd
+        dmlp = a.intermediate_size - b.intermediate_size
+        removed += dh * (hidden + has_bias(layout.q)) + dh * hidden  # q rows (+bias), o columns
+        removed += dkv * (hidden + has_bias(layout.k)) + dkv * (hidden + has_bias(layout.v))
+        removed += sum(dmlp * (hidden + has_bias(p)) for p in layout.mlp_in) + dmlp * hidden
+    return params_before - removed
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        return model(**batch)[0]
+
+
+@pytest.mark.parametrize("name,head", CASES)
+def test_slim_matches_masked_dense(name, head):
+    model = make_model(name, head)
+    groups = build_groups(model)
+    chosen = zero_random_groups(model, groups, seed=len(name) + len(head))
+    batch = tiny_batch(name)
+    dense = outputs(model, batch)
+    before = current_layer_shapes(model)
+    params_before = sum(p.numel() for p in model.parameters())
+
+    summary = slim_model(model, groups)
+
+    assert type(model).__name__ == "Hesso" + PREFIX[name] + head
+    assert isinstance(model, getattr(transformers, PREFIX[name] + head))
+    assert model.config.model_type == "hesso_" + normalize_config(model.config).model_type
+    want = expected_shapes(groups, chosen, before)
+    assert summary.layers == want == current_layer_shapes(model)
+    assert [LayerShape(**d) for d in model.config.hesso_layer_shapes] == want
+    assert want[0] != before[0] and want != before
+    assert summary.params_before == params_before
+    assert summary.params_after == sum(p.numel() for p in model.parameters())
+    assert summary.params_after == expected_param_count(model, before, want, params_before)
+    assert summary.params_after < params_before
+    assert summary.removed_groups == len(chosen)
+    assert (outputs(model, batch) - dense).abs().max().item() <= 1e-5
+    # Run-time attributes follow the new sizes.
+    layout = get_layout(model.config.model_type)
+    for layer, shape in zip(get_submodule(model.base_model, layout.layers), want, strict=True):
+        attn = get_submodule(layer, layout.attention)
+        if layout.attention_style == "llama":
+            assert attn.num_key_value_groups == shape.num_attention_heads // shape.num_key_value_heads
+        else:
+            assert attn.num_attention_heads == shape.num_attention_heads
+            assert attn.all_head_size == shape.num_attention_heads * attn.attention_head_size
+    assert summary.to_dict()["layers"] == [s.to_dict() for s in want]
+    assert "parameters:" in str(summary)
+
+
+def test_gqa_overlap_keeps_kv_times_slots():
+    # Layer 0 of the GQA llama: 2 kv heads x 2 slots. Remove kv head 1 and slot 0: only query head 0*2+1 stays.
+    model = make_model("llama", "ForCausalLM")
+    groups = build_groups(model)
+    kv = next(b for b in groups.blocks if b.layer == 0 and b.kind == KV_GROUP)
+    slot = next(b for b in groups.blocks if b.layer == 0 and b.kind == QUERY_SLOT)
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    k = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
+    groups.zero_(model, [kv.offset + 1, slot.offset + 0])
+    batch = tiny_batch("llama")
+    dense = outputs(model, batch)
+    summary = slim_model(model, groups)
+    assert summary.layers[0] == LayerShape(1, 1, 96)
+    attn = model.model.layers[0].self_attn
+    torch.testing.assert_close(attn.q_proj.weight, q[16:32], rtol=0, atol=0)
+    torch.testing.assert_close(attn.k_proj.weight, k[:16], rtol=0, atol=0)
+    assert attn.num_key_value_groups == 1
+    assert (outputs(model, batch) - dense).abs().max().item() <= 1e-5
+
+
+def test_partly_zero_groups_are_kept():
+    model = make_model("llama", "ForCausalLM")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[3] = 0  # channel 3: gate row only, up row and down column stay
+        model.model.layers[1].self_attn.k_proj.weight[:16] = 0  # kv head 0: k rows only
+    summary = slim_model(model)
+    assert summary.removed_groups == 0
+    assert summary.params_after == summary.params_before
+    assert summary.layers == summary.layers_before
+
+
+def test_empty_block_is_refused_and_model_unchanged():
+    model = make_model("llama", "ForCausalLM")
+    groups = build_groups(model)
+    block = next(b for b in groups.blocks if b.layer == 1 and b.kind == KV_GROUP)
+    mlp = next(b for b in groups.blocks if b.layer == 0 and b.kind == MLP_CHANNEL)
+    groups.zero_(model, [mlp.offset, *range(block.offset, block.offset + block.n)])
+    before = {n: p.shape for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"All 2 `kv_group` groups of layer 1 are zero"):
+        slim_model(model, groups)
+    assert type(model) is transformers.LlamaForCausalLM
+    assert model.config.model_type == "llama"
+    assert {n: p.shape for n, p in model.named_parameters()} == before
+
+
+def test_stale_groups_are_refused():
+    model = make_model("qwen2", "ForCausalLM")
+    groups = build_groups(model)
+    mlp = [b for b in groups.blocks if b.kind == MLP_CHANNEL]
+    groups.zero_(model, [b.offset for b in mlp])
+    slim_model(model, groups)
+    with pytest.raises(ValueError, match="build_groups"):
+        slim_model(model, groups)
+
+
+def test_unsupported_class_is_refused():
+    class MyLlama(transformers.LlamaForCausalLM):
+        pass
+
+    model = MyLlama(tiny_config("llama"))
+    with pytest.raises(ValueError, match=r"`model` is a MyLlama, which `slim_model` cannot convert"):
+        slim_model(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_reslim_slim_model(name):
+    head = "ForCausalLM" if name == "llama" else "ForMaskedLM"
+    model = make_model(name, head)
+    groups = build_groups(model)
+    zero_random_groups(model, groups, seed=1)
+    slim_model(model, groups)
+    cls = type(model)
+    groups2 = build_groups(model)
+    assert len(groups2) < len(groups)
+    chosen = zero_random_groups(model, groups2, seed=2, full_layer=1)
+    batch = tiny_batch(name)
+    dense = outputs(model, batch)
+    before = current_layer_shapes(model)
+    summary = slim_model(model, groups2)
+    assert type(model) is cls
+    assert summary.layers == expected_shapes(groups2, chosen, before)
+    assert (outputs(model, batch) - dense).abs().max().item() <= 1e-5
