@@ -1,0 +1,113 @@
+"""The model card (README.md) of a slim model: what was pruned, from what, and how it was trained."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .modeling.architectures import LayerShape
+
+
+@dataclass
+class PruningReport:
+    """Everything the card records.
+
+    Attributes:
+        base_model (`str`): the model the run started from (`config._name_or_path`), or `""` when unknown.
+        model_name (`str`): the name of the saved model (the repo name).
+        params_before (`int`): parameters of the model before slimming.
+        params_after (`int`): parameters of the slim model.
+        layers_before (`Sequence[LayerShape]`): per-layer sizes before pruning.
+        layers_after (`Sequence[LayerShape]`): per-layer sizes of the slim model.
+        settings (`dict[str, Any]`): the HESSO settings (targets, schedule, criteria weights, kinds).
+        training (`dict[str, Any]`): the training data and steps.
+        metadata (`dict[str, Any]`): extra card metadata (language, license, tags, datasets, ...).
+    """
+
+    base_model: str
+    model_name: str
+    params_before: int
+    params_after: int
+    layers_before: Sequence[LayerShape]
+    layers_after: Sequence[LayerShape]
+    settings: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_hub_id(name: str) -> bool:
+    # The Hub validates `base_model` against existing repos: a local path must not go there.
+    return bool(name) and not os.path.isabs(name) and not os.path.exists(name) and name.count("/") <= 1
+
+
+def render_model_card(report: PruningReport) -> str:
+    """The card as Markdown with YAML metadata; `hesso` in the metadata holds the figures in machine form."""
+    meta: dict[str, Any] = {"library_name": "transformers"}
+    tags = ["hesso", "pruning", "structured-pruning", "hf_hesso"]
+    for key, value in report.metadata.items():
+        if value is None:
+            continue
+        if key == "tags":
+            value = [value] if isinstance(value, str) else list(value)
+            tags += [t for t in value if t not in tags]
+        else:
+            meta[key] = value
+    meta["tags"] = tags
+    if _is_hub_id(report.base_model):
+        meta["base_model"] = report.base_model
+    meta["hesso"] = {
+        "params_before": int(report.params_before),
+        "params_after": int(report.params_after),
+        "layers": [shape.to_dict() for shape in report.layers_after],
+        "settings": report.settings,
+    }
+
+    before, after = report.params_before, report.params_after
+    kept = after / before if before else 1.0
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {report.model_name}",
+        "",
+        f"This model was trained and structurally pruned in one run with HESSO (hf_hesso), starting from "
+        f"`{report.base_model or 'an unnamed model'}`. Pruned attention heads, key/value groups and MLP channels "
+        "were physically removed, so the model is smaller and faster, not just sparse.",
+        "",
+        "Load it with `trust_remote_code=True` (layers may differ in size), or `import hf_hesso` first:",
+        "",
+        "```python",
+        "from transformers import AutoModel",
+        "",
+        'model = AutoModel.from_pretrained("<this repo>", trust_remote_code=True)',
+        "```",
+        "",
+        "## Size",
+        "",
+        "| | Parameters |",
+        "|---|---:|",
+        f"| Before pruning | {before:,} |",
+        f"| After pruning | {after:,} |",
+        f"| Kept | {100 * kept:.1f}% |",
+        "",
+        "## Kept structures per layer",
+        "",
+        "| Layer | Attention heads | Key/value groups | MLP channels |",
+        "|---:|---:|---:|---:|",
+    ]
+    for i, (b, a) in enumerate(zip(report.layers_before, report.layers_after, strict=True)):
+        lines.append(
+            f"| {i} | {a.num_attention_heads} / {b.num_attention_heads} | "
+            f"{a.num_key_value_heads} / {b.num_key_value_heads} | {a.intermediate_size} / {b.intermediate_size} |"
+        )
+    lines += ["", "## HESSO settings", "", "| Setting | Value |", "|---|---|"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in report.settings.items()]
+    lines += ["", "## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report.training.items()]
+    lines.append("")
+    return "\n".join(lines)

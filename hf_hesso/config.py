@@ -1,0 +1,168 @@
+"""`HESSOConfig`: the training arguments of `HESSOTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .groups import KINDS
+
+# Saliency criteria of HESSO, in the order of the paper; `HESSOConfig` has one `importance_<name>` weight each.
+IMPORTANCE_CRITERIA = ("magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order")
+
+
+@dataclass
+class HESSOConfig(TrainingArguments):
+    r"""
+    Training arguments of [`HESSOTrainer`]: every argument of [`~transformers.TrainingArguments`], plus the knobs of
+    HESSO (train and structurally prune in one run). All step counts are optimizer steps, i.e. after gradient
+    accumulation, the same unit as `max_steps`.
+
+    Parameters:
+        target_group_sparsity (`float`, *optional*):
+            Fraction of all prunable groups (MLP channels, attention heads, key/value groups, query slots) to remove,
+            in `(0, 1)`. Every group counts as one unit whatever its size. Set exactly one of `target_group_sparsity`
+            and `target_param_sparsity`.
+        target_param_sparsity (`float`, *optional*):
+            Fraction of the parameters held by prunable groups to remove, in `(0, 1)`, with a cost-aware ranking
+            (a large attention head weighs more than a small MLP channel). Set exactly one of the two targets.
+        start_pruning_step (`int`, *optional*, defaults to `0`):
+            Optimizer steps of plain training (warm-up) before the first selection of redundant groups.
+        pruning_periods (`int`, *optional*, defaults to `1`):
+            Number of periods the removal is split into; each period selects `1 / pruning_periods` of the target
+            and fades those groups to exactly zero over the period.
+        pruning_steps (`int`, *optional*):
+            Optimizer steps over which pruning happens, starting at `start_pruning_step`; each period lasts
+            `pruning_steps // pruning_periods` steps, which must be at least 2. Required: pruning must end at or
+            before the last planned optimizer step.
+        importance_magnitude (`float`, *optional*, defaults to `0.2`):
+            Weight of the saliency criterion `||x_g||` (group norm).
+        importance_avg_magnitude (`float`, *optional*, defaults to `0.2`):
+            Weight of the saliency criterion `||x_g|| / n_g` (group norm per element).
+        importance_cosine_similarity (`float`, *optional*, defaults to `0.2`):
+            Weight of the saliency criterion `cos(x_g, d_g) + 1` (alignment of the group with its update direction).
+        importance_taylor_first_order (`float`, *optional*, defaults to `0.2`):
+            Weight of the saliency criterion `|<x_g, d_g>|` (first-order Taylor estimate of the loss change).
+        importance_taylor_second_order (`float`, *optional*, defaults to `0.2`):
+            Weight of the saliency criterion `0.5 * <x_g, d_g>^2`.
+        prune_kinds (`list[str]`, *optional*):
+            Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"` and `"query_slot"`.
+            Default: every kind the architecture supports.
+        group_divisible (`int`, *optional*, defaults to `1`):
+            The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
+            e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism.
+    """
+
+    target_group_sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of all prunable groups to remove, in (0, 1). Set exactly one target."},
+    )
+    target_param_sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of the prunable parameters to remove, in (0, 1). Set exactly one target."},
+    )
+    start_pruning_step: int = field(
+        default=0, metadata={"help": "Optimizer steps of plain training before the first selection."}
+    )
+    pruning_periods: int = field(default=1, metadata={"help": "Number of pruning periods."})
+    pruning_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps over which pruning happens (each period lasts at least 2 steps)."},
+    )
+    importance_magnitude: float = field(default=0.2, metadata={"help": "Weight of the group-norm criterion."})
+    importance_avg_magnitude: float = field(
+        default=0.2, metadata={"help": "Weight of the group-norm-per-element criterion."}
+    )
+    importance_cosine_similarity: float = field(
+        default=0.2, metadata={"help": "Weight of the cosine(weight, update direction) criterion."}
+    )
+    importance_taylor_first_order: float = field(
+        default=0.2, metadata={"help": "Weight of the first-order Taylor criterion."}
+    )
+    importance_taylor_second_order: float = field(
+        default=0.2, metadata={"help": "Weight of the second-order Taylor criterion."}
+    )
+    prune_kinds: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: all."},
+    )
+    group_divisible: int = field(
+        default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        targets = {
+            "target_group_sparsity": self.target_group_sparsity,
+            "target_param_sparsity": self.target_param_sparsity,
+        }
+        given = {name: value for name, value in targets.items() if value is not None}
+        if len(given) != 1:
+            raise ValueError(
+                "Set exactly one of `target_group_sparsity` and `target_param_sparsity`, got "
+                f"target_group_sparsity={self.target_group_sparsity}, target_param_sparsity={self.target_param_sparsity}. "
+                "Use `target_group_sparsity` for a fraction of the groups (the paper's knob) or "
+                "`target_param_sparsity` for a fraction of the prunable parameters."
+            )
+        ((name, value),) = given.items()
+        if not 0 < value < 1:
+            raise ValueError(f"`{name}` must lie in (0, 1), got {value}. Pass a fraction such as 0.4 (remove 40%).")
+        if self.start_pruning_step < 0:
+            raise ValueError(f"`start_pruning_step` must be >= 0, got {self.start_pruning_step}.")
+        if self.pruning_periods < 1:
+            raise ValueError(f"`pruning_periods` must be >= 1, got {self.pruning_periods}.")
+        if self.pruning_steps is None:
+            raise ValueError(
+                "`pruning_steps` is required: the number of optimizer steps over which the groups are removed, "
+                f"e.g. `pruning_steps={2 * self.pruning_periods * 10}` for {self.pruning_periods} period(s) of 20 steps."
+            )
+        if self.pruning_steps // self.pruning_periods < 2:
+            raise ValueError(
+                f"`pruning_steps` ({self.pruning_steps}) // `pruning_periods` ({self.pruning_periods}) = "
+                f"{self.pruning_steps // self.pruning_periods} optimizer steps per period, but a period needs at "
+                f"least 2. Raise `pruning_steps` to at least {2 * self.pruning_periods} or lower `pruning_periods`."
+            )
+        if self.max_steps > 0:
+            self.check_schedule_fits(self.max_steps)
+        weights = self.importance_criteria
+        negative = {k: v for k, v in weights.items() if v < 0}
+        if negative or not any(weights.values()):
+            raise ValueError(
+                f"The importance weights must be >= 0 with at least one > 0, got {weights}. Set e.g. "
+                "`importance_magnitude=1.0` and the others to 0 to rank by group norm only."
+            )
+        if self.prune_kinds is not None:
+            if isinstance(self.prune_kinds, str):
+                self.prune_kinds = [self.prune_kinds]
+            unknown = [k for k in self.prune_kinds if k not in KINDS]
+            if unknown or not self.prune_kinds:
+                raise ValueError(
+                    f"`prune_kinds` must be a non-empty list of kinds among {list(KINDS)}, got {self.prune_kinds}. "
+                    "Leave it unset to prune every kind the architecture supports."
+                )
+        if self.group_divisible < 1:
+            raise ValueError(
+                f"`group_divisible` must be >= 1, got {self.group_divisible}. Use 1 for no rounding of kept counts."
+            )
+
+    @property
+    def pruning_end_step(self) -> int:
+        """The optimizer step at which the last pruning period ends (`start_pruning_step + pruning_steps`)."""
+        return self.start_pruning_step + self.pruning_steps
+
+    @property
+    def importance_criteria(self) -> dict[str, float]:
+        """The saliency weights as the `importance_criteria` dict of [`HESSO`]."""
+        return {name: getattr(self, f"importance_{name}") for name in IMPORTANCE_CRITERIA}
+
+    def check_schedule_fits(self, planned_steps: int) -> None:
+        """Raise a `ValueError` when pruning does not end by `planned_steps`, the number of optimizer steps."""
+        if self.pruning_end_step > planned_steps:
+            unit = "`max_steps`" if self.max_steps > 0 else "the planned number of optimizer steps"
+            raise ValueError(
+                f"The pruning schedule ends at optimizer step `start_pruning_step` + `pruning_steps` = "
+                f"{self.start_pruning_step} + {self.pruning_steps} = {self.pruning_end_step}, after {unit} "
+                f"({planned_steps}; optimizer steps count after gradient accumulation). Lower `start_pruning_step` "
+                f"or `pruning_steps` so that they sum to at most {planned_steps}, or train longer."
+            )

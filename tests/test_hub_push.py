@@ -1,0 +1,81 @@
+"""`push_to_hub()` uploads the slim model and its card to a Hub (a real HTTP server on 127.0.0.1), and
+`from_pretrained(repo_id, trust_remote_code=True)` in a fresh process gets the same logits back through it."""
+
+from __future__ import annotations
+
+import huggingface_hub.constants
+import pytest
+import transformers.utils.hub
+from conftest import tiny_batch
+from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from hub_server import HubServer
+from test_trainer import card_figures, reference_logits, reload_in_fresh_process
+
+from hf_hesso.trainer import HESSOTrainer
+
+TOKEN = "hf_fake_test_token"
+REPO = "testuser/tiny-hesso-llama"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The local Hub, with this process's huggingface_hub pointed at it (it reads HF_ENDPOINT at import)."""
+    with HubServer(token=TOKEN) as server:
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        # The server speaks the git-LFS upload protocol, not Xet.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        # transformers keeps one HfApi, bound to the endpoint of its first use.
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+        yield server
+
+
+@pytest.mark.slow
+def test_push_to_hub_then_from_pretrained(hub, tmp_path):
+    out = tmp_path / "out"
+    args = hesso_args(str(out), hub_model_id=REPO, hub_token=TOKEN, save_strategy="steps", save_steps=7)
+    trainer = HESSOTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=lm_dataset(), processing_class=tiny_tokenizer()
+    )
+    trainer.train()
+    batch = tiny_batch("llama")
+    expected = reference_logits(trainer.model, batch)
+
+    commit = trainer.push_to_hub()
+    assert commit.oid == hub.state.repos[REPO].commits[-1]
+
+    repo = hub.state.repos[REPO]
+    uploaded = set(repo.files)
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= uploaded
+    assert any(name.endswith(".py") for name in uploaded)  # the slim model's code travels with it
+    assert not any(name.startswith("checkpoint-") for name in uploaded)
+    assert "model.safetensors" in repo.lfs_paths and "config.json" not in repo.lfs_paths
+    assert repo.files["README.md"] == (out / "README.md").read_bytes()
+    assert b"Kept structures per layer" in repo.files["README.md"]
+    assert repo.files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf_home_reader"),
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    reloaded = reload_in_fresh_process(REPO, "lm", batch, tmp_path, env=env)
+    assert reloaded["params"] == card_figures(out)["params_after"]
+    assert ("GET", f"/{REPO}/resolve/{repo.commits[-1]}/model.safetensors") in hub.state.requests
+    import torch
+
+    torch.testing.assert_close(reloaded["logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_server_rejects_bad_token(hub):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="401"):
+        HfApi(endpoint=hub.url).create_repo("testuser/nope", token="hf_wrong")
+    assert "testuser/nope" not in hub.state.repos

@@ -1,0 +1,112 @@
+"""`HESSOConfig`: defaults and every cross-field rule, each with its documented error."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_hesso.config import HESSOConfig
+
+
+def make(tmp_path, **kwargs):
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=2000,
+        target_group_sparsity=0.4,
+        start_pruning_step=200,
+        pruning_periods=10,
+        pruning_steps=1000,
+        report_to="none",
+    )
+    base.update(kwargs)
+    return HESSOConfig(**base)
+
+
+def test_issue_example_and_paper_defaults(tmp_path):
+    args = make(tmp_path)
+    assert args.pruning_end_step == 1200
+    assert args.importance_criteria == {
+        "magnitude": 0.2,
+        "avg_magnitude": 0.2,
+        "cosine_similarity": 0.2,
+        "taylor_first_order": 0.2,
+        "taylor_second_order": 0.2,
+    }
+    assert args.prune_kinds is None and args.group_divisible == 1
+    # The schedule may end exactly at the last step.
+    make(tmp_path, max_steps=1200)
+    # Epoch-based runs are checked by the trainer once the number of steps is known.
+    make(tmp_path, max_steps=-1, num_train_epochs=1)
+
+
+def test_hf_argument_parser(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(HESSOConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "100",
+            "--target_param_sparsity",
+            "0.3",
+            "--pruning_steps",
+            "40",
+            "--pruning_periods",
+            "4",
+            "--prune_kinds",
+            "mlp_channel",
+            "kv_group",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert args.target_param_sparsity == 0.3 and args.target_group_sparsity is None
+    assert args.prune_kinds == ["mlp_channel", "kv_group"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_group_sparsity=None), r"Set exactly one of `target_group_sparsity` and `target_param_sparsity`"),
+        (
+            dict(target_param_sparsity=0.2),
+            r"Set exactly one of .*target_group_sparsity=0.4, target_param_sparsity=0.2",
+        ),
+        (dict(target_group_sparsity=1.0), r"`target_group_sparsity` must lie in \(0, 1\), got 1.0"),
+        (dict(target_group_sparsity=None, target_param_sparsity=0.0), r"`target_param_sparsity` must lie in \(0, 1\)"),
+        (dict(start_pruning_step=-1), r"`start_pruning_step` must be >= 0, got -1"),
+        (dict(pruning_periods=0), r"`pruning_periods` must be >= 1, got 0"),
+        (dict(pruning_steps=None), r"`pruning_steps` is required"),
+        (
+            dict(pruning_steps=15),
+            r"`pruning_steps` \(15\) // `pruning_periods` \(10\) = 1 optimizer steps per period, but a period needs at "
+            r"least 2. Raise `pruning_steps` to at least 20",
+        ),
+        (
+            dict(max_steps=1000),
+            r"ends at optimizer step `start_pruning_step` \+ `pruning_steps` = 200 \+ 1000 = 1200, after `max_steps` "
+            r"\(1000; optimizer steps count after gradient accumulation\)\. Lower .* at most 1000",
+        ),
+        (dict(importance_magnitude=-0.1), r"importance weights must be >= 0 with at least one > 0"),
+        (
+            dict(
+                importance_magnitude=0,
+                importance_avg_magnitude=0,
+                importance_cosine_similarity=0,
+                importance_taylor_first_order=0,
+                importance_taylor_second_order=0,
+            ),
+            r"importance weights must be >= 0 with at least one > 0",
+        ),
+        (dict(prune_kinds=["neuron"]), r"`prune_kinds` must be a non-empty list of kinds among .*got \['neuron'\]"),
+        (dict(prune_kinds=[]), r"`prune_kinds` must be a non-empty list"),
+        (dict(group_divisible=0), r"`group_divisible` must be >= 1, got 0"),
+    ],
+)
+def test_bad_config_raises(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path, **kwargs)
+
+
+def test_prune_kinds_string_becomes_list(tmp_path):
+    assert make(tmp_path, prune_kinds="mlp_channel").prune_kinds == ["mlp_channel"]

@@ -1,0 +1,51 @@
+"""A real 2-process run (`torchrun`, gloo, CPU): every rank makes the same pruning decision, and the result equals
+a single-process run with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from dist_train_worker import run_dist_worker
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    }
+    # `--standalone` rendezvous on a free local port, so parallel test runs do not collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [os.path.join(TESTS, "dist_train_worker.py"), str(tmp_path / "dist"), "4"]
+    os.makedirs(tmp_path / "dist")
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    ranks = [torch.load(tmp_path / "dist" / f"rank{r}.pt") for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert len(ranks[0]["pruned"]) > 0
+    assert ranks[0]["redundant"].tolist() == ranks[1]["redundant"].tolist()
+    assert ranks[0]["pruned"].tolist() == ranks[1]["pruned"].tolist()
+    for key, value in ranks[0]["state"].items():
+        # DDP broadcasts the same all-reduced gradients: the ranks hold bitwise equal weights.
+        assert torch.equal(value, ranks[1]["state"][key]), key
+
+    # One process, same global batch (2 x 4 = 8).
+    os.makedirs(tmp_path / "single")
+    run_dist_worker(str(tmp_path / "single"), 8)
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert single["world_size"] == 1
+    assert single["redundant"].tolist() == ranks[0]["redundant"].tolist()
+    assert single["pruned"].tolist() == ranks[0]["pruned"].tolist()
+    for key, value in single["state"].items():
+        # The all-reduce sums in another order than one big batch: equal up to float rounding.
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=0, atol=1e-5, msg=key)
