@@ -1,0 +1,4 @@
+from .hesso import HESSO
+from .saliency import CRITERIA, GroupStatistics, SaliencyAccumulator, saliency_scores
+
+__all__ = ["CRITERIA", "HESSO", "GroupStatistics", "SaliencyAccumulator", "saliency_scores"]

@@ -1,0 +1,517 @@
+"""`HESSO`: an optimizer wrapper that trains and progressively prunes zero-invariant groups (Chen et al., 2024).
+
+The wrapped base optimizer does every ordinary update; `HESSO` adds, per optimizer step, at most:
+- zeroing the gradients of the groups pruned in earlier periods (before the base step), so that the base
+  optimizer's moments of those groups stay exactly zero;
+- at the first step of a period, scoring every group (saliency from the weights and the base optimizer's own update
+  direction) and marking the globally least salient groups as this period's redundant set;
+- scaling this period's redundant groups by `(T - t - 1) / (T - t)`, which fades them linearly to exactly zero at the
+  period's last step while they keep receiving gradient updates;
+- re-zeroing the weights of pruned groups (and, when a period ends, every base-optimizer state tensor shaped like
+  the parameter).
+Every per-group operation is an index operation along the group axis of a `Slice` view, one per slice, touching only
+the affected rows or columns. Persistent extra state is O(number of groups).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ..groups import KINDS, Block, GroupSet, Slice
+from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
+from .selection import ParamCounter, block_capacity, select_redundant
+
+_STATE_KEY = "hesso"
+_FIXED_POINT_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+
+
+def _group_shape(s: Slice, p: torch.Tensor) -> list[int]:
+    """Shape that broadcasts a per-group vector over `s.view(p)`."""
+    shape = [1] * (p.dim() + 2)
+    shape[s.dim + 1] = s.n
+    return shape
+
+
+class HESSO(Optimizer):
+    r"""
+    HESSO (Hybrid Efficient Structured Sparse Optimizer): wraps a torch optimizer and, over a schedule of optimizer
+    steps, drives the least salient groups (MLP channels, attention heads, key/value groups, query slots) to exactly
+    zero, so that `slim_model` can then remove them physically.
+
+    Schedule, in optimizer steps `n = 1, 2, ...` (a step without any gradient, or one that a `GradScaler` skips,
+    is not counted): `start_pruning_step` steps of warm-up, then `pruning_periods` periods of
+    `T = pruning_steps // pruning_periods` steps (the last period also takes the remainder steps). At the first step
+    of every period the groups are scored and the least salient ones not yet selected are added (one global
+    ranking over all kinds and layers); over the period's remaining steps they fade linearly to exactly zero, and
+    from the period's end they are held at zero, in the weights and in the base optimizer's state.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`):
+            The base optimizer (AdamW with no-decay parameter groups, SGD with momentum, foreach/fused variants...).
+            It must update every parameter the groups slice.
+        groups ([`GroupSet`]):
+            The prunable groups, from `build_groups(model)` on the model being trained.
+        target_group_sparsity (`float`, *optional*):
+            Fraction of the groups to remove, in `(0, 1)`; each group counts as one unit (the paper's knob).
+        target_param_sparsity (`float`, *optional*):
+            Fraction of the parameters held by the groups to remove, in `(0, 1)`; groups are then ranked by saliency
+            per parameter. Set exactly one of the two targets.
+        start_pruning_step (`int`, *optional*, defaults to `0`):
+            Optimizer steps of plain training before the first selection.
+        pruning_periods (`int`, *optional*, defaults to `1`):
+            Number of periods; each selects `1 / pruning_periods` of the target.
+        pruning_steps (`int`, *optional*, defaults to `1`):
+            Optimizer steps over which pruning happens; `pruning_steps // pruning_periods` must be at least 2.
+        importance_criteria (`dict[str, float]`, *optional*):
+            Weights of the saliency criteria `magnitude`, `avg_magnitude`, `cosine_similarity`,
+            `taylor_first_order`, `taylor_second_order` (missing ones weigh 0). Defaults to 0.2 each.
+        group_divisible (`int`, *optional*, defaults to `1`):
+            Within every block (one kind in one layer) groups are removed so that the number kept is a multiple of
+            this value and at least this value; a block of `group_divisible` groups or fewer is never pruned.
+
+    Example:
+
+    ```python
+    groups = build_groups(model)
+    opt = HESSO(torch.optim.AdamW(model.parameters(), lr=1e-4), groups,
+                target_group_sparsity=0.5, start_pruning_step=10, pruning_periods=4, pruning_steps=40)
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ```
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        groups: GroupSet,
+        *,
+        target_group_sparsity: float | None = None,
+        target_param_sparsity: float | None = None,
+        start_pruning_step: int = 0,
+        pruning_periods: int = 1,
+        pruning_steps: int = 1,
+        importance_criteria: dict[str, float] | None = None,
+        group_divisible: int = 1,
+    ):
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(
+                f"`optimizer` must be a `torch.optim.Optimizer` instance, got {type(optimizer).__name__}. Build the "
+                "base optimizer first, e.g. `HESSO(torch.optim.AdamW(model.parameters(), lr=1e-4), groups, ...)`."
+            )
+        if not isinstance(groups, GroupSet):
+            raise ValueError(f"`groups` must be a `GroupSet` from `build_groups(model)`, got {type(groups).__name__}.")
+        if len(groups) == 0:
+            raise ValueError("`groups` is empty: the model has no prunable groups. Build them with more kinds/layers.")
+        given = {
+            k: v
+            for k, v in (
+                ("target_group_sparsity", target_group_sparsity),
+                ("target_param_sparsity", target_param_sparsity),
+            )
+            if v is not None
+        }
+        if len(given) != 1:
+            raise ValueError(
+                "Set exactly one of `target_group_sparsity` and `target_param_sparsity`, got "
+                f"target_group_sparsity={target_group_sparsity}, target_param_sparsity={target_param_sparsity}. Use "
+                "`target_group_sparsity` for a fraction of the groups or `target_param_sparsity` for a fraction of "
+                "the prunable parameters."
+            )
+        ((target_name, target),) = given.items()
+        if not 0 < target < 1:
+            raise ValueError(f"`{target_name}` must lie in (0, 1), got {target}. Pass a fraction such as 0.4.")
+        for name, value, low in (
+            ("start_pruning_step", start_pruning_step, 0),
+            ("pruning_periods", pruning_periods, 1),
+            ("group_divisible", group_divisible, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        if not isinstance(pruning_steps, int) or pruning_steps // pruning_periods < 2:
+            raise ValueError(
+                f"`pruning_steps` ({pruning_steps}) // `pruning_periods` ({pruning_periods}) must be at least 2 "
+                "optimizer steps per period (T >= 2), so that a group can fade before it reaches zero. Raise "
+                f"`pruning_steps` to at least {2 * pruning_periods} or lower `pruning_periods`."
+            )
+        self.weights = check_criteria(importance_criteria)
+
+        # Resolve the live parameters once and check that the base optimizer updates every one of them.
+        self._params = groups.parameters()
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        foreign = [name for name, p in self._params.items() if id(p) not in owned]
+        if foreign:
+            raise ValueError(
+                f"`groups` slice parameters that `optimizer` does not update, e.g. {foreign[:3]} ({len(foreign)} in "
+                "all). Build the optimizer from the same model's parameters (`model.parameters()`) and build the "
+                "groups from that model (`build_groups(model)`)."
+            )
+
+        self.optimizer = optimizer
+        self.groups = groups
+        self.target_group_sparsity = target_group_sparsity
+        self.target_param_sparsity = target_param_sparsity
+        self.start_pruning_step = start_pruning_step
+        self.pruning_periods = pruning_periods
+        self.pruning_steps = pruning_steps
+        self.period_length = pruning_steps // pruning_periods
+        self.group_divisible = group_divisible
+
+        self._counter = ParamCounter(groups)
+        self._kinds = torch.tensor([KINDS.index(k) for k in groups.kinds()], dtype=torch.long)
+        self._layers = groups.layers()
+        capacity = block_capacity(groups, group_divisible)
+        most = torch.zeros(len(groups), dtype=torch.bool)
+        for block, cap in zip(groups.blocks, capacity.tolist(), strict=True):
+            most[block.offset : block.offset + cap] = True
+        if target_group_sparsity is not None:
+            self._cost = torch.ones(len(groups), dtype=torch.float64)
+            self._target_total = float(round(target_group_sparsity * len(groups)))
+            limit, unit = float(most.sum()), "groups"
+        else:
+            self._cost = groups.numel.double()
+            self._target_total = target_param_sparsity * self._counter.total
+            limit, unit = self._counter.count(most), "parameters"
+        if self._target_total < 1:
+            raise ValueError(f"`{target_name}`={target} removes nothing from {len(groups)} groups. Raise it.")
+        if self._target_total > limit:
+            raise ValueError(
+                f"`{target_name}`={target} asks to remove {self._target_total:.0f} {unit}, but at most {limit:.0f} can "
+                f"go while every block keeps {group_divisible} group(s) (`group_divisible`={group_divisible}). Lower "
+                f"`{target_name}` to at most {limit / (len(groups) if unit == 'groups' else self._counter.total):.3f}."
+            )
+
+        # Persistent state: the step counter and, per group, the period that selected it (-1: never).
+        self._num_steps = 0
+        self._selection_period = torch.full((len(groups),), -1, dtype=torch.long)
+        self.last_scores = torch.zeros(len(groups), dtype=torch.float64)  # saliency at the latest selection
+        self._pruned_index: list[tuple[Block, torch.Tensor]] = []
+        self._pruned_slices: list[tuple[Slice, torch.Tensor]] = []
+        self._fading_blocks: list[tuple[Block, torch.Tensor]] = []
+        # Zero gradient + zero state keeps a zero weight exactly zero in these optimizers; any other optimizer also
+        # gets its pruned weights re-zeroed after every step.
+        self._fixed_point = type(optimizer) in _FIXED_POINT_OPTIMIZERS
+
+        # What `torch.optim.Optimizer.__init__` sets up for step hooks and profiling; its parameter handling is
+        # skipped on purpose, as `param_groups` belongs to the base optimizer.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    # ---- Delegation to the base optimizer (never cache its param_groups: Accelerate and schedulers edit them) ----
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ---- Schedule ----
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken (steps without any gradient are not counted)."""
+        return self._num_steps
+
+    @property
+    def pruning_end_step(self) -> int:
+        """The step at which the last period ends: `start_pruning_step + pruning_steps`."""
+        return self.start_pruning_step + self.pruning_steps
+
+    @property
+    def current_period(self) -> int:
+        """-1 during warm-up, the period of the last step taken while pruning, `pruning_periods` after."""
+        n = self._num_steps
+        if n <= self.start_pruning_step:
+            return -1
+        if n >= self.pruning_end_step:
+            return self.pruning_periods
+        return min((n - self.start_pruning_step - 1) // self.period_length, self.pruning_periods - 1)
+
+    def _period_length(self, period: int) -> int:
+        if period < self.pruning_periods - 1:
+            return self.period_length
+        return self.pruning_steps - (self.pruning_periods - 1) * self.period_length
+
+    def _period_end(self, period: int) -> int:
+        return self.start_pruning_step + period * self.period_length + self._period_length(period)
+
+    def _phase(self, n: int) -> tuple[int, int, int] | None:
+        """`(period, t, period length)` of step `n` (t = 0 at the period's first step), or None outside pruning."""
+        i = n - self.start_pruning_step - 1
+        if not 0 <= i < self.pruning_steps:
+            return None
+        period = min(i // self.period_length, self.pruning_periods - 1)
+        return period, i - period * self.period_length, self._period_length(period)
+
+    def _pruned_mask(self) -> torch.Tensor:
+        sel = self._selection_period
+        ends = torch.tensor([self._period_end(p) for p in range(self.pruning_periods)], dtype=torch.long)
+        return (sel >= 0) & (ends[sel.clamp_min(0)] <= self._num_steps)
+
+    @property
+    def redundant_groups(self) -> torch.Tensor:
+        """Global indices of every group selected so far (fading or pruned), ascending."""
+        return (self._selection_period >= 0).nonzero().squeeze(1)
+
+    @property
+    def pruned_groups(self) -> torch.Tensor:
+        """Global indices of the groups already held at exactly zero, ascending."""
+        return self._pruned_mask().nonzero().squeeze(1)
+
+    # ---- Step ----
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One base-optimizer step plus the HESSO schedule; returns the closure's loss (if any)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"]):
+            # Nothing to update: the base step is a no-op and the schedule must not move.
+            self.optimizer.step()
+            return loss
+        n = self._num_steps + 1
+        phase = self._phase(n)
+        # Zero gradients of pruned groups keep their (already zero) weights and moments at zero through the base step.
+        self._mask_pruned(grads=True)
+        if phase is not None and phase[1] == 0:
+            self._step_and_select(phase[0])
+        else:
+            self.optimizer.step()
+        self._num_steps = n
+        if phase is not None and phase[1] >= 1:
+            period, t, length = phase
+            self._fade((length - t - 1) / (length - t))
+            if t == length - 1:
+                # The fading groups are exactly zero now: clear their base-optimizer state and hold them there.
+                self._refresh_indices()
+                self._fill(self._pruned_index, weights=True, state=True)
+                return loss
+        if not self._fixed_point:
+            self._mask_pruned(weights=True)
+        return loss
+
+    def _step_and_select(self, period: int) -> None:
+        """Base step, then score every group with direction `d = (p_before - p_after) / lr` and select."""
+        before = {name: p.detach().clone() for name, p in self._params.items()}
+        lrs = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
+        self.optimizer.step()
+        device = next(iter(self._params.values())).device
+        acc = SaliencyAccumulator(self.groups, device=device)
+        for name, p in self._params.items():
+            lr = float(lrs[id(p)])
+            x = before.pop(name)
+            if lr != 0:
+                d = x.float().sub_(p.float()).div_(lr)
+            elif p.grad is not None:
+                d = p.grad  # no step was taken: fall back to the raw gradient
+            else:
+                d = torch.zeros_like(p)
+            acc.add(name, p.detach(), d)
+        self.last_scores = saliency_scores(acc.finish(), self.weights)
+        self.select(self.last_scores, period)
+
+    def select(self, scores: torch.Tensor, period: int) -> torch.Tensor:
+        """Add the least salient groups to the redundant set for `period`; returns their indices."""
+        selected = self._selection_period >= 0
+        fraction = (period + 1) / self.pruning_periods
+        if self.target_group_sparsity is not None:
+            budget = float(round(self._target_total * fraction))
+
+            def removed(mask: torch.Tensor) -> float:
+                return float(mask.sum())
+
+        else:
+            budget = self._target_total * fraction
+            removed = self._counter.count
+        new = select_redundant(
+            scores.cpu(), selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
+        )
+        self._selection_period[new] = period
+        self._refresh_indices()
+        return new.nonzero().squeeze(1)
+
+    # ---- Index operations on the affected rows/columns only ----
+
+    def _refresh_indices(self) -> None:
+        """Per-block indices and per-slice multipliers of pruned and fading groups; rebuilt when they change."""
+        pruned = self._pruned_mask()
+        fading = (self._selection_period >= 0) & ~pruned
+        self._pruned_index = self._block_indices(pruned)
+        self._pruned_slices = []
+        for block, idx in self._pruned_index:
+            p = self._params[block.slices[0].param]
+            keep = torch.ones(block.n, dtype=p.dtype, device=p.device).index_fill_(0, idx, 0)
+            self._pruned_slices.extend((s, keep.view(_group_shape(s, self._params[s.param]))) for s in block.slices)
+        self._fading_blocks = []
+        for block, idx in self._block_indices(fading):
+            p = self._params[block.slices[0].param]
+            mask = torch.zeros(block.n, dtype=p.dtype, device=p.device).index_fill_(0, idx, 1)
+            self._fading_blocks.append((block, mask))
+
+    def _block_indices(self, mask: torch.Tensor) -> list[tuple[Block, torch.Tensor]]:
+        out = []
+        for block in self.groups.blocks:
+            idx = mask[block.offset : block.offset + block.n].nonzero().squeeze(1)
+            if idx.numel():
+                out.append((block, idx.to(self._params[block.slices[0].param].device)))
+        return out
+
+    # The per-step passes multiply whole slices by a per-group vector: one vectorised pass per slice measured
+    # about twice as fast as index_fill_/index_copy_ on the affected rows and columns (scattered columns touch every
+    # cache line anyway).
+    def _mask_pruned(self, grads: bool = False, weights: bool = False) -> None:
+        """Multiply the gradients and/or weights of pruned groups by zero."""
+        for s, keep in self._pruned_slices:
+            p = self._params[s.param]
+            for t in (p.grad if grads else None, p.data if weights else None):
+                if t is not None:
+                    s.view(t).mul_(keep if keep.dtype == t.dtype else keep.to(t.dtype))
+
+    def _fade(self, factor: float) -> None:
+        """Multiply the weights of this period's redundant groups by `factor`."""
+        for block, mask in self._fading_blocks:
+            scale = mask * (factor - 1) + 1
+            for s in block.slices:
+                p = self._params[s.param]
+                s.view(p.data).mul_(scale.view(_group_shape(s, p)))
+
+    def _fill(self, index: list[tuple[Block, torch.Tensor]], weights: bool = False, state: bool = False) -> None:
+        """Set the given groups to exactly zero in the weights and/or every parameter-shaped base state tensor."""
+        for block, idx in index:
+            for s in block.slices:
+                p = self._params[s.param]
+                targets = [p.data] if weights else []
+                if state:
+                    targets.extend(
+                        v
+                        for v in self.optimizer.state.get(p, {}).values()
+                        if isinstance(v, torch.Tensor) and v.shape == p.shape
+                    )
+                for t in targets:
+                    s.view(t).index_fill_(s.dim + 1, idx, 0)
+
+    # ---- Checkpointing ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus a `"hesso"` entry (tensors and plain values only)."""
+        out = dict(self.optimizer.state_dict())
+        out[_STATE_KEY] = {
+            "num_steps": self._num_steps,
+            "selection_period": self._selection_period.clone(),
+            "last_scores": self.last_scores.clone(),
+            "num_groups": len(self.groups),
+            "schedule": [self.start_pruning_step, self.pruning_periods, self.pruning_steps],
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if _STATE_KEY not in state_dict:
+            raise ValueError(
+                "`state_dict` has no 'hesso' entry: it was saved from a plain optimizer, not from `HESSO`. Load it "
+                "into the base optimizer before wrapping (`HESSO(base, ...)` after `base.load_state_dict(...)`)."
+            )
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(_STATE_KEY)
+        schedule = [self.start_pruning_step, self.pruning_periods, self.pruning_steps]
+        if int(ours["num_groups"]) != len(self.groups) or [int(v) for v in ours["schedule"]] != schedule:
+            raise ValueError(
+                f"`state_dict` was saved for {ours['num_groups']} groups and schedule (start_pruning_step, "
+                f"pruning_periods, pruning_steps) = {list(ours['schedule'])}, but this optimizer has {len(self.groups)} "
+                f"groups and {schedule}. Rebuild the optimizer with the settings of the run you resume."
+            )
+        self.optimizer.load_state_dict(state_dict)
+        self._num_steps = int(ours["num_steps"])
+        self._selection_period = torch.as_tensor(ours["selection_period"]).detach().to("cpu", torch.long).clone()
+        self.last_scores = torch.as_tensor(ours["last_scores"]).detach().to("cpu", torch.float64).clone()
+        self._refresh_indices()
+
+    # ---- Metrics ----
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        """Flat `hesso/*` metrics: sparsity, pruned groups per kind and per layer, parameters removed, norms."""
+        selected = self._selection_period >= 0
+        pruned = self._pruned_mask()
+        num = len(self.groups)
+        removed = self._counter.count(pruned)
+        out = {
+            "hesso/step": float(self._num_steps),
+            "hesso/period": float(self.current_period),
+            "hesso/selected_groups": float(selected.sum()),
+            "hesso/pruned_groups": float(pruned.sum()),
+            "hesso/group_sparsity": float(pruned.sum()) / num,
+            "hesso/params_removed": removed,
+            "hesso/param_sparsity": removed / self._counter.total,
+        }
+        for i, kind in enumerate(KINDS):
+            of_kind = self._kinds == i
+            if bool(of_kind.any()):
+                out[f"hesso/pruned_groups/{kind}"] = float((pruned & of_kind).sum())
+        for layer in torch.unique(self._layers).tolist():
+            out[f"hesso/pruned_groups/layer_{layer}"] = float((pruned & (self._layers == layer)).sum())
+        params = {name: p.detach() for name, p in self._params.items()}
+        squares = torch.cat([b.squared_norms(params).double().cpu() for b in self.groups.blocks])
+        out["hesso/norm_important"] = float(squares[~selected].sum().sqrt())
+        out["hesso/norm_redundant"] = float(squares[selected].sum().sqrt())
+        return out
+
+    def __repr__(self) -> str:
+        target = (
+            f"target_group_sparsity={self.target_group_sparsity}"
+            if self.target_group_sparsity is not None
+            else f"target_param_sparsity={self.target_param_sparsity}"
+        )
+        return (
+            f"HESSO({type(self.optimizer).__name__}, groups={len(self.groups)}, {target}, "
+            f"start_pruning_step={self.start_pruning_step}, pruning_periods={self.pruning_periods}, "
+            f"pruning_steps={self.pruning_steps}, step={self._num_steps})"
+        )

@@ -1,0 +1,127 @@
+"""Global selection of redundant groups under a budget (groups or parameters), never emptying a block.
+
+Everything is vectorised over groups: a Llama-3-8B has ~460k of them, so no Python loop per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..groups import KV_GROUP, QUERY_SLOT, GroupSet
+
+
+class ParamCounter:
+    """Counts the parameters that a set of groups removes, each element once.
+
+    A key/value group and a query slot of the same layer share the query rows and output columns of one head, so
+    removing `a` key/value groups and `b` query slots of a layer removes `a * b` shared head slices less than the
+    sum of their sizes. That correction is applied here; every other kind is disjoint.
+    """
+
+    def __init__(self, groups: GroupSet):
+        self.numel = groups.numel.double()
+        kv = {b.layer: b for b in groups.blocks if b.kind == KV_GROUP}
+        # (kv offset, kv n, slot offset, slot n, elements shared by one kv group and one slot)
+        self.pairs = [
+            (kv[b.layer].offset, kv[b.layer].n, b.offset, b.n, b.group_numel // kv[b.layer].n)
+            for b in groups.blocks
+            if b.kind == QUERY_SLOT and b.layer in kv
+        ]
+        self.total = self.count(torch.ones(groups.num_groups, dtype=torch.bool))
+
+    def count(self, mask: torch.Tensor) -> float:
+        """Number of distinct parameters held by the groups where `mask` is True."""
+        total = float((self.numel * mask).sum())
+        for kv_off, kv_n, qs_off, qs_n, shared in self.pairs:
+            a = int(mask[kv_off : kv_off + kv_n].sum())
+            b = int(mask[qs_off : qs_off + qs_n].sum())
+            total -= a * b * shared
+        return total
+
+
+def block_capacity(groups: GroupSet, group_divisible: int) -> torch.Tensor:
+    """Per block, the most groups that may ever be removed: every block keeps `group_divisible` (at least one)."""
+    sizes = torch.tensor([b.n for b in groups.blocks], dtype=torch.long)
+    return (sizes - group_divisible).clamp_min(0)
+
+
+def select_redundant(
+    scores: torch.Tensor,
+    selected: torch.Tensor,
+    groups: GroupSet,
+    cost: torch.Tensor,
+    budget: float,
+    removed,
+    group_divisible: int = 1,
+    max_rounds: int = 64,
+) -> torch.Tensor:
+    """Pick the globally least salient groups not yet selected until `removed(selection)` reaches `budget`.
+
+    Groups are ranked by `score / cost` (cost 1 for a group count, the group's size for a parameter budget). Within
+    a block the groups go in chunks, so that the number kept stays a multiple of `group_divisible`: first
+    `kept % group_divisible` groups, then `group_divisible` at a time, and every block keeps at least
+    `group_divisible` groups (at least one). A chunk's key is its largest per-cost score, which keeps the chunks of a
+    block in order in the global ranking. The ranked chunks are taken while they fit the budget; rounds repeat over
+    the chunks that still fit, so the result lands within one chunk of `budget` (exact for a group count with
+    `group_divisible=1`), and never above it.
+
+    Args:
+        scores (`torch.Tensor`): saliency per group, high = important.
+        selected (`torch.Tensor`): bool per group, already selected (excluded, and counted in the budget).
+        groups (`GroupSet`): the groups (block ids and sizes).
+        cost (`torch.Tensor`): per-group cost in the budget's unit (float).
+        budget (`float`): the value `removed(selected | new)` must reach, at most.
+        removed (`Callable[[torch.Tensor], float]`): the budget measure of a selection mask (may be sub-additive, as
+            the parameter count of overlapping key/value groups and query slots is).
+        group_divisible (`int`): chunk size.
+        max_rounds (`int`): bound on the fill-in rounds.
+
+    Returns:
+        `torch.Tensor`: bool per group, the newly selected groups.
+    """
+    num_blocks = len(groups.blocks)
+    div = group_divisible
+    new = torch.zeros_like(selected)
+    candidates = (~selected).nonzero().squeeze(1)
+    if candidates.numel() == 0:
+        return new
+    block = groups.block_ids[candidates]
+    key = scores[candidates].double() / cost[candidates].double()
+    # Order candidates by (block, key): stable sort on key, then stable sort on block.
+    order = torch.sort(key, stable=True).indices
+    order = order[torch.sort(block[order], stable=True).indices]
+    candidates, block, key = candidates[order], block[order], key[order]
+    left = torch.bincount(block, minlength=num_blocks)
+    start = torch.cumsum(left, 0) - left
+    rank = torch.arange(len(candidates)) - start[block]
+    first = (left % div)[block]
+    chunk = torch.where(
+        first > 0,
+        torch.where(rank < first, 0, 1 + (rank - first).div(div, rounding_mode="floor")),
+        rank.div(div, rounding_mode="floor"),
+    )
+    allowed = rank < (left[block] - div)
+    candidates, block, key, chunk = candidates[allowed], block[allowed], key[allowed], chunk[allowed]
+    if candidates.numel() == 0:
+        return new
+    max_chunks = int(chunk.max()) + 1
+    ids, inverse = torch.unique(block * max_chunks + chunk, sorted=True, return_inverse=True)
+    chunk_key = torch.full((len(ids),), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, key, reduce="amax")
+    chunk_cost = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, cost[candidates].double())
+    # Stable: equal keys keep the (block, chunk) order, so a block's chunks are always taken front to back.
+    ranking = torch.sort(chunk_key, stable=True).indices
+    taken = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(max_rounds):
+        room = budget - removed(selected | new)
+        fits = ~taken[ranking] & (chunk_cost[ranking] <= room + 1e-9)
+        if not bool(fits.any()):
+            break
+        # Prefix of the fitting chunks, in ranking order, whose nominal costs sum to at most `room`; nominal costs
+        # bound the true (sub-additive) ones, so this never overshoots.
+        fit_idx = ranking[fits]
+        take = torch.cumsum(chunk_cost[fit_idx], 0) <= room + 1e-9
+        if not bool(take.any()):
+            break
+        taken[fit_idx[take]] = True
+        new[candidates[taken[inverse]]] = True
+    return new

@@ -1,0 +1,406 @@
+"""HESSO optimizer: schedule, saliency criteria, global selection, GQA units, parameter budget, errors, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_config
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from hf_hesso.groups import MLP_CHANNEL, Block, GroupSet, Slice, build_groups
+from hf_hesso.optim import HESSO, GroupStatistics
+from hf_hesso.optim.saliency import CRITERIA
+
+
+def tiny_model(name: str = "llama") -> nn.Module:
+    config = tiny_config(name)
+    cls = AutoModelForMaskedLM if name in ("bert", "roberta") else AutoModelForCausalLM
+    return cls.from_config(config)
+
+
+def train_step(model, opt, name="llama", seed=0):
+    batch = tiny_batch(name, seed=seed)
+    labels = batch["input_ids"]
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+def group_norms(groups: GroupSet) -> torch.Tensor:
+    params = {n: p.detach() for n, p in groups.parameters().items()}
+    return torch.cat([b.squared_norms(params) for b in groups.blocks]).sqrt()
+
+
+# ---- Schedule ----
+
+
+def test_schedule_selects_fades_linearly_and_holds_zeros():
+    # lr = 0: only the projection moves the weights, so the fading is exactly the schedule's.
+    model = tiny_model()
+    groups = build_groups(model)
+    start, periods, steps = 3, 2, 10  # T = 5; periods cover steps 4..8 and 9..13
+    opt = HESSO(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        groups,
+        target_group_sparsity=0.5,
+        start_pruning_step=start,
+        pruning_periods=periods,
+        pruning_steps=steps,
+    )
+    assert opt.pruning_end_step == 13
+    initial = group_norms(groups)
+    selected_at, history = {}, []
+    for n in range(1, 17):
+        before = len(opt.redundant_groups)
+        train_step(model, opt, seed=n)
+        assert opt.num_steps == n
+        if len(opt.redundant_groups) != before:
+            selected_at[n] = len(opt.redundant_groups) - before
+        history.append((n, opt.current_period, group_norms(groups), opt._selection_period.clone()))
+    # One selection at the first step of each period, each taking half of the target (100 of 200 groups).
+    assert selected_at == {4: 50, 9: 50}
+    assert [p for _, p, _, _ in history] == [-1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    for n, _, norms, sel in history:
+        for period, first in ((0, 4), (1, 9)):
+            mine = sel == period
+            if not mine.any() or n < first:
+                continue
+            t = n - first  # 0 at the selection step, T - 1 = 4 at the period's last step
+            expected = initial[mine] * max(0, 4 - t) / 4
+            if t >= 4:
+                assert torch.equal(norms[mine], torch.zeros_like(norms[mine])), (n, period)
+            else:
+                torch.testing.assert_close(norms[mine], expected, rtol=1e-5, atol=1e-7)
+        assert torch.equal(norms[sel < 0], initial[sel < 0])
+    assert len(opt.pruned_groups) == 100
+    assert torch.equal(groups.zero_mask(), opt._selection_period >= 0)
+
+
+def test_zeros_held_with_real_updates_and_final_sparsity():
+    model = tiny_model()
+    groups = build_groups(model)
+    opt = HESSO(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        groups,
+        target_group_sparsity=0.3,
+        start_pruning_step=2,
+        pruning_periods=3,
+        pruning_steps=11,  # T = 3, the last period takes 5 steps and ends at step 13
+    )
+    pruned_counts = []
+    for n in range(1, 19):
+        train_step(model, opt, seed=n)
+        zero = groups.zero_mask()
+        assert torch.equal(zero, torch.zeros_like(zero).index_fill_(0, opt.pruned_groups, True))
+        pruned_counts.append(len(opt.pruned_groups))
+    target = round(0.3 * len(groups))  # 60
+    assert pruned_counts[4] == 20 and pruned_counts[7] == 40 and pruned_counts[12] == target
+    assert pruned_counts[11] == 40 and pruned_counts[-1] == target
+    assert opt.metrics()["hesso/group_sparsity"] == pytest.approx(0.3)
+
+
+def test_skipped_steps_do_not_advance():
+    model = tiny_model()
+    opt = HESSO(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        build_groups(model),
+        target_group_sparsity=0.5,
+        pruning_steps=4,
+    )
+    train_step(model, opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    opt.step()  # no gradients at all: nothing happens
+    assert opt.num_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ---- Saliency ----
+
+
+def _toy_groups():
+    """Three MLP-like channels: row i of `0.weight` (3 x 2) and column i of `1.weight` (2 x 3)."""
+    model = nn.Sequential(nn.Linear(2, 3, bias=False), nn.Linear(3, 2, bias=False))
+    block = Block(0, MLP_CHANNEL, 3, (Slice("0.weight", 0, 1, 3, 1), Slice("1.weight", 1, 1, 3, 1)), 4, 0)
+    return model, GroupSet([block], "toy", {"0.weight": (3, 2), "1.weight": (2, 3)}, model=model)
+
+
+# Hand-made case: x_g after the step and d_g, as [row of W1 (2), column of W2 (2)].
+X = [[1.0, 2.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [2.0, 0.0, 1.0, 0.0]]
+D = [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
+# ||x||^2 = 6, 2, 5; ||d||^2 = 2, 2, 3; <x, d> = 1, 2, 3.
+EXPECTED = {
+    "magnitude": [math.sqrt(6) / math.sqrt(13), math.sqrt(2) / math.sqrt(13), math.sqrt(5) / math.sqrt(13)],
+    "avg_magnitude": [math.sqrt(6) / math.sqrt(13), math.sqrt(2) / math.sqrt(13), math.sqrt(5) / math.sqrt(13)],
+    "cosine_similarity": [
+        v / math.sqrt((1 / math.sqrt(12) + 1) ** 2 + 4 + (3 / math.sqrt(15) + 1) ** 2)
+        for v in (1 / math.sqrt(12) + 1, 2.0, 3 / math.sqrt(15) + 1)
+    ],
+    "taylor_first_order": [1 / math.sqrt(14), 2 / math.sqrt(14), 3 / math.sqrt(14)],
+    "taylor_second_order": [1 / math.sqrt(98), 4 / math.sqrt(98), 9 / math.sqrt(98)],
+}
+
+
+@pytest.mark.parametrize("criterion", list(CRITERIA))
+@pytest.mark.parametrize("lr", [1.0, 0.0])
+def test_each_criterion_on_hand_computed_case(criterion, lr):
+    model, groups = _toy_groups()
+    x, d = torch.tensor(X), torch.tensor(D)
+    with torch.no_grad():
+        # With SGD at lr 1 the step moves x + d to x, so the direction the optimizer reports is exactly d; at lr 0
+        # the weights stay at x and the direction falls back to the gradient, d as well.
+        model[0].weight.copy_(x[:, :2] + lr * d[:, :2])
+        model[1].weight.copy_((x[:, 2:] + lr * d[:, 2:]).T)
+    model[0].weight.grad = d[:, :2].clone()
+    model[1].weight.grad = d[:, 2:].T.clone()
+    opt = HESSO(
+        torch.optim.SGD(model.parameters(), lr=lr),
+        groups,
+        target_group_sparsity=0.34,
+        pruning_steps=2,
+        importance_criteria={criterion: 1.0},
+    )
+    opt.step()
+    torch.testing.assert_close(opt.last_scores, torch.tensor(EXPECTED[criterion], dtype=torch.float64))
+    assert opt.redundant_groups.tolist() == [int(torch.tensor(EXPECTED[criterion]).argmin())]
+
+
+def test_criteria_raw_values_and_weighted_sum():
+    stats = GroupStatistics(
+        xx=torch.tensor([4.0, 9.0, 0.0]),
+        dd=torch.tensor([1.0, 4.0, 1.0]),
+        xd=torch.tensor([-2.0, 3.0, 0.0]),
+        numel=torch.tensor([2.0, 3.0, 4.0]),
+    )
+    torch.testing.assert_close(CRITERIA["magnitude"](stats), torch.tensor([2.0, 3.0, 0.0]))
+    torch.testing.assert_close(CRITERIA["avg_magnitude"](stats), torch.tensor([1.0, 1.0, 0.0]))
+    torch.testing.assert_close(CRITERIA["cosine_similarity"](stats), torch.tensor([0.0, 1.5, 1.0]))
+    torch.testing.assert_close(CRITERIA["taylor_first_order"](stats), torch.tensor([2.0, 3.0, 0.0]))
+    torch.testing.assert_close(CRITERIA["taylor_second_order"](stats), torch.tensor([2.0, 4.5, 0.0]))
+    from hf_hesso.optim import saliency_scores
+
+    both = saliency_scores(stats, {"magnitude": 0.5, "avg_magnitude": 2.0})
+    expected = 0.5 * torch.tensor([2.0, 3.0, 0.0]) / math.sqrt(13) + 2.0 * torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2)
+    torch.testing.assert_close(both, expected)
+
+
+# ---- Selection ----
+
+
+def _fill_groups(groups: GroupSet, indices: list[int], value: float) -> None:
+    """Set every element of the given groups to `value` (a small constant makes them the least salient)."""
+    params = groups.parameters()
+    with torch.no_grad():
+        for index in indices:
+            for name, (dim, idx) in groups[index].indices().items():
+                params[name].index_fill_(dim, idx, value)
+
+
+def _magnitude_opt(model, groups, target, **kw):
+    return HESSO(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        groups,
+        target_group_sparsity=target,
+        pruning_steps=2,
+        importance_criteria={"magnitude": 1.0},
+        **kw,
+    )
+
+
+def test_global_ranking_across_layers_and_kinds_never_empties_a_block():
+    model = tiny_model()
+    groups = build_groups(model)
+    blocks = {(b.layer, b.kind): b for b in groups.blocks}
+    mlp0, mlp1, kv0, kv1 = (
+        blocks[(0, "mlp_channel")],
+        blocks[(1, "mlp_channel")],
+        blocks[(0, "kv_group")],
+        blocks[(1, "kv_group")],
+    )
+    # Small constant weights in a few groups of different layers and kinds, the smallest in both kv groups of
+    # layer 0 (so that only one of them may go).
+    weak = {
+        kv0.offset: 1e-4,
+        kv0.offset + 1: 1e-4,
+        mlp0.offset + 3: 1e-3,
+        mlp1.offset + 50: 2e-3,
+        kv1.offset + 1: 3e-3,
+    }
+    for index, value in weak.items():
+        _fill_groups(groups, [index], value)
+    opt = _magnitude_opt(model, groups, target=5 / len(groups))
+    train_step(model, opt)
+    # Layer 0 keeps one kv group, so the next weakest group anywhere is taken instead.
+    chosen = set(opt.redundant_groups.tolist())
+    assert len(chosen) == 5
+    assert {mlp0.offset + 3, mlp1.offset + 50, kv1.offset + 1} <= chosen
+    assert len(chosen & {kv0.offset, kv0.offset + 1}) == 1
+
+
+def test_group_divisible_keeps_multiples():
+    model = tiny_model()
+    groups = build_groups(model)
+    opt = HESSO(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        groups,
+        target_group_sparsity=0.4,
+        pruning_periods=2,
+        pruning_steps=4,
+        group_divisible=8,
+    )
+    for n in range(5):
+        train_step(model, opt, seed=n)
+    sel = opt._selection_period >= 0
+    for b in groups.blocks:
+        kept = b.n - int(sel[b.offset : b.offset + b.n].sum())
+        assert kept == b.n or (kept % 8 == 0 and kept >= 8), (b.kind, kept)
+    # Within one chunk (8 groups) of the target, never above it.
+    assert round(0.4 * len(groups)) - 8 < int(sel.sum()) <= round(0.4 * len(groups))
+
+
+def test_gqa_units_zero_the_right_rows_and_columns():
+    model = tiny_model("llama")  # 4 query heads, 2 kv heads, head_dim 16
+    groups = build_groups(model, kinds=["kv_group", "query_slot"])
+    kv0 = next(b for b in groups.blocks if b.kind == "kv_group" and b.layer == 0)
+    qs1 = next(b for b in groups.blocks if b.kind == "query_slot" and b.layer == 1)
+    _fill_groups(groups, [kv0.offset + 1, qs1.offset + 0], 1e-4)
+    opt = _magnitude_opt(model, groups, target=2 / len(groups))
+    train_step(model, opt)
+    train_step(model, opt)
+    assert opt.pruned_groups.tolist() == [kv0.offset + 1, qs1.offset]
+    hd, rep = 16, 2
+    attn0 = model.model.layers[0].self_attn
+    attn1 = model.model.layers[1].self_attn
+    # kv group 1 of layer 0: k/v rows of kv head 1, q rows of query heads 2 and 3, their o columns.
+    for w in (attn0.k_proj.weight, attn0.v_proj.weight):
+        assert torch.equal(w[hd : 2 * hd], torch.zeros_like(w[hd : 2 * hd])) and w[:hd].abs().sum() > 0
+    q_rows = slice(rep * hd, 2 * rep * hd)
+    assert torch.equal(attn0.q_proj.weight[q_rows], torch.zeros_like(attn0.q_proj.weight[q_rows]))
+    assert torch.equal(attn0.o_proj.weight[:, q_rows], torch.zeros_like(attn0.o_proj.weight[:, q_rows]))
+    assert attn0.q_proj.weight[: rep * hd].abs().sum() > 0
+    # Query slot 0 of layer 1: query heads 0 and 2 (slot 0 of kv groups 0 and 1); k/v untouched.
+    for head in (0, 2):
+        rows = slice(head * hd, (head + 1) * hd)
+        assert torch.equal(attn1.q_proj.weight[rows], torch.zeros_like(attn1.q_proj.weight[rows]))
+        assert torch.equal(attn1.o_proj.weight[:, rows], torch.zeros_like(attn1.o_proj.weight[:, rows]))
+    for head in (1, 3):
+        assert attn1.q_proj.weight[head * hd : (head + 1) * hd].abs().sum() > 0
+    assert attn1.k_proj.weight.abs().sum(1).min() > 0
+
+
+def _coverage(groups: GroupSet) -> dict[str, torch.Tensor]:
+    """Per parameter, True where some group owns the element."""
+    params = groups.parameters()
+    cover = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+    for b in groups.blocks:
+        for s in b.slices:
+            s.view(cover[s.param]).fill_(True)
+    return cover
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_mha", "bert"])
+@pytest.mark.parametrize("target", [0.25, 0.6])
+def test_param_budget_lands_within_one_group(name, target):
+    model = tiny_model(name)
+    groups = build_groups(model)
+    opt = HESSO(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        groups,
+        target_param_sparsity=target,
+        pruning_periods=2,
+        pruning_steps=4,
+    )
+    for n in range(5):
+        train_step(model, opt, name=name, seed=n)
+    cover = _coverage(groups)
+    params = groups.parameters()
+    prunable = sum(int(c.sum()) for c in cover.values())
+    removed = sum(int((cover[n] & (p == 0)).sum()) for n, p in params.items())
+    budget = target * prunable
+    assert budget - int(groups.numel.max()) < removed <= budget + 1e-6
+    metrics = opt.metrics()
+    assert metrics["hesso/params_removed"] == removed  # overlapping GQA slices counted once
+    assert metrics["hesso/param_sparsity"] == pytest.approx(removed / prunable)
+
+
+def test_param_budget_ranks_by_score_per_parameter():
+    # Equal weights everywhere: a head (4096 parameters) has sqrt(4096 / 192) times the norm of an MLP channel
+    # (192) but 21x its size, so per parameter the heads are the least salient and go first; the budget left once
+    # no further head fits (20% of 69632 - 3 heads = 1638) is filled with channels.
+    model = tiny_model("llama_mha")
+    groups = build_groups(model)
+    with torch.no_grad():
+        for p in groups.parameters().values():
+            p.fill_(0.01)
+    opt = HESSO(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        groups,
+        target_param_sparsity=0.2,
+        pruning_steps=2,
+        importance_criteria={"magnitude": 1.0},
+    )
+    train_step(model, opt, name="llama_mha")
+    kinds = groups.kinds()
+    chosen = [kinds[i] for i in opt.redundant_groups.tolist()]
+    assert chosen.count("head") == 3 and chosen.count("mlp_channel") == 1638 // 192
+
+
+# ---- Errors ----
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_group_sparsity": 1.2}, r"`target_group_sparsity` must lie in \(0, 1\), got 1.2"),
+        ({"target_param_sparsity": 0.0}, r"`target_param_sparsity` must lie in \(0, 1\), got 0.0"),
+        ({"target_group_sparsity": 0.5, "target_param_sparsity": 0.5}, "Set exactly one of"),
+        ({}, "Set exactly one of"),
+        ({"target_group_sparsity": 0.5, "pruning_steps": 3, "pruning_periods": 2}, r"T >= 2.*at least 4"),
+        ({"target_group_sparsity": 0.5, "importance_criteria": {"norm": 1.0}}, r"unknown criteria \['norm'\]"),
+        ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": -1.0}}, "must be >= 0"),
+        ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": 0.0}}, "at least one > 0"),
+        ({"target_group_sparsity": 0.5, "group_divisible": 0}, "`group_divisible` must be an integer >= 1"),
+        ({"target_group_sparsity": 0.5, "start_pruning_step": -1}, "`start_pruning_step` must be an integer >= 0"),
+        ({"target_group_sparsity": 0.99}, r"at most 194 can go.*Lower `target_group_sparsity` to at most 0.970"),
+        ({"target_group_sparsity": 0.001}, "removes nothing"),
+    ],
+)
+def test_invalid_hyper_parameters(kwargs, match):
+    model = tiny_model()
+    kwargs = {"pruning_steps": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        HESSO(torch.optim.AdamW(model.parameters()), build_groups(model), **kwargs)
+
+
+def test_groups_must_belong_to_the_optimizer():
+    model, other = tiny_model(), tiny_model()
+    with pytest.raises(ValueError, match="`groups` slice parameters that `optimizer` does not update"):
+        HESSO(torch.optim.AdamW(other.parameters()), build_groups(model), target_group_sparsity=0.5, pruning_steps=2)
+    frozen = [p for n, p in model.named_parameters() if "mlp" not in n]
+    with pytest.raises(ValueError, match="mlp"):
+        HESSO(torch.optim.AdamW(frozen), build_groups(model), target_group_sparsity=0.5, pruning_steps=2)
+    with pytest.raises(ValueError, match="`optimizer` must be a `torch.optim.Optimizer`"):
+        HESSO(object(), build_groups(model), target_group_sparsity=0.5, pruning_steps=2)
+
+
+def test_metrics_are_flat_floats():
+    model = tiny_model()
+    groups = build_groups(model)
+    opt = HESSO(torch.optim.AdamW(model.parameters(), lr=1e-2), groups, target_group_sparsity=0.5, pruning_steps=3)
+    for n in range(2):
+        train_step(model, opt, seed=n)
+    m = opt.metrics()
+    assert all(k.startswith("hesso/") and isinstance(v, float) for k, v in m.items())
+    assert m["hesso/selected_groups"] == 100 and m["hesso/pruned_groups"] == 0
+    assert m["hesso/norm_redundant"] > 0 and m["hesso/norm_important"] > 0
+    train_step(model, opt, seed=3)
+    m = opt.metrics()
+    assert m["hesso/pruned_groups"] == 100 and m["hesso/norm_redundant"] == 0.0 and m["hesso/group_sparsity"] == 0.5
+    per_kind = sum(m[f"hesso/pruned_groups/{k}"] for k in ("mlp_channel", "kv_group", "query_slot"))
+    per_layer = m["hesso/pruned_groups/layer_0"] + m["hesso/pruned_groups/layer_1"]
+    assert per_kind == per_layer == 100
