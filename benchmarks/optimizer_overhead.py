@@ -13,6 +13,7 @@ baseline of this process:
 
 Usage:
     python benchmarks/optimizer_overhead.py [--device cuda] [--no-fused] [--threads 1] [--steps-per-period 16]
+        [--hold-zeros auto|always]
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=["cpu", "wall"], default="cpu", help="on CPU: process time (default) or wall time"
     )
+    parser.add_argument("--hold-zeros", choices=["auto", "always"], default="auto", help="see `HESSO(hold_zeros=)`")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -87,7 +89,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     groups = build_groups(model)
     print(f"model: {n_params / 1e6:.1f}M parameters, {len(groups)} groups, {groups.total_numel / 1e6:.1f}M prunable")
-    print(f"device: {device}, threads: {torch.get_num_threads()}, clock: {args.clock}, fused AdamW: {args.fused}")
+    print(f"device: {device}, threads: {torch.get_num_threads()}, clock: {args.clock}, fused AdamW: {args.fused}, hold_zeros: {args.hold_zeros}")
 
     def adamw(m):
         return torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01, fused=args.fused)
@@ -101,6 +103,7 @@ def main() -> None:
         start_pruning_step=start,
         pruning_periods=args.periods,
         pruning_steps=args.periods * t,
+        hold_zeros=args.hold_zeros,
     )
     plain = adamw(baseline)
     batch = torch.randint(0, 8192, (args.batch, args.seq), device=device)

@@ -353,6 +353,61 @@ def test_param_budget_ranks_by_score_per_parameter():
 # ---- Errors ----
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_mha", "qwen3", "bert"])
+def test_gradient_of_fully_zero_groups_is_exactly_zero_except_query_slot_outputs(name):
+    # The claim `hold_zeros="auto"` rests on: once every slice of a group is zero, backprop gives exactly zero
+    # gradient on all of it, except the output columns of a query slot.
+    model = tiny_model(name)
+    groups = build_groups(model)
+    # One group per block: a query slot then still reads the values of a kept key/value group.
+    chosen = [b.offset for b in groups.blocks]
+    groups.zero_(model, chosen)
+    batch = tiny_batch(name)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in groups.parameters().items()}
+    for index in chosen:
+        group = groups[index]
+        for s in group.slices:
+            dim, rows = group.indices()[s.param]
+            g = grads[s.param].index_select(dim, rows)
+            if group.kind == "query_slot" and s.dim == 1:
+                assert g.abs().max() > 0, (group, s.param)
+            else:
+                assert torch.equal(g, torch.zeros_like(g)), (group, s.param)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1),
+    ],
+)
+def test_hold_zeros_auto_matches_always(make_opt):
+    runs = {}
+    for mode in ("auto", "always"):
+        torch.manual_seed(0)
+        model = tiny_model()
+        groups = build_groups(model)
+        opt = HESSO(
+            make_opt(model.parameters()),
+            groups,
+            target_group_sparsity=0.4,
+            start_pruning_step=1,
+            pruning_periods=2,
+            pruning_steps=6,
+            hold_zeros=mode,
+        )
+        for n in range(1, 16):
+            train_step(model, opt, seed=n)
+            assert torch.equal(
+                groups.zero_mask(), torch.zeros(len(groups), dtype=torch.bool).index_fill_(0, opt.pruned_groups, True)
+            )
+        runs[mode] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for key, value in runs["always"].items():
+        assert torch.equal(runs["auto"][key], value), key
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -368,6 +423,10 @@ def test_param_budget_ranks_by_score_per_parameter():
         ({"target_group_sparsity": 0.5, "start_pruning_step": -1}, "`start_pruning_step` must be an integer >= 0"),
         ({"target_group_sparsity": 0.99}, r"at most 194 can go.*Lower `target_group_sparsity` to at most 0.970"),
         ({"target_group_sparsity": 0.001}, "removes nothing"),
+        (
+            {"target_group_sparsity": 0.5, "hold_zeros": "never"},
+            "`hold_zeros` must be 'auto' or 'always', got 'never'",
+        ),
     ],
 )
 def test_invalid_hyper_parameters(kwargs, match):

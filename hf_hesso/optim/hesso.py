@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..groups import KINDS, Block, GroupSet, Slice
+from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
+from .distributed import SliceOps, check_supported, group_squared_norms
 from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
 from .selection import ParamCounter, block_capacity, select_redundant
 
@@ -89,6 +90,15 @@ class HESSO(Optimizer):
         group_divisible (`int`, *optional*, defaults to `1`):
             Within every block (one kind in one layer) groups are removed so that the number kept is a multiple of
             this value and at least this value; a block of `group_divisible` groups or fewer is never pruned.
+        hold_zeros (`str`, *optional*, defaults to `"auto"`):
+            How pruned groups are held at zero after their period. `"always"` zeroes the gradient of every slice of
+            every pruned group before each step. `"auto"` only zeroes the slices whose gradient can be non-zero:
+            once all slices of an MLP channel, head or key/value group are zero, the model's gradient on them is
+            exactly zero (zero rows in, zero columns out), and with zero state a torch built-in optimizer keeps them
+            exactly zero; only the output-projection columns of a pruned query slot still receive gradient (the
+            slot's attention output is the mean of its key/value group's values). Use `"always"` when the loss
+            adds a term on the weights whose gradient at zero is not zero. Optimizers that are not torch built-ins
+            get their pruned weights re-zeroed after every step either way.
 
     Example:
 
@@ -115,6 +125,7 @@ class HESSO(Optimizer):
         pruning_steps: int = 1,
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
+        hold_zeros: str = "auto",
     ):
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
@@ -156,10 +167,22 @@ class HESSO(Optimizer):
                 "optimizer steps per period (T >= 2), so that a group can fade before it reaches zero. Raise "
                 f"`pruning_steps` to at least {2 * pruning_periods} or lower `pruning_periods`."
             )
+        if hold_zeros not in ("auto", "always"):
+            raise ValueError(f"`hold_zeros` must be 'auto' or 'always', got {hold_zeros!r}.")
         self.weights = check_criteria(importance_criteria)
 
         # Resolve the live parameters once and check that the base optimizer updates every one of them.
+        # FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions hide the rows and columns that the groups cut.
+        base = {
+            f"param_groups[{i}][{j}]": p
+            for i, g in enumerate(optimizer.param_groups)
+            for j, p in enumerate(g["params"])
+        }
+        check_supported(base, {})
         self._params = groups.parameters()
+        check_supported(self._params, groups.param_shapes)
+        # Per-slice operations on the (local shard of the) parameter; under FSDP2 they map local rows to groups.
+        self._ops = {s: SliceOps(s, self._params[s.param]) for b in groups.blocks for s in b.slices}
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         foreign = [name for name, p in self._params.items() if id(p) not in owned]
         if foreign:
@@ -171,6 +194,8 @@ class HESSO(Optimizer):
 
         self.optimizer = optimizer
         self.groups = groups
+        # Where the first grouped parameter sits in the optimizer: `_sync_params` notices when it is swapped.
+        self._probe = self._probe_position(next(iter(self._params)))
         self.target_group_sparsity = target_group_sparsity
         self.target_param_sparsity = target_param_sparsity
         self.start_pruning_step = start_pruning_step
@@ -178,6 +203,7 @@ class HESSO(Optimizer):
         self.pruning_steps = pruning_steps
         self.period_length = pruning_steps // pruning_periods
         self.group_divisible = group_divisible
+        self.hold_zeros = hold_zeros
 
         self._counter = ParamCounter(groups)
         self._kinds = torch.tensor([KINDS.index(k) for k in groups.kinds()], dtype=torch.long)
@@ -209,6 +235,7 @@ class HESSO(Optimizer):
         self.last_scores = torch.zeros(len(groups), dtype=torch.float64)  # saliency at the latest selection
         self._pruned_index: list[tuple[Block, torch.Tensor]] = []
         self._pruned_slices: list[tuple[Slice, torch.Tensor]] = []
+        self._guarded_slices: list[tuple[Slice, torch.Tensor]] = []
         self._fading_blocks: list[tuple[Block, torch.Tensor]] = []
         # Zero gradient + zero state keeps a zero weight exactly zero in these optimizers; any other optimizer also
         # gets its pruned weights re-zeroed after every step.
@@ -223,6 +250,37 @@ class HESSO(Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+
+    def _probe_position(self, name: str) -> tuple[int, int, str]:
+        p = self._params[name]
+        for i, group in enumerate(self.optimizer.param_groups):
+            for j, q in enumerate(group["params"]):
+                if q is p:
+                    return i, j, name
+        raise ValueError(f"`optimizer` does not update {name!r}; build it from `model.parameters()`.")
+
+    def _sync_params(self) -> None:
+        """Re-resolve the parameters when they were replaced after construction (O(1) when they were not).
+
+        Accelerate shards the model with FSDP2 *after* the Trainer built the optimizer, and swaps the optimizer's
+        parameters for the sharded `DTensor` ones: the cached parameters and per-slice operations are then stale.
+        """
+        i, j, name = self._probe
+        groups = self.optimizer.param_groups
+        if i < len(groups) and j < len(groups[i]["params"]) and groups[i]["params"][j] is self._params[name]:
+            return
+        self._params = self.groups.parameters()
+        check_supported(self._params, self.groups.param_shapes)
+        owned = {id(p) for group in groups for p in group["params"]}
+        foreign = [n for n, p in self._params.items() if id(p) not in owned]
+        if foreign:
+            raise ValueError(
+                f"The model's parameters {foreign[:3]} are no longer the ones `optimizer` updates. Shard or wrap the "
+                "model before building the optimizer and `HESSO`."
+            )
+        self._probe = self._probe_position(name)
+        self._ops = {s: SliceOps(s, self._params[s.param]) for b in self.groups.blocks for s in b.slices}
+        self._refresh_indices()
 
     # ---- Delegation to the base optimizer (never cache its param_groups: Accelerate and schedulers edit them) ----
 
@@ -322,6 +380,7 @@ class HESSO(Optimizer):
             # Nothing to update: the base step is a no-op and the schedule must not move.
             self.optimizer.step()
             return loss
+        self._sync_params()
         n = self._num_steps + 1
         phase = self._phase(n)
         # Zero gradients of pruned groups keep their (already zero) weights and moments at zero through the base step.
@@ -391,10 +450,17 @@ class HESSO(Optimizer):
         fading = (self._selection_period >= 0) & ~pruned
         self._pruned_index = self._block_indices(pruned)
         self._pruned_slices = []
+        self._guarded_slices = []
+        minimal = self.hold_zeros == "auto" and self._fixed_point
         for block, idx in self._pruned_index:
             p = self._params[block.slices[0].param]
             keep = torch.ones(block.n, dtype=p.dtype, device=p.device).index_fill_(0, idx, 0)
-            self._pruned_slices.extend((s, keep.view(_group_shape(s, self._params[s.param]))) for s in block.slices)
+            for s in block.slices:
+                entry = (s, self._ops[s].factor(keep))
+                self._pruned_slices.append(entry)
+                # See `hold_zeros`: only a pruned query slot's output columns (dim 1) can still get gradient.
+                if not minimal or (block.kind == QUERY_SLOT and s.dim == 1):
+                    self._guarded_slices.append(entry)
         self._fading_blocks = []
         for block, idx in self._block_indices(fading):
             p = self._params[block.slices[0].param]
@@ -412,12 +478,12 @@ class HESSO(Optimizer):
     # The per-step passes multiply whole slices by a per-group vector: measured on CPU, 2-3x faster than
     # index_fill_/index_copy_ on the affected rows and columns (and scattered columns touch every cache line anyway).
     def _mask_pruned(self, grads: bool = False, weights: bool = False) -> None:
-        """Multiply the gradients and/or weights of pruned groups by zero."""
-        for s, keep in self._pruned_slices:
+        """Multiply the gradients (of the guarded slices, see `hold_zeros`) and/or weights of pruned groups by zero."""
+        for s, keep in self._guarded_slices if grads else self._pruned_slices:
             p = self._params[s.param]
             for t in (p.grad if grads else None, p.data if weights else None):
                 if t is not None:
-                    s.view(t).mul_(keep if keep.dtype == t.dtype else keep.to(t.dtype))
+                    self._ops[s].target(t).mul_(keep if keep.dtype == t.dtype else keep.to(t.dtype))
 
     def _fade(self, factor: float) -> None:
         """Multiply the weights of this period's redundant groups by `factor`."""
@@ -425,7 +491,8 @@ class HESSO(Optimizer):
             scale = mask * (factor - 1) + 1
             for s in block.slices:
                 p = self._params[s.param]
-                s.view(p.data).mul_(scale.view(_group_shape(s, p)))
+                ops = self._ops[s]
+                ops.target(p.data).mul_(ops.factor(scale))
 
     def _fill(self, index: list[tuple[Block, torch.Tensor]], weights: bool = False, state: bool = False) -> None:
         """Set the given groups to exactly zero in the weights and/or every parameter-shaped base state tensor."""
@@ -440,7 +507,7 @@ class HESSO(Optimizer):
                         if isinstance(v, torch.Tensor) and v.shape == p.shape
                     )
                 for t in targets:
-                    s.view(t).index_fill_(s.dim + 1, idx, 0)
+                    self._ops[s].fill_(t, idx)
 
     # ---- Checkpointing ----
 
@@ -502,7 +569,7 @@ class HESSO(Optimizer):
         for layer in torch.unique(self._layers).tolist():
             out[f"hesso/pruned_groups/layer_{layer}"] = float((pruned & (self._layers == layer)).sum())
         params = {name: p.detach() for name, p in self._params.items()}
-        squares = torch.cat([b.squared_norms(params).double().cpu() for b in self.groups.blocks])
+        squares = group_squared_norms(self.groups, params, self._ops)
         out["hesso/norm_important"] = float(squares[~selected].sum().sqrt())
         out["hesso/norm_redundant"] = float(squares[selected].sum().sqrt())
         return out
