@@ -77,7 +77,11 @@ class HESSO(Optimizer):
             Fraction of the groups to remove, in `(0, 1)`; each group counts as one unit (the paper's knob).
         target_param_sparsity (`float`, *optional*):
             Fraction of the parameters held by the groups to remove, in `(0, 1)`; groups are then ranked by saliency
-            per parameter. Set exactly one of the two targets.
+            per parameter, relative to the mean saliency per parameter of their kind. The kind-relative scale is
+            needed because the criteria do not grow alike with a group's size (a norm grows with the square root
+            of it, a cosine not at all): ranked by raw saliency per parameter, the largest structures (key/value
+            groups, heads) always look least salient and go first, which on SmolLM2 removed two of three key/value
+            groups in most layers. Set exactly one of the two targets.
         start_pruning_step (`int`, *optional*, defaults to `0`):
             Optimizer steps of plain training before the first selection.
         pruning_periods (`int`, *optional*, defaults to `1`):
@@ -435,12 +439,22 @@ class HESSO(Optimizer):
         else:
             budget = self._target_total * fraction
             removed = self._counter.count
+        scores = scores.cpu().double()
+        if self.target_param_sparsity is not None:
+            scores = self._kind_relative(scores / self._cost) * self._cost  # ranked by `scores / cost` below
         new = select_redundant(
-            scores.cpu(), selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
+            scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
         )
         self._selection_period[new] = period
         self._refresh_indices()
         return new.nonzero().squeeze(1)
+
+    def _kind_relative(self, per_param: torch.Tensor) -> torch.Tensor:
+        """`per_param` divided by its mean over the groups of the same kind (see `target_param_sparsity`)."""
+        sums = torch.zeros(len(KINDS), dtype=torch.float64).index_add_(0, self._kinds, per_param)
+        counts = torch.bincount(self._kinds, minlength=len(KINDS)).clamp_min(1).double()
+        means = (sums / counts)[self._kinds]
+        return per_param / torch.where(means > 0, means, torch.ones_like(means))
 
     # ---- Index operations on the affected rows/columns only ----
 
