@@ -358,8 +358,8 @@ def test_param_budget_ranks_by_score_per_parameter_relative_to_its_kind():
     removed_heads = sum(kinds[i] == "head" for i in chosen)
     removed_channels = sum(kinds[i] == "mlp_channel" for i in chosen)
     # Raw per-parameter ranking would take 3 heads (all the budget allows) and 8 channels. Here the other heads
-    # stand above their kind's mean (the weak head lowers it) as the other channels do above theirs, and the
-    # channels, smaller, fill the budget: 20% of 69632 = 13926 = 4096 (weak head) + 51 x 192 + 38.
+    # stand further above their kind's mean (one weak head of 8 lowers it more than 10 weak channels of 192 lower
+    # theirs), so channels fill the budget: 20% of 69632 = 13926 = 4096 (weak head) + 51 x 192 + 38.
     assert removed_heads == 1 and removed_channels == 51
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..groups import GroupSet, Slice
+from .distributed import ShardReduction, SliceOps, is_dtensor
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,15 @@ class SaliencyAccumulator:
         self.groups = groups
         self.partials = torch.zeros(3, groups.num_groups, dtype=torch.float32, device=device)
         self._slices = slices_by_param(groups)
+        # Partial sums of FSDP2-sharded parameters (local shards only), all-reduced once in `finish`.
+        self._shard_partials: torch.Tensor | None = None
+        self._reduction = ShardReduction()
 
     def add(self, name: str, x: torch.Tensor, d: torch.Tensor) -> None:
         """Add the contribution of parameter `name` (value `x`, direction `d`, same shape) to every group."""
+        if is_dtensor(x):
+            self._add_sharded(name, x, d)
+            return
         x = x.float()
         d = d.float()
         for offset, s in self._slices[name]:
@@ -133,9 +140,27 @@ class SaliencyAccumulator:
             )
             self.partials[:, offset : offset + s.n] += sums.to(self.partials.device)
 
+    def _add_sharded(self, name: str, x: torch.Tensor, d: torch.Tensor) -> None:
+        """The local shard's contribution of a row-sharded `DTensor` parameter (no communication here)."""
+        contributes = self._reduction.contributes(x)
+        if self._shard_partials is None:
+            self._shard_partials = torch.zeros_like(self.partials, device=x.to_local().device)
+        if not contributes:
+            return
+        for offset, s in self._slices[name]:
+            sums, rows = SliceOps(s, x).partial_sums(x, d)
+            if rows is None:
+                self._shard_partials[:, offset : offset + s.n] += sums
+            else:
+                self._shard_partials.index_add_(1, rows + offset, sums)
+
     def finish(self) -> GroupStatistics:
-        # The one place where sharded training all-reduces `self.partials` before the criteria combine them.
-        xx, dd, xd = self.partials.double().cpu()
+        partials = self.partials
+        if self._shard_partials is not None:
+            # One all-reduce per scoring step adds the shards' partial sums; every rank then holds the same totals.
+            self._reduction.all_reduce(self._shard_partials)
+            partials = partials + self._shard_partials.to(partials.device)
+        xx, dd, xd = partials.double().cpu()
         return GroupStatistics(xx=xx, dd=dd, xd=xd, numel=self.groups.numel.double())
 
 
