@@ -476,3 +476,22 @@ def test_metrics_are_flat_floats():
     per_kind = sum(m[f"hesso/pruned_groups/{k}"] for k in ("mlp_channel", "kv_group", "query_slot"))
     per_layer = m["hesso/pruned_groups/layer_0"] + m["hesso/pruned_groups/layer_1"]
     assert per_kind == per_layer == 100
+
+
+def test_saliency_scores_per_kind_normalisation():
+    from hf_hesso.optim import saliency_scores
+
+    xx = torch.tensor([1.0, 9.0, 100.0, 900.0], dtype=torch.float64)
+    stats = GroupStatistics(
+        xx=xx,
+        dd=torch.ones(4, dtype=torch.float64),
+        xd=torch.zeros(4, dtype=torch.float64),
+        numel=torch.tensor([2.0, 2.0, 50.0, 50.0], dtype=torch.float64),
+    )
+    kinds = torch.tensor([0, 0, 1, 1])
+    # magnitude 1, 3 | 10, 30: each kind divided by its RMS (sqrt(5) and 10 sqrt(5)) gives the same relative scores.
+    scores = saliency_scores(stats, {"magnitude": 1.0}, kinds=kinds)
+    torch.testing.assert_close(scores, torch.tensor([1, 3, 1, 3], dtype=torch.float64) / math.sqrt(5))
+    # The paper's all-groups norm keeps the kinds on one scale.
+    paper = saliency_scores(stats, {"magnitude": 1.0})
+    torch.testing.assert_close(paper, torch.tensor([1, 3, 10, 30], dtype=torch.float64) / math.sqrt(1010))

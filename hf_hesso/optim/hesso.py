@@ -408,6 +408,11 @@ class HESSO(Optimizer):
 
     def _step_and_select(self, period: int) -> None:
         """Base step, then score every group with direction `d = (p_before - p_after) / lr` and select."""
+        self.last_scores = self._step_and_score()
+        self.select(self.last_scores, period)
+
+    def _step_and_score(self) -> torch.Tensor:
+        """Base step; returns the saliency of every group with direction `d = (p_before - p_after) / lr`."""
         before = {name: p.detach().clone() for name, p in self._params.items()}
         lrs = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
         self.optimizer.step()
@@ -423,8 +428,9 @@ class HESSO(Optimizer):
             else:
                 d = torch.zeros_like(p)
             acc.add(name, p.detach(), d)
-        self.last_scores = saliency_scores(acc.finish(), self.weights)
-        self.select(self.last_scores, period)
+        # A parameter budget ranks groups of different kinds against each other: see `saliency_scores(kinds=)`.
+        kinds = self._kinds if self.target_param_sparsity is not None else None
+        return saliency_scores(acc.finish(), self.weights, kinds=kinds)
 
     def select(self, scores: torch.Tensor, period: int) -> torch.Tensor:
         """Add the least salient groups to the redundant set for `period`; returns their indices."""

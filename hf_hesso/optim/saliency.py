@@ -93,16 +93,35 @@ def check_criteria(importance_criteria: dict[str, float] | None) -> dict[str, fl
     return weights
 
 
-def saliency_scores(stats: GroupStatistics, weights: dict[str, float]) -> torch.Tensor:
-    """Weighted sum of the criteria, each divided by its L2 norm over all groups (high = important)."""
+def saliency_scores(
+    stats: GroupStatistics, weights: dict[str, float], kinds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted sum of the criteria, each normalised (high = important).
+
+    Without `kinds` (the paper), each criterion is divided by its L2 norm over all groups. With `kinds` (an integer
+    kind id per group), each criterion is divided by its root mean square over the groups of the same kind, so a
+    score says how a group compares with its peers: the scale used to rank groups of different sizes against a
+    parameter budget. There, an all-groups norm would let the criteria that grow with a group's size (magnitude)
+    dominate the large kinds and the size-free ones (cosine) dominate the small kinds, so one kind's scores would
+    spread far more than another's.
+    """
     total = torch.zeros_like(stats.xx)
     for name, weight in weights.items():
         if weight == 0:
             continue
         values = CRITERIA[name](stats)
-        norm = values.norm()
-        if norm > 0:
-            values = values / norm
+        if kinds is None:
+            norm = values.norm()
+            if norm > 0:
+                values = values / norm
+        else:
+            num_kinds = int(kinds.max()) + 1 if kinds.numel() else 0
+            counts = torch.bincount(kinds, minlength=num_kinds).clamp_min(1).to(values.dtype)
+            squares = torch.zeros(num_kinds, dtype=values.dtype, device=values.device).index_add_(
+                0, kinds.to(values.device), values.square()
+            )
+            rms = (squares / counts).sqrt()[kinds]
+            values = values / torch.where(rms > 0, rms, torch.ones_like(rms))
         total += weight * values
     return total
 
