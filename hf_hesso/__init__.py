@@ -3,7 +3,7 @@
 from .config import HESSOConfig
 from .groups import Group, GroupSet, build_groups
 from .modeling import register_auto_classes
-from .optim import HESSO
+from .optim import CRIC, HESSO
 from .slim import SlimSummary, slim_model, to_stock
 from .trainer import HESSOTrainer
 
@@ -13,6 +13,7 @@ register_auto_classes()
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRIC",
     "HESSO",
     "Group",
     "GroupSet",

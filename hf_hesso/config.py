@@ -52,6 +52,23 @@ class HESSOConfig(TrainingArguments):
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism.
+        cric (`bool`, *optional*, defaults to `False`):
+            Identify the redundant groups with the Corrective Redundant Identification Cycle ([`CRIC`]) before one
+            HESSO period of `pruning_steps` steps projects them to zero: block probing by the loss, then corrective
+            cycles. Requires `pruning_periods=1`. The Trainer hands the loss of each step to the optimizer.
+        cric_start_step (`int`, *optional*):
+            Warm-up optimizer steps before CRIC starts. Defaults to `start_pruning_step`.
+        cric_sampling_steps (`int`, *optional*, defaults to `10`):
+            Optimizer steps per cycle (a candidate set fades to zero over them), at least 2.
+        cric_max_cycles (`int`, *optional*, defaults to `5`):
+            Most corrective cycles, at least 1. The run must plan for the worst case: CRIC then takes
+            `1 + blocks * len(cric_trial_ratios) + cric_max_cycles * cric_sampling_steps` steps before the projection.
+        cric_tolerance (`int`, *optional*, defaults to `0`):
+            A cycle that finds at most this many new violating groups ends the search.
+        cric_trial_ratios (`list[float]`, *optional*, defaults to `[0.25, 0.5, 0.75]`):
+            Fractions of every block that the probes zero, each in `(0, 1)`.
+        cric_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the block-sensitivity penalty from the probes' loss ratios, `>= 0`.
     """
 
     target_group_sparsity: float | None = field(
@@ -90,6 +107,21 @@ class HESSOConfig(TrainingArguments):
     group_divisible: int = field(
         default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}
     )
+
+    cric: bool = field(default=False, metadata={"help": "Identify the redundant groups with CRIC first."})
+    cric_start_step: int | None = field(
+        default=None, metadata={"help": "Optimizer steps before CRIC starts (default: start_pruning_step)."}
+    )
+    cric_sampling_steps: int = field(default=10, metadata={"help": "Optimizer steps per CRIC cycle (>= 2)."})
+    cric_max_cycles: int = field(default=5, metadata={"help": "Most CRIC cycles (>= 1)."})
+    cric_tolerance: int = field(
+        default=0, metadata={"help": "A cycle with at most this many new violating groups ends the search."}
+    )
+    cric_trial_ratios: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        metadata={"help": "Fractions of every block zeroed by the CRIC probes, each in (0, 1)."},
+    )
+    cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,6 +177,31 @@ class HESSOConfig(TrainingArguments):
             raise ValueError(
                 f"`group_divisible` must be >= 1, got {self.group_divisible}. Use 1 for no rounding of kept counts."
             )
+        self._check_cric()
+
+    def _check_cric(self) -> None:
+        from .optim.cric import check_cric_settings
+
+        ratios = check_cric_settings(
+            self.resolved_cric_start_step,
+            self.cric_sampling_steps,
+            self.cric_max_cycles,
+            self.cric_tolerance,
+            self.cric_trial_ratios,
+            self.cric_loss_weight,
+            prefix="cric_",
+        )
+        self.cric_trial_ratios = list(ratios)
+        if self.cric and self.pruning_periods != 1:
+            raise ValueError(
+                f"`cric=True` projects the final set in one period, but `pruning_periods`={self.pruning_periods}. "
+                "Set `pruning_periods=1` (`pruning_steps` is then the length of that period)."
+            )
+
+    @property
+    def resolved_cric_start_step(self) -> int:
+        """The step at which CRIC starts: `cric_start_step`, or `start_pruning_step` when unset."""
+        return self.start_pruning_step if self.cric_start_step is None else self.cric_start_step
 
     @property
     def pruning_end_step(self) -> int:

@@ -17,8 +17,8 @@ from .atomic import atomic_directory
 from .card import PruningReport, render_model_card
 from .config import HESSOConfig
 from .groups import GroupSet, build_groups
-from .optim import HESSO
-from .slim import SlimSummary, slim_model
+from .optim import CRIC, HESSO
+from .slim import SlimSummary, gather_full_model, slim_model
 
 logger = get_logger(__name__)
 
@@ -138,6 +138,7 @@ class HESSOTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the optimizer `args` asks for, as `Trainer` does, and wrap it in [`HESSO`]."""
+        self._check_distributed_backend()
         super().create_optimizer(model)
         # Already wrapped: a second `train()` call, or the user passed a `HESSO` in `optimizers`.
         if self.hesso_optimizer is not None:
@@ -154,18 +155,59 @@ class HESSOTrainer(Trainer):
                 "than 2 groups are never pruned). Allow more kinds with `prune_kinds`, or pass `groups=`."
             )
         args = self.args
-        self.optimizer = HESSO(
-            self.optimizer,
-            self.groups,
+        common = dict(
             target_group_sparsity=args.target_group_sparsity,
             target_param_sparsity=args.target_param_sparsity,
-            start_pruning_step=args.start_pruning_step,
-            pruning_periods=args.pruning_periods,
             pruning_steps=args.pruning_steps,
             importance_criteria=args.importance_criteria,
             group_divisible=args.group_divisible,
         )
+        if args.cric:
+            self.optimizer = CRIC(
+                self.optimizer,
+                self.groups,
+                start_step=args.resolved_cric_start_step,
+                sampling_steps=args.cric_sampling_steps,
+                max_cycles=args.cric_max_cycles,
+                tolerance=args.cric_tolerance,
+                trial_ratios=args.cric_trial_ratios,
+                loss_weight=args.cric_loss_weight,
+                **common,
+            )
+            worst = self.optimizer.pruning_end_step
+            if planned and planned > 0 and worst > planned:
+                raise ValueError(
+                    f"With `cric=True` pruning may end as late as optimizer step {worst} (CRIC from step "
+                    f"{args.resolved_cric_start_step}, {len(self.groups.blocks)} blocks x "
+                    f"{len(args.cric_trial_ratios)} probe steps, up to `cric_max_cycles` ({args.cric_max_cycles}) x "
+                    f"`cric_sampling_steps` ({args.cric_sampling_steps}), then `pruning_steps` "
+                    f"({args.pruning_steps})), after the planned {planned} optimizer steps. Train longer, or lower "
+                    "`cric_max_cycles`, `cric_sampling_steps`, `pruning_steps` or the number of `cric_trial_ratios`."
+                )
+        else:
+            self.optimizer = HESSO(
+                self.optimizer,
+                self.groups,
+                start_pruning_step=args.start_pruning_step,
+                pruning_periods=args.pruning_periods,
+                **common,
+            )
         return self.optimizer
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """`Trainer.training_step`, then hand the loss to [`CRIC`] on the steps that read it.
+
+        The returned loss is already scaled for gradient accumulation, so the optimizer sums the micro-batches'
+        values; it is averaged across processes so that every rank takes the same decisions.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        cric = self.hesso_optimizer
+        if isinstance(cric, CRIC) and cric.needs_loss:
+            value = loss.detach().float().reshape(())
+            if self.accelerator.num_processes > 1:
+                value = self.accelerator.reduce(value.clone(), reduction="mean")
+            cric.observe_loss(value)
+        return loss
 
     # ---- Logging ----
 
@@ -179,16 +221,37 @@ class HESSOTrainer(Trainer):
 
     # ---- Saving ----
 
-    def _slim_copy(self) -> tuple[nn.Module, PruningReport]:
-        """Slim a deep copy of the trained model (never the live one, which may still train or be checkpointed)."""
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+    def _check_distributed_backend(self) -> None:
+        """Refuse the backends that flatten parameters (the groups are rows and columns of whole weight matrices)."""
+        if self.is_deepspeed_enabled:
             raise ValueError(
-                "The slim `save_model()` needs the full weights on one process; FSDP and DeepSpeed shard them. "
-                "Save a full checkpoint (`trainer.save_model(dir, _internal_call=True)`), then load it and call "
+                "HESSOTrainer does not support DeepSpeed: its ZeRO optimizers flatten and partition the parameters, "
+                "which hides the rows and columns HESSO prunes. Use FSDP2 instead (`--fsdp full_shard` with "
+                "`--fsdp_config '{\"version\": 2}'`, or `accelerate launch --config_file "
+                "recipes/accelerate_configs/fsdp2.yaml`), or DDP."
+            )
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                f"HESSOTrainer does not support FSDP version {getattr(plugin, 'fsdp_version', 1)}: FSDP1 flattens the "
+                "parameters of each wrapped module into one flat parameter, which hides the rows and columns HESSO "
+                "prunes. Use FSDP2 instead: `fsdp_version: 2` in the Accelerate config "
+                "(recipes/accelerate_configs/fsdp2.yaml) or `--fsdp_config '{\"version\": 2}'`."
+            )
+
+    def _slim_copy(self, full: nn.Module | None = None) -> tuple[nn.Module, PruningReport]:
+        """Slim a deep copy of the trained model (never the live one, which may still train or be checkpointed).
+
+        Under FSDP2 `full` is the gathered unsharded copy (`gather_full_model`, a collective all ranks join).
+        """
+        if full is None and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ValueError(
+                "The slim model needs the full weights on one process; FSDP shards them. Call `trainer.save_model()` "
+                "on every rank (it gathers them), or save a full checkpoint, load it and call "
                 "`hf_hesso.slim_model(model)` before `save_pretrained`."
             )
-        live = self._unwrapped_model()
-        slim = copy.deepcopy(live)
+        live = self._unwrapped_model() if full is None else full
+        slim = copy.deepcopy(live) if full is None else full
         groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
         # Same blocks, resolved against the copy's parameters.
         groups = GroupSet(list(groups.blocks), groups.model_type, groups.param_shapes, model=slim)
@@ -239,9 +302,11 @@ class HESSOTrainer(Trainer):
         )
 
     def _save_slim(self, output_dir: str) -> None:
+        # FSDP2: every rank takes part in gathering the full weights to rank 0 (FSDP1 is refused at optimizer set-up).
+        full = gather_full_model(self.model) if self.is_fsdp_enabled else None
         if not self.args.should_save:
             return
-        slim, report = self._slim_copy()
+        slim, report = self._slim_copy(full)
         self._report = report
         logger.info(
             f"Saving the slim model ({report.params_after:,} of {report.params_before:,} parameters) to {output_dir}",
