@@ -89,7 +89,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     groups = build_groups(model)
     print(f"model: {n_params / 1e6:.1f}M parameters, {len(groups)} groups, {groups.total_numel / 1e6:.1f}M prunable")
-    print(f"device: {device}, threads: {torch.get_num_threads()}, clock: {args.clock}, fused AdamW: {args.fused}, hold_zeros: {args.hold_zeros}")
+    print(
+        f"device: {device}, threads: {torch.get_num_threads()}, clock: {args.clock}, fused AdamW: {args.fused}, hold_zeros: {args.hold_zeros}"
+    )
 
     def adamw(m):
         return torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01, fused=args.fused)

@@ -272,6 +272,16 @@ class HESSOTrainer(Trainer):
             "prunable_groups": num_groups,
             "removed_groups": summary.removed_groups,
         }
+        if args.cric:
+            settings.update(
+                cric=True,
+                cric_start_step=args.resolved_cric_start_step,
+                cric_sampling_steps=args.cric_sampling_steps,
+                cric_max_cycles=args.cric_max_cycles,
+                cric_tolerance=args.cric_tolerance,
+                cric_trial_ratios=list(args.cric_trial_ratios),
+                cric_loss_weight=args.cric_loss_weight,
+            )
         settings = {k: v for k, v in settings.items() if v is not None}
         training: dict[str, Any] = {}
         dataset = self.train_dataset

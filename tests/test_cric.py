@@ -296,3 +296,5 @@ def test_trainer_end_to_end_gqa(tmp_path, caplog):
     reloaded = reload_in_fresh_process(str(tmp_path / "out"), "lm", batch, tmp_path)
     torch.testing.assert_close(reloaded["logits"], expected, rtol=0, atol=1e-5)
     assert reloaded["params"] < trainer.model.num_parameters()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| `cric` | `True` |" in card and "| `cric_trial_ratios` | `[0.5]` |" in card

@@ -149,10 +149,12 @@ class GroupSet:
         self.num_groups = sum(b.n for b in self.blocks)
         # `torch.cat` of an empty list fails: an empty set (e.g. `kinds=["head"]` on a GQA model) gets empty tensors.
         self.numel = torch.cat(
-            [torch.full((b.n,), b.group_numel, dtype=torch.long) for b in self.blocks] + [torch.zeros(0, dtype=torch.long)]
+            [torch.full((b.n,), b.group_numel, dtype=torch.long) for b in self.blocks]
+            + [torch.zeros(0, dtype=torch.long)]
         )
         self.block_ids = torch.cat(
-            [torch.full((b.n,), i, dtype=torch.long) for i, b in enumerate(self.blocks)] + [torch.zeros(0, dtype=torch.long)]
+            [torch.full((b.n,), i, dtype=torch.long) for i, b in enumerate(self.blocks)]
+            + [torch.zeros(0, dtype=torch.long)]
         )
 
     def __len__(self) -> int:
@@ -192,7 +194,9 @@ class GroupSet:
         return [b.kind for b in self.blocks for _ in range(b.n)]
 
     def layers(self) -> torch.Tensor:
-        return torch.cat([torch.full((b.n,), b.layer, dtype=torch.long) for b in self.blocks] + [torch.zeros(0, dtype=torch.long)])
+        return torch.cat(
+            [torch.full((b.n,), b.layer, dtype=torch.long) for b in self.blocks] + [torch.zeros(0, dtype=torch.long)]
+        )
 
     def parameters(self, model: nn.Module | None = None) -> dict[str, nn.Parameter]:
         """Resolve the parameter names against `model` (default: the model the groups were built from)."""
