@@ -108,6 +108,14 @@ class HESSOConfig(TrainingArguments):
         default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}
     )
 
+    save_adapters_separately: bool = field(
+        default=False,
+        metadata={
+            "help": "For a peft LoRA model: `save_model()` writes the slim base model plus the sliced adapter (in "
+            "`adapter/`) instead of one merged slim model."
+        },
+    )
+
     cric: bool = field(default=False, metadata={"help": "Identify the redundant groups with CRIC first."})
     cric_start_step: int | None = field(
         default=None, metadata={"help": "Optimizer steps before CRIC starts (default: start_pruning_step)."}

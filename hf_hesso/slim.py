@@ -27,7 +27,7 @@ from .modeling.architectures import (
 from .modeling.configuration_hesso import HESSO_CONFIGS
 from .modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules
 
-__all__ = ["SlimSummary", "current_layer_shapes", "gather_full_model", "slim_model", "to_stock"]
+__all__ = ["SlimSummary", "current_layer_shapes", "gather_full_model", "keep_plan", "slim_model", "to_stock"]
 
 
 @dataclass
@@ -110,6 +110,61 @@ def _slim_class(model: nn.Module) -> type | None:
     return slim
 
 
+def keep_plan(
+    model: nn.Module, groups: GroupSet, zero: torch.Tensor | None = None
+) -> tuple[list[LayerShape], list[tuple[LayerShape, dict[str, torch.Tensor]]]]:
+    """What `slim_model` keeps: the current layer shapes and, per layer, `(new shape, kept indices)`.
+
+    The kept indices are `{"q": query rows / output columns, "kv": key/value rows, "mlp": MLP channels}`; `zero`
+    (default `groups.zero_mask(model)`) marks the groups to remove. Used as well to slice LoRA adapters alike.
+    """
+    hd = normalize_config(model.config).head_dim
+    before = current_layer_shapes(model)
+    if zero is None:
+        zero = groups.zero_mask(model).cpu()
+    keep: dict[int, dict[str, torch.Tensor]] = {}
+    for block in groups.blocks:
+        kept = ~zero[block.offset : block.offset + block.n]
+        if not bool(kept.any()):
+            raise ValueError(
+                f"All {block.n} `{block.kind}` groups of layer {block.layer} are zero; removing them would empty the "
+                f"layer's {block.kind} block, which transformers cannot run. Keep at least one group per block "
+                "(the HESSO optimizer never selects a whole block), or restore some weights before `slim_model`."
+            )
+        keep.setdefault(block.layer, {})[block.kind] = kept
+
+    plans = []
+    for i, shape in enumerate(before):
+        heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
+        rep = heads // kv_heads
+        ks = keep.get(i, {})
+        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width}
+        for kind, mask in ks.items():
+            if mask.numel() != expected[kind]:
+                raise ValueError(
+                    f"The groups give layer {i} {mask.numel()} `{kind}` groups but the model has {expected[kind]}: "
+                    "the groups were built for another shape. Call `build_groups(model)` again."
+                )
+        if HEAD in ks:
+            kv_keep = ks[HEAD]
+            q_head_keep = ks[HEAD]
+        else:
+            kv_keep = ks.get(KV_GROUP, torch.ones(kv_heads, dtype=torch.bool))
+            slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
+            # Query head g * rep + j reads key/value head g and sits in slot j.
+            q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
+        mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
+        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()))
+        kept = {
+            "q": q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
+            "kv": kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
+            "mlp": mlp_keep.nonzero().squeeze(1),
+        }
+        plans.append((new_shape, kept))
+
+    return before, plans
+
+
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
     """Physically remove every group whose slices are all exactly zero, in place.
 
@@ -152,45 +207,7 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
 
     # Decide everything before touching the model, so an error leaves it unchanged.
     zero = groups.zero_mask(model).cpu()
-    keep: dict[int, dict[str, torch.Tensor]] = {}
-    for block in groups.blocks:
-        kept = ~zero[block.offset : block.offset + block.n]
-        if not bool(kept.any()):
-            raise ValueError(
-                f"All {block.n} `{block.kind}` groups of layer {block.layer} are zero; removing them would empty the "
-                f"layer's {block.kind} block, which transformers cannot run. Keep at least one group per block "
-                "(the HESSO optimizer never selects a whole block), or restore some weights before `slim_model`."
-            )
-        keep.setdefault(block.layer, {})[block.kind] = kept
-
-    plans = []
-    for i, shape in enumerate(before):
-        heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
-        rep = heads // kv_heads
-        ks = keep.get(i, {})
-        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width}
-        for kind, mask in ks.items():
-            if mask.numel() != expected[kind]:
-                raise ValueError(
-                    f"The groups give layer {i} {mask.numel()} `{kind}` groups but the model has {expected[kind]}: "
-                    "the groups were built for another shape. Call `build_groups(model)` again."
-                )
-        if HEAD in ks:
-            kv_keep = ks[HEAD]
-            q_head_keep = ks[HEAD]
-        else:
-            kv_keep = ks.get(KV_GROUP, torch.ones(kv_heads, dtype=torch.bool))
-            slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
-            # Query head g * rep + j reads key/value head g and sits in slot j.
-            q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
-        mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
-        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()))
-        kept = {
-            "q": q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
-            "kv": kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
-            "mlp": mlp_keep.nonzero().squeeze(1),
-        }
-        plans.append((new_shape, kept))
+    _, plans = keep_plan(model, groups, zero=zero)
 
     for layer, (new_shape, kept) in zip(layer_modules(model), plans, strict=True):
         apply_layer_shape(layer, layout, new_shape, hd, kept)

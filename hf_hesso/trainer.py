@@ -17,6 +17,15 @@ from .atomic import atomic_directory
 from .card import PruningReport, render_model_card
 from .config import HESSOConfig
 from .groups import GroupSet, build_groups
+from .lora import (
+    ADAPTER_SUBDIR,
+    FROZEN_SLICES_NAME,
+    frozen_slices_state,
+    is_peft_model,
+    load_frozen_slices,
+    merge_and_slim,
+    slim_with_adapters,
+)
 from .optim import CRIC, HESSO
 from .slim import SlimSummary, gather_full_model, slim_model
 
@@ -79,6 +88,11 @@ class HESSOTrainer(Trainer):
         model ([`~transformers.PreTrainedModel`]): the model to train and prune, of a supported `model_type`.
         args ([`HESSOConfig`]): the training arguments with the HESSO knobs.
         groups ([`GroupSet`], *optional*): the prunable groups. Default: `build_groups(model, kinds=args.prune_kinds)`.
+        peft_config (`peft.LoraConfig`, *optional*): wrap `model` with `peft.get_peft_model(model, peft_config)`
+            first. `model` may also be a LoRA `PeftModel` already. With LoRA the groups include the adapters'
+            `lora_B` rows / `lora_A` columns, the frozen base slices are faded and zeroed with them, and
+            `save_model()` writes the merged slim model (or, with `save_adapters_separately`, the slim base and
+            the sliced adapter in `adapter/`).
         The other arguments are those of [`~transformers.Trainer`].
     """
 
@@ -98,6 +112,7 @@ class HESSOTrainer(Trainer):
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
         preprocess_logits_for_metrics=None,
         groups: GroupSet | None = None,
+        peft_config=None,
     ):
         if not isinstance(args, HESSOConfig):
             raise ValueError(
@@ -105,6 +120,16 @@ class HESSOTrainer(Trainer):
                 f"{type(args).__name__}. Build it as `HESSOConfig(output_dir=..., target_group_sparsity=..., "
                 "pruning_steps=..., ...)`."
             )
+        if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError(
+                    "`peft_config` was given but `model` is already a `PeftModel`. Pass either the plain model with "
+                    "`peft_config=`, or the `PeftModel` without it."
+                )
+            from peft import get_peft_model
+
+            # As trl's trainers do: the adapters are added here, so `model` is then the `PeftModel`.
+            model = get_peft_model(model, peft_config)
         super().__init__(
             model=model,
             args=args,
@@ -251,12 +276,32 @@ class HESSOTrainer(Trainer):
                 "`hf_hesso.slim_model(model)` before `save_pretrained`."
             )
         live = self._unwrapped_model() if full is None else full
-        slim = copy.deepcopy(live) if full is None else full
         groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
+        if is_peft_model(live):
+            # Merge the adapters into a copy, then slice (the pruned groups are zero in base and adapters alike).
+            slim, summary = merge_and_slim(live, groups)
+            return slim, self._make_report(live, summary, len(groups))
+        slim = copy.deepcopy(live) if full is None else full
         # Same blocks, resolved against the copy's parameters.
         groups = GroupSet(list(groups.blocks), groups.model_type, groups.param_shapes, model=slim)
         summary = slim_model(slim, groups)
         return slim, self._make_report(live, summary, len(groups))
+
+    def _save_separately(self, output_dir: str) -> None:
+        """Slim base model in `output_dir`, the adapters sliced alike in `output_dir/adapter`."""
+        live = self._unwrapped_model()
+        groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
+        base, adapters, summary = slim_with_adapters(live, groups)
+        self._report = report = self._make_report(live, summary, len(groups))
+        with atomic_directory(output_dir) as tmp:
+            base.save_pretrained(tmp)
+            adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
+            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
+            with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(render_model_card(report))
 
     def _make_report(self, live: nn.Module, summary: SlimSummary, num_groups: int) -> PruningReport:
         args = self.args
@@ -331,7 +376,9 @@ class HESSOTrainer(Trainer):
             with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
                 f.write(render_model_card(report))
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def save_model(
+        self, output_dir: str | None = None, _internal_call: bool = False, merge_adapters: bool | None = None
+    ) -> None:
         """Save the slim model (with its tokenizer/processor and model card) to `output_dir`, atomically.
 
         Checkpoints the Trainer writes during training (`_internal_call=True`) stay full size, so training can
@@ -339,13 +386,50 @@ class HESSOTrainer(Trainer):
 
         Args:
             output_dir (`str`, *optional*): where to save. Defaults to `args.output_dir`.
+            merge_adapters (`bool`, *optional*): LoRA models only. `True`: one merged slim model; `False`: the slim
+                base model plus the adapters sliced alike in `output_dir/adapter` (load with
+                `PeftModel.from_pretrained(base, output_dir + "/adapter")`). Default: `not
+                args.save_adapters_separately`.
         """
         if _internal_call and not self._pushing:
             super().save_model(output_dir, _internal_call=True)
+            self._save_frozen_slices(output_dir if output_dir is not None else self.args.output_dir)
             return
-        self._save_slim(output_dir if output_dir is not None else self.args.output_dir)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if merge_adapters is None:
+            merge_adapters = not self.args.save_adapters_separately
+        elif not merge_adapters and not is_peft_model(self._unwrapped_model()):
+            raise ValueError(
+                "`merge_adapters=False` keeps LoRA adapters apart from the slim base, but this model has no adapters. "
+                "Call `save_model()` without `merge_adapters`."
+            )
+        if not merge_adapters and is_peft_model(self._unwrapped_model()):
+            if self.args.should_save:
+                self._save_separately(output_dir)
+        else:
+            self._save_slim(output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    # ---- LoRA checkpoints ----
+
+    def _save_frozen_slices(self, output_dir: str) -> None:
+        """peft checkpoints hold the adapters only: also store the frozen base slices HESSO has faded or zeroed."""
+        hesso = self.hesso_optimizer
+        if hesso is None or not self.args.should_save or not is_peft_model(self._unwrapped_model()):
+            return
+        state = frozen_slices_state(hesso)
+        if state:
+            torch.save(state, os.path.join(output_dir, FROZEN_SLICES_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, FROZEN_SLICES_NAME)
+        live = self._unwrapped_model(model)
+        if os.path.isfile(path) and is_peft_model(live):
+            groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
+            self.groups = groups
+            load_frozen_slices(groups, torch.load(path, weights_only=True), groups.parameters(live))
 
     def create_model_card(
         self,

@@ -139,10 +139,14 @@ class GroupSet:
         model_type: str,
         param_shapes: dict[str, tuple[int, ...]],
         model: nn.Module | None = None,
+        adapters: dict | None = None,
     ):
         # The model the names resolve against; parameters are looked up when needed, so a model whose parameter
         # objects are replaced after grouping (FSDP2 `fully_shard`, `to_empty`) still resolves to the live ones.
         self.model = model
+        # peft LoRA: base weight name -> its `hf_hesso.lora.LoraAdapter`s, whose `lora_B` rows / `lora_A` columns the
+        # blocks also slice. HESSO scores such projections on the effective weight `W0 + s * B @ A`.
+        self.adapters = dict(adapters or {})
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self.model_type = model_type
         self.param_shapes = dict(param_shapes)

@@ -23,13 +23,21 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..lora import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
 from ..modeling.architectures import get_layout, get_submodule, normalize_config
 from .group import HEAD, KINDS, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, Block, GroupSet, Slice
 
 
+def _transformers_base(model: nn.Module) -> nn.Module:
+    """The transformers base model (`LlamaModel`) inside `model`; a peft `PeftModel` is looked through."""
+    inner = unwrap_peft(model)
+    return getattr(inner, "base_model", inner)
+
+
 def _base_prefix(model: nn.Module) -> str:
-    """Dotted path from `model` to its base model (`"model."` for `LlamaForCausalLM`, `""` for `LlamaModel`)."""
-    base = getattr(model, "base_model", model)
+    """Dotted path from `model` to its base model (`"model."` for `LlamaForCausalLM`, `""` for `LlamaModel`,
+    `"base_model.model.model."` for a peft `PeftModel` around a `LlamaForCausalLM`)."""
+    base = _transformers_base(model)
     if base is model:
         return ""
     for name, module in model.named_modules():
@@ -38,14 +46,24 @@ def _base_prefix(model: nn.Module) -> str:
     raise ValueError(f"Cannot locate the base model inside {type(model).__name__}.")
 
 
-def _linear(layer: nn.Module, path: str, where: str) -> nn.Linear:
+def _linear(layer: nn.Module, path: str, where: str) -> tuple[nn.Linear, str, list[LoraAdapter]]:
+    """The projection at `path` as `(base linear, its dotted path, LoRA adapters on it)`.
+
+    A peft LoRA layer is looked through: the base slices cut its frozen `base_layer`, and the adapters' `lora_B`
+    rows / `lora_A` columns join the groups (see `build_groups`).
+    """
     module = get_submodule(layer, path)
+    full = f"{where}.{path}"
+    adapters: list[LoraAdapter] = []
+    if is_lora_linear(module):
+        adapters = lora_adapters(module, full)
+        module, full = module.base_layer, f"{full}.base_layer"
     if not isinstance(module, nn.Linear):
         raise ValueError(
-            f"Expected `{where}.{path}` to be an `nn.Linear`, found {type(module).__name__}. Merge adapters "
-            "(`merge_and_unload()`) or build the groups on the plain model."
+            f"Expected `{where}.{path}` to be an `nn.Linear` (or a peft LoRA `Linear` around one), found "
+            f"{type(module).__name__}. Merge adapters (`merge_and_unload()`) or build the groups on the plain model."
         )
-    return module
+    return module, full, adapters
 
 
 def build_groups(
@@ -72,7 +90,7 @@ def build_groups(
     if unknown:
         raise ValueError(f"`kinds` contains unknown kinds {sorted(unknown)}; choose from {list(KINDS)}.")
     prefix = _base_prefix(model)
-    layer_list = get_submodule(model.base_model if prefix else model, layout.layers)
+    layer_list = get_submodule(_transformers_base(model), layout.layers)
     layer_ids = range(len(layer_list)) if layers is None else sorted(set(layers))
     for i in layer_ids:
         if not 0 <= i < len(layer_list):
@@ -83,18 +101,25 @@ def build_groups(
     hd = norm.head_dim
     blocks: list[Block] = []
     shapes: dict[str, tuple[int, ...]] = {}
+    adapters: dict[str, list[LoraAdapter]] = {}
 
-    def add(layer_idx: int, kind: str, n: int, parts: list[tuple[nn.Linear, str, int, int, int, int]]) -> None:
-        # parts: (module, dotted path, dim, outer, inner) for the weight; biases follow output-row slices.
+    def add(layer_idx: int, kind: str, n: int, parts: list[tuple[tuple, int, int, int]]) -> None:
+        # parts: ((module, dotted path, adapters), dim, outer, inner) for the weight; biases follow output rows.
         if n < 2 or kind not in wanted:
             return
         slices = []
         numel = 0
-        for module, path, dim, outer, inner in parts:
-            for pname, tensor in (("weight", module.weight), ("bias", module.bias)):
-                if tensor is None or (pname == "bias" and dim != 0):
+        for (module, path, lora), dim, outer, inner in parts:
+            if lora:
+                adapters[f"{path}.weight"] = lora
+            # Group sizes count the base parameters only: those are what the merged slim model loses.
+            entries = [(f"{path}.weight", module.weight, True)]
+            if dim == 0:
+                entries.append((f"{path}.bias", module.bias, True))
+            entries.extend((name, t, False) for ad in lora for name, t in ad.tensors_along(dim))
+            for full, tensor, counted in entries:
+                if tensor is None:
                     continue
-                full = f"{path}.{pname}"
                 s = Slice(full, dim, outer, n, inner)
                 if tensor.shape[dim] != outer * n * inner:
                     raise ValueError(
@@ -103,7 +128,8 @@ def build_groups(
                     )
                 shapes[full] = tuple(tensor.shape)
                 slices.append(s)
-                numel += s.numel_per_group(tensor.shape)
+                if counted:
+                    numel += s.numel_per_group(tensor.shape)
         offset = sum(b.n for b in blocks)
         blocks.append(Block(layer_idx, kind, n, tuple(slices), numel, offset))
 
@@ -111,27 +137,26 @@ def build_groups(
         layer = layer_list[i]
         where = f"{prefix}{layout.layers}.{i}"
         q, k, v, o = (_linear(layer, p, where) for p in (layout.q, layout.k, layout.v, layout.o))
-        qp, kp, vp, op = (f"{where}.{p}" for p in (layout.q, layout.k, layout.v, layout.o))
-        heads, kv_heads = q.out_features // hd, k.out_features // hd
-        if heads * hd != q.out_features or kv_heads * hd != k.out_features or heads % kv_heads:
+        heads, kv_heads = q[0].out_features // hd, k[0].out_features // hd
+        if heads * hd != q[0].out_features or kv_heads * hd != k[0].out_features or heads % kv_heads:
             raise ValueError(
-                f"Layer {i}: q/k output sizes {q.out_features}/{k.out_features} are not whole heads of size {hd} "
+                f"Layer {i}: q/k output sizes {q[0].out_features}/{k[0].out_features} are not whole heads of size {hd} "
                 "with query heads a multiple of key/value heads."
             )
         rep = heads // kv_heads
         if rep == 1 and kv_heads == norm.num_key_value_heads == norm.num_attention_heads:
-            add(i, HEAD, heads, [(q, qp, 0, 1, hd), (k, kp, 0, 1, hd), (v, vp, 0, 1, hd), (o, op, 1, 1, hd)])
+            add(i, HEAD, heads, [(q, 0, 1, hd), (k, 0, 1, hd), (v, 0, 1, hd), (o, 1, 1, hd)])
         else:
             add(
                 i,
                 KV_GROUP,
                 kv_heads,
-                [(k, kp, 0, 1, hd), (v, vp, 0, 1, hd), (q, qp, 0, 1, rep * hd), (o, op, 1, 1, rep * hd)],
+                [(k, 0, 1, hd), (v, 0, 1, hd), (q, 0, 1, rep * hd), (o, 1, 1, rep * hd)],
             )
-            add(i, QUERY_SLOT, rep, [(q, qp, 0, kv_heads, hd), (o, op, 1, kv_heads, hd)])
-        mlp_in = [(_linear(layer, p, where), f"{where}.{p}") for p in layout.mlp_in]
+            add(i, QUERY_SLOT, rep, [(q, 0, kv_heads, hd), (o, 1, kv_heads, hd)])
+        mlp_in = [_linear(layer, p, where) for p in layout.mlp_in]
         width = mlp_in[0][0].out_features
-        parts = [(m, path, 0, 1, 1) for m, path in mlp_in]
-        parts.append((_linear(layer, layout.mlp_out, where), f"{where}.{layout.mlp_out}", 1, 1, 1))
+        parts = [(m, 0, 1, 1) for m in mlp_in]
+        parts.append((_linear(layer, layout.mlp_out, where), 1, 1, 1))
         add(i, MLP_CHANNEL, width, parts)
-    return GroupSet(blocks, norm.model_type, shapes, model=model)
+    return GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters)

@@ -27,6 +27,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
+from ..lora import adapter_parameters, effective_weights
 from .distributed import SliceOps, check_supported, group_squared_norms
 from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
 from .selection import ParamCounter, block_capacity, select_redundant
@@ -188,7 +189,8 @@ class HESSO(Optimizer):
         # Per-slice operations on the (local shard of the) parameter; under FSDP2 they map local rows to groups.
         self._ops = {s: SliceOps(s, self._params[s.param]) for b in groups.blocks for s in b.slices}
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        foreign = [name for name, p in self._params.items() if id(p) not in owned]
+        # Frozen parameters (`requires_grad=False`: a LoRA model's base weights) are faded and zeroed, never stepped.
+        foreign = [name for name, p in self._params.items() if id(p) not in owned and p.requires_grad]
         if foreign:
             raise ValueError(
                 f"`groups` slice parameters that `optimizer` does not update, e.g. {foreign[:3]} ({len(foreign)} in "
@@ -199,7 +201,7 @@ class HESSO(Optimizer):
         self.optimizer = optimizer
         self.groups = groups
         # Where the first grouped parameter sits in the optimizer: `_sync_params` notices when it is swapped.
-        self._probe = self._probe_position(next(iter(self._params)))
+        self._probe = self._probe_position(next(n for n, p in self._params.items() if id(p) in owned))
         self.target_group_sparsity = target_group_sparsity
         self.target_param_sparsity = target_param_sparsity
         self.start_pruning_step = start_pruning_step
@@ -276,7 +278,7 @@ class HESSO(Optimizer):
         self._params = self.groups.parameters()
         check_supported(self._params, self.groups.param_shapes)
         owned = {id(p) for group in groups for p in group["params"]}
-        foreign = [n for n, p in self._params.items() if id(p) not in owned]
+        foreign = [n for n, p in self._params.items() if id(p) not in owned and p.requires_grad]
         if foreign:
             raise ValueError(
                 f"The model's parameters {foreign[:3]} are no longer the ones `optimizer` updates. Shard or wrap the "
@@ -413,12 +415,33 @@ class HESSO(Optimizer):
 
     def _step_and_score(self) -> torch.Tensor:
         """Base step; returns the saliency of every group with direction `d = (p_before - p_after) / lr`."""
-        before = {name: p.detach().clone() for name, p in self._params.items()}
+        # LoRA: projections are scored on the effective weight `W0 + s * B @ A` (under the base weight's name, whose
+        # slices cover the same rows/columns); the adapter slices then add nothing on their own.
+        adapters = self.groups.adapters
+        skip = {n for ads in adapters.values() for ad in ads for n in (ad.a, ad.b, ad.b_bias) if n is not None}
+        before = {
+            name: p.detach().clone()
+            for name, p in self._params.items()
+            if name not in skip and name not in adapters and p.requires_grad
+        }
+        # The adapters' `A`/`B` of every LoRA projection, also those no group slices (`A` of a row-only projection).
+        lora_params = {**adapter_parameters(self.groups), **self._params} if adapters else {}
+        eff_before = effective_weights(adapters, lora_params) if adapters else {}
         lrs = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
         self.optimizer.step()
         device = next(iter(self._params.values())).device
         acc = SaliencyAccumulator(self.groups, device=device)
+        for name, x in effective_weights(adapters, lora_params).items() if adapters else ():
+            lr = float(lrs[id(lora_params[adapters[name][0].b])])
+            d = eff_before.pop(name).sub_(x)
+            acc.add(name, x, d.div_(lr) if lr != 0 else d)
         for name, p in self._params.items():
+            if name in skip or name in adapters:
+                continue
+            if not p.requires_grad:
+                # A frozen parameter does not move: direction zero.
+                acc.add(name, p.detach(), torch.zeros_like(p))
+                continue
             lr = float(lrs[id(p)])
             x = before.pop(name)
             if lr != 0:
