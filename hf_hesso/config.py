@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -231,3 +233,23 @@ class HESSOConfig(TrainingArguments):
                 f"({planned_steps}; optimizer steps count after gradient accumulation). Lower `start_pruning_step` "
                 f"or `pruning_steps` so that they sum to at most {planned_steps}, or train longer."
             )
+
+
+def parse_script_args(script_class: type, defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:
+    """Parse a script's own dataclass and `HESSOConfig` from the command line, with script-specific defaults.
+
+    `defaults` override `HESSOConfig`'s defaults (any flag given on the command line wins). As `HESSOConfig` takes
+    exactly one target, a `--target_group_sparsity` flag drops a default `target_param_sparsity`.
+
+    Returns:
+        `tuple`: `(script_args, hesso_config)`.
+    """
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = dict(defaults)
+    if any(arg.split("=")[0] == "--target_group_sparsity" for arg in argv):
+        defaults.pop("target_param_sparsity", None)
+    parser = HfArgumentParser((script_class, HESSOConfig))
+    parser.set_defaults(**defaults)
+    return tuple(parser.parse_args_into_dataclasses(args=argv))

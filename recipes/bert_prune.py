@@ -15,7 +15,6 @@ recipe's defaults). `--tiny` swaps in a tiny random BERT with the real tokenizer
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,13 +23,13 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
 from hf_hesso import HESSOConfig, HESSOTrainer
+from hf_hesso.config import parse_script_args
 from hf_hesso.resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
 
 
@@ -69,14 +68,7 @@ DEFAULTS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOConfig]:
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = dict(DEFAULTS)
-    # HESSOConfig takes exactly one target: asking for a group budget replaces the default parameter budget.
-    if any(arg.split("=")[0] == "--target_group_sparsity" for arg in argv):
-        del defaults["target_param_sparsity"]
-    parser = HfArgumentParser((ScriptArguments, HESSOConfig))
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_args(ScriptArguments, DEFAULTS, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

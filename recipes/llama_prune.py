@@ -17,13 +17,13 @@ real tokenizer for smoke tests.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
+from hf_hesso.config import parse_script_args
 from hf_hesso.resources import (
     lm_blocks,
     load_bbc_news,
@@ -78,14 +78,7 @@ DEFAULTS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOConfig]:
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = dict(DEFAULTS)
-    # HESSOConfig takes exactly one target: asking for a group budget replaces the default parameter budget.
-    if any(arg.split("=")[0] == "--target_group_sparsity" for arg in argv):
-        del defaults["target_param_sparsity"]
-    parser = HfArgumentParser((ScriptArguments, HESSOConfig))
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_args(ScriptArguments, DEFAULTS, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
