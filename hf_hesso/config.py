@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .groups import KINDS
+from .optim.hesso import check_target
 
 # Saliency criteria of HESSO, in the order of the paper; `HESSOConfig` has one `importance_<name>` weight each.
 IMPORTANCE_CRITERIA = ("magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order")
@@ -135,21 +136,7 @@ class HESSOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        targets = {
-            "target_group_sparsity": self.target_group_sparsity,
-            "target_param_sparsity": self.target_param_sparsity,
-        }
-        given = {name: value for name, value in targets.items() if value is not None}
-        if len(given) != 1:
-            raise ValueError(
-                "Set exactly one of `target_group_sparsity` and `target_param_sparsity`, got "
-                f"target_group_sparsity={self.target_group_sparsity}, target_param_sparsity={self.target_param_sparsity}. "
-                "Use `target_group_sparsity` for a fraction of the groups (the paper's knob) or "
-                "`target_param_sparsity` for a fraction of the prunable parameters."
-            )
-        ((name, value),) = given.items()
-        if not 0 < value < 1:
-            raise ValueError(f"`{name}` must lie in (0, 1), got {value}. Pass a fraction such as 0.4 (remove 40%).")
+        check_target(self.target_group_sparsity, self.target_param_sparsity)
         if self.start_pruning_step < 0:
             raise ValueError(f"`start_pruning_step` must be >= 0, got {self.start_pruning_step}.")
         if self.pruning_periods < 1:

@@ -55,6 +55,29 @@ def _group_shape(s: Slice, p: torch.Tensor) -> list[int]:
     return shape
 
 
+def check_target(target_group_sparsity: float | None, target_param_sparsity: float | None) -> tuple[str, float]:
+    """Check that exactly one target is set, in (0, 1); returns `(name, value)` of the one given."""
+    given = {
+        name: value
+        for name, value in (
+            ("target_group_sparsity", target_group_sparsity),
+            ("target_param_sparsity", target_param_sparsity),
+        )
+        if value is not None
+    }
+    if len(given) != 1:
+        raise ValueError(
+            "Set exactly one of `target_group_sparsity` and `target_param_sparsity`, got "
+            f"target_group_sparsity={target_group_sparsity}, target_param_sparsity={target_param_sparsity}. Use "
+            "`target_group_sparsity` for a fraction of the groups (the paper's knob) or `target_param_sparsity` for "
+            "a fraction of the prunable parameters."
+        )
+    ((name, value),) = given.items()
+    if not 0 < value < 1:
+        raise ValueError(f"`{name}` must lie in (0, 1), got {value}. Pass a fraction such as 0.4 (remove 40%).")
+    return name, value
+
+
 class HESSO(Optimizer):
     r"""
     HESSO (Hybrid Efficient Structured Sparse Optimizer): wraps a torch optimizer and, over a schedule of optimizer
@@ -141,24 +164,7 @@ class HESSO(Optimizer):
             raise ValueError(f"`groups` must be a `GroupSet` from `build_groups(model)`, got {type(groups).__name__}.")
         if len(groups) == 0:
             raise ValueError("`groups` is empty: the model has no prunable groups. Build them with more kinds/layers.")
-        given = {
-            k: v
-            for k, v in (
-                ("target_group_sparsity", target_group_sparsity),
-                ("target_param_sparsity", target_param_sparsity),
-            )
-            if v is not None
-        }
-        if len(given) != 1:
-            raise ValueError(
-                "Set exactly one of `target_group_sparsity` and `target_param_sparsity`, got "
-                f"target_group_sparsity={target_group_sparsity}, target_param_sparsity={target_param_sparsity}. Use "
-                "`target_group_sparsity` for a fraction of the groups or `target_param_sparsity` for a fraction of "
-                "the prunable parameters."
-            )
-        ((target_name, target),) = given.items()
-        if not 0 < target < 1:
-            raise ValueError(f"`{target_name}` must lie in (0, 1), got {target}. Pass a fraction such as 0.4.")
+        target_name, target = check_target(target_group_sparsity, target_param_sparsity)
         for name, value, low in (
             ("start_pruning_step", start_pruning_step, 0),
             ("pruning_periods", pruning_periods, 1),
