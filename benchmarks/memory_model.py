@@ -135,9 +135,11 @@ def hesso_bytes(opt) -> int:
 
     add(opt._selection_period)
     add(opt.last_scores)
-    for name in ("_pruned_slices", "_guarded_slices", "_fading_blocks", "_pruned_index"):
+    for name in ("_pruned_slices", "_guarded_slices", "_pruned_index"):
         for _, t in getattr(opt, name, []):
             add(t)
+    for _, _, t in getattr(opt, "_fading", []):
+        add(t)
     for ops in opt._ops.values():
         add(ops.rows)
     return sum(seen.values())

@@ -198,9 +198,7 @@ def main() -> None:
     plain_bytes = tensor_bytes(plain.state_dict()["state"])
     hesso_sd = hesso.state_dict()
     cached = tensor_bytes(
-        [t for _, t in hesso._pruned_index]
-        + [t for _, t in hesso._pruned_slices]
-        + [t for _, t in hesso._fading_blocks]
+        [t for _, t in hesso._pruned_index] + [t for _, t in hesso._pruned_slices] + [t for _, _, t in hesso._fading]
     )
     hesso_bytes = tensor_bytes(hesso_sd["state"]) + tensor_bytes(hesso_sd["hesso"]) + cached
     transient = sum(p.numel() * p.element_size() for p in groups.parameters().values())

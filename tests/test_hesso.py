@@ -293,6 +293,37 @@ def test_gqa_units_zero_the_right_rows_and_columns():
     assert attn1.k_proj.weight.abs().sum(1).min() > 0
 
 
+def test_overlapping_kv_group_and_query_slot_fade_together():
+    # Layer 0: kv group 1 (query heads 2, 3) and query slot 1 (query heads 1, 3) fade in the same period; head 3
+    # belongs to both, so its q rows / o columns fade by the product of the two linear schedules.
+    model = tiny_model("llama")  # 4 query heads, 2 kv heads, head_dim 16
+    groups = build_groups(model, kinds=["kv_group", "query_slot"])
+    kv0 = next(b for b in groups.blocks if b.kind == "kv_group" and b.layer == 0)
+    qs0 = next(b for b in groups.blocks if b.kind == "query_slot" and b.layer == 0)
+    _fill_groups(groups, [kv0.offset + 1, qs0.offset + 1], 1e-3)
+    opt = HESSO(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        groups,
+        target_group_sparsity=2 / len(groups),
+        pruning_steps=5,
+        importance_criteria={"magnitude": 1.0},
+    )
+    attn = model.model.layers[0].self_attn
+    hd = 16
+    q0, o0, k0 = (w.detach().clone() for w in (attn.q_proj.weight, attn.o_proj.weight, attn.k_proj.weight))
+    for t in range(5):  # one period of 5 steps: step 1 selects; after step t + 1 a fading group keeps (4 - t) / 4
+        train_step(model, opt)
+        single = (4 - t) / 4
+        for head, expected in ((0, 1.0), (1, single), (2, single), (3, single**2)):
+            rows = slice(head * hd, (head + 1) * hd)
+            torch.testing.assert_close(attn.q_proj.weight[rows], q0[rows] * expected, rtol=1e-6, atol=0)
+            torch.testing.assert_close(attn.o_proj.weight[:, rows], o0[:, rows] * expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(attn.k_proj.weight[hd:], k0[hd:] * single, rtol=1e-6, atol=0)
+        assert torch.equal(attn.k_proj.weight[:hd], k0[:hd])
+    assert opt.pruned_groups.tolist() == [kv0.offset + 1, qs0.offset + 1]
+    assert torch.equal(attn.q_proj.weight[hd:], torch.zeros_like(attn.q_proj.weight[hd:]))
+
+
 def _coverage(groups: GroupSet) -> dict[str, torch.Tensor]:
     """Per parameter, True where some group owns the element."""
     params = groups.parameters()

@@ -152,6 +152,20 @@ class SliceOps:
         shape[self.slice.dim + 1] = self.slice.n
         return vec.view(shape)
 
+    def expand(self, vec: torch.Tensor, unit: int = 1) -> torch.Tensor:
+        """A per-group vector `(n,)` as one value per `unit` consecutive (local) indices along the slice's dimension.
+
+        `unit` must divide `slice.inner` (it is 1 for a row-sharded parameter, whose local rows are listed one by one).
+        """
+        if self.rows is not None:
+            if unit != 1:
+                raise ValueError(f"A row-sharded slice expands per row (unit 1), got unit={unit}.")
+            return vec[self.rows]
+        s = self.slice
+        if s.inner % unit:
+            raise ValueError(f"`unit`={unit} does not divide the {s.inner} indices per group of {s.param!r}.")
+        return vec.view(1, s.n, 1).expand(s.outer, s.n, s.inner // unit).reshape(-1)
+
     def fill_(self, t: torch.Tensor, idx: torch.Tensor) -> None:
         """Set the groups `idx` (indices within the block) of `t` to zero, in place."""
         if self.rows is not None:

@@ -19,6 +19,7 @@ selected each group and the latest scores.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from torch.optim import Optimizer
 
 from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
 from ..lora import adapter_parameters, effective_weights
-from .distributed import SliceOps, check_supported, group_squared_norms
+from .distributed import SliceOps, check_supported, group_squared_norms, local
 from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
 from .selection import ParamCounter, block_capacity, select_redundant
 
@@ -248,7 +249,8 @@ class HESSO(Optimizer):
         self._pruned_index: list[tuple[Block, torch.Tensor]] = []
         self._pruned_slices: list[tuple[Slice, torch.Tensor]] = []
         self._guarded_slices: list[tuple[Slice, torch.Tensor]] = []
-        self._fading_blocks: list[tuple[Block, torch.Tensor]] = []
+        # (parameter name, view shape, exponent) per parameter dimension that fading groups cut: see `_fade`.
+        self._fading: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
         # Zero gradient + zero state keeps a zero weight exactly zero in these optimizers; any other optimizer also
         # gets its pruned weights re-zeroed after every step.
         self._fixed_point = type(optimizer) in _FIXED_POINT_OPTIMIZERS
@@ -510,11 +512,31 @@ class HESSO(Optimizer):
                 # See `hold_zeros`: only a pruned query slot's output columns (dim 1) can still get gradient.
                 if not minimal or (block.kind == QUERY_SLOT and s.dim == 1):
                     self._guarded_slices.append(entry)
-        self._fading_blocks = []
-        for block, idx in self._block_indices(fading):
-            p = self._params[block.slices[0].param]
-            mask = torch.zeros(block.n, dtype=p.dtype, device=p.device).index_fill_(0, idx, 1)
-            self._fading_blocks.append((block, mask))
+        self._refresh_fading(self._block_indices(fading))
+
+    def _refresh_fading(self, index: list[tuple[Block, torch.Tensor]]) -> None:
+        """Merge the fading groups' slices per (parameter, dimension) into one exponent vector each.
+
+        A fading step multiplies every affected tensor once, by `factor ** exponent` with one exponent per `unit`
+        consecutive indices along the dimension (the number of fading groups that cover them: 0, 1, or 2 where a
+        fading kv-group and a fading query slot share a head's rows), so its cost is one pass per tensor, whatever
+        the number of kinds that cut it. The vectors hold one value per group-sized unit (per local row of a
+        row-sharded parameter), not per element.
+        """
+        slices: dict[tuple[str, int], list[tuple[SliceOps, torch.Tensor]]] = {}
+        for block, idx in index:
+            for s in block.slices:
+                slices.setdefault((s.param, s.dim), []).append((self._ops[s], idx))
+        self._fading = []
+        for (name, dim), entries in slices.items():
+            t = local(self._params[name].data)
+            unit = 1 if entries[0][0].rows is not None else math.gcd(*(ops.slice.inner for ops, _ in entries))
+            exponent = torch.zeros(t.shape[dim] // unit, dtype=t.dtype, device=t.device)
+            for ops, idx in entries:
+                member = torch.zeros(ops.slice.n, dtype=t.dtype, device=t.device).index_fill_(0, idx, 1)
+                exponent += ops.expand(member, unit)
+            shape = (*t.shape[:dim], t.shape[dim] // unit, unit, *t.shape[dim + 1 :])
+            self._fading.append((name, shape, exponent.view([-1 if i == dim else 1 for i in range(len(shape))])))
 
     def _block_indices(self, mask: torch.Tensor) -> list[tuple[Block, torch.Tensor]]:
         out = []
@@ -535,13 +557,9 @@ class HESSO(Optimizer):
                     self._ops[s].target(t).mul_(keep if keep.dtype == t.dtype else keep.to(t.dtype))
 
     def _fade(self, factor: float) -> None:
-        """Multiply the weights of this period's redundant groups by `factor`."""
-        for block, mask in self._fading_blocks:
-            scale = mask * (factor - 1) + 1
-            for s in block.slices:
-                p = self._params[s.param]
-                ops = self._ops[s]
-                ops.target(p.data).mul_(ops.factor(scale))
+        """Multiply the weights of this period's redundant groups by `factor` (one pass per affected tensor)."""
+        for name, shape, exponent in self._fading:
+            local(self._params[name].data).view(shape).mul_(torch.pow(factor, exponent))
 
     def _fill(self, index: list[tuple[Block, torch.Tensor]], weights: bool = False, state: bool = False) -> None:
         """Set the given groups to exactly zero in the weights and/or every parameter-shaped base state tensor."""
