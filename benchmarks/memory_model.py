@@ -12,7 +12,7 @@ Activations depend on batch and sequence length and are left out. HESSO adds per
 per group the selecting period (int64) and the latest score (float64), and per pruned or fading block a factor
 vector per slice (local rows under FSDP2). At the first step of each period it also holds, for that one step, a
 copy of the grouped parameters' local shards (to form the update direction `p_before - p_after`) and the
-`(3, num_groups)` partial sums.
+`(4, num_groups)` partial sums.
 """
 
 from __future__ import annotations

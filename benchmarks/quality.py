@@ -28,7 +28,6 @@ The defaults fit a 2-core CPU (about 25 min for SmolLM2, a few minutes for MiniL
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import tempfile
@@ -59,7 +58,6 @@ from hf_hesso.resources import (
 
 METHODS = ("dense", "magnitude", "taylor", "hesso", "hesso-cric")
 PARTS = ("llama20", "llama50", "bert")
-CRIC_AVAILABLE = any(f.name == "cric" for f in dataclasses.fields(HESSOConfig))
 
 
 class HoldZeros(TrainerCallback):
@@ -174,32 +172,25 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
         else:
             extra = {}
             if method == "hesso-cric":
-                # One projection period that ends where HESSO's last period ends; CRIC's probes and cycles take
-                # the steps between the start and that period (planned for the worst case, as the Trainer checks).
+                # CRIC runs HESSO's warm-up, then its probes and cycles, which are extra steps on top of the common
+                # budget (probe steps take no base step), then one projection period as long as HESSO's whole
+                # pruning phase, then the same recovery. Planned for the worst case (all cycles), as the Trainer
+                # checks; the learning-rate warm-up stays that of the common budget.
                 hesso = hesso_args(opts, task, sparsity)
+                blocks = len(build_groups(model).blocks)
                 ratios = opts.cric_trial_ratios
-                worst = (
-                    hesso["start_pruning_step"]
-                    + 1
-                    + len(build_groups(model).blocks) * len(ratios)
-                    + opts.cric_max_cycles * opts.cric_sampling_steps
-                )
-                length = hesso["start_pruning_step"] + hesso["pruning_steps"] - worst
-                if length < 2:
-                    row["na"] = (
-                        f"n/a: CRIC needs up to {worst} steps before its projection (probes: "
-                        f"{len(build_groups(model).blocks)} blocks x {len(ratios)} ratios), over this run's "
-                        f"budget (pruning ends at step {hesso['start_pruning_step'] + hesso['pruning_steps']})"
-                    )
-                    return row
+                row["extra_steps_planned"] = 1 + blocks * len(ratios) + opts.cric_max_cycles * opts.cric_sampling_steps
+                common_args["max_steps"] += row["extra_steps_planned"]
                 extra = dict(
                     cric=True,
                     pruning_periods=1,
-                    pruning_steps=length,
+                    pruning_steps=hesso["pruning_steps"],
                     cric_trial_ratios=ratios,
                     cric_max_cycles=opts.cric_max_cycles,
                     cric_sampling_steps=opts.cric_sampling_steps,
                 )
+                grouped = build_groups(model).parameters(model)
+                row["cric_cache_mib"] = sum(p.numel() * p.element_size() for p in grouped.values()) / 2**20
             trainer = HESSOTrainer(
                 model=model,
                 args=HESSOConfig(**common_args, **{**hesso_args(opts, task, sparsity), **extra}),
@@ -207,6 +198,11 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
                 data_collator=collator,
             )
         trainer.train()
+        if method == "hesso-cric":
+            opt = trainer.hesso_optimizer
+            row["cycles"] = opt.num_cycles
+            row["probes"] = opt.probe_loss_ratios.numel()
+            row["cric_steps"] = 1 + row["probes"] + opt.num_cycles * opt.sampling_steps
     model = trainer.model
     row["score"] = evaluate()
     row["removed"] = removed_fraction(build_groups(model), model) if method != "dense" else 0.0
@@ -225,18 +221,24 @@ def fmt_score(task: str, value: float | None) -> str:
 def print_table(task: str, rows: list[dict], reference: float | None) -> None:
     metric = "test perplexity (lower is better)" if task == "llama" else "test accuracy"
     ratio = "/ dense" if task == "llama" else "- dense"
-    print(f"\n| sparsity | method | {metric} | {ratio} | before fine-tuning | prunable params removed | time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"\n| sparsity | method | {metric} | {ratio} | before fine-tuning | prunable params removed | time (s) "
+        "| extra cost |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "na" in r:
-            print(f"| {r['sparsity']:.0%} | {r['method']} | {r['na']} | | | | |")
-            continue
         rel = ""
         if reference is not None:
             rel = f"{r['score'] / reference:.3f}x" if task == "llama" else f"{(r['score'] - reference) * 100:+.1f} pt"
+        cost = ""
+        if "cric_steps" in r:
+            cost = (
+                f"+{r['cric_steps']} steps ({r['probes']} probes, "
+                f"{r['cycles']} cycles; planned {r['extra_steps_planned']}), CPU cache {r['cric_cache_mib']:.0f} MiB"
+            )
         print(
             f"| {r['sparsity']:.0%} | {r['method']} | {fmt_score(task, r['score'])} | {rel} | "
-            f"{fmt_score(task, r.get('before_ft'))} | {r['removed']:.1%} | {r['seconds']:.0f} |",
+            f"{fmt_score(task, r.get('before_ft'))} | {r['removed']:.1%} | {r['seconds']:.0f} | {cost} |",
             flush=True,
         )
 
@@ -273,8 +275,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {machine()}")
     shown = sys.argv[1:] if argv is None else argv
     print(f"Command: python benchmarks/quality.py {' '.join(shown)}".rstrip())
-    if not CRIC_AVAILABLE:
-        print("HESSO-CRIC: n/a (CRIC not available: HESSOConfig has no `cric` field in this checkout)")
     bbc = load_bbc_news(seed=0)
     llama_rows: list[dict] = []
     dense_ppl: float | None = None
@@ -300,14 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in opts.methods:
             if method == "dense" and task == "llama" and dense_ppl is not None:
                 continue  # one dense reference serves both sparsities
-            if method == "hesso-cric" and not CRIC_AVAILABLE:
-                rows.append({"method": method, "sparsity": sparsity, "na": "n/a (CRIC not available)"})
-                continue
             row = run_method(opts, task, method, sparsity, data)
             rows.append(row)
-            if "na" in row:
-                print(f"[{part}] {method}: {row['na']}", flush=True)
-                continue
             if method == "dense" and task == "llama":
                 dense_ppl = row["score"]
             print(f"[{part}] {row}", flush=True)

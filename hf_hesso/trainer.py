@@ -186,6 +186,7 @@ class HESSOTrainer(Trainer):
             pruning_steps=args.pruning_steps,
             importance_criteria=args.importance_criteria,
             group_divisible=args.group_divisible,
+            saliency_direction=args.saliency_direction,
         )
         if args.cric:
             self.optimizer = CRIC(
@@ -312,6 +313,7 @@ class HESSOTrainer(Trainer):
             "pruning_periods": args.pruning_periods,
             "pruning_steps": args.pruning_steps,
             "importance_criteria": args.importance_criteria,
+            "saliency_direction": args.saliency_direction,
             "prune_kinds": args.prune_kinds or "all",
             "group_divisible": args.group_divisible,
             "prunable_groups": num_groups,

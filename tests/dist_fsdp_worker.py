@@ -69,9 +69,10 @@ def slice_ops_error(model, groups) -> float:
     return worst
 
 
-def run_fsdp_worker(out_dir: str, late: bool = False) -> None:
+def run_fsdp_worker(out_dir: str, late: bool = False, gradient: bool = False) -> None:
     """Train, prune and export; with `late`, shard only after `HESSO` is built and then swap the optimizer's
-    parameters for the sharded ones, as Accelerate does when the Trainer prepares an FSDP2 model."""
+    parameters for the sharded ones, as Accelerate does when the Trainer prepares an FSDP2 model. With `gradient`,
+    score with the raw (sharded) gradient and the elementwise Taylor criterion."""
     from transformers import AutoModelForCausalLM
 
     from hf_hesso import HESSO, build_groups
@@ -104,7 +105,8 @@ def run_fsdp_worker(out_dir: str, late: bool = False) -> None:
         target_group_sparsity=0.4,
         # Ranks the larger key/value groups and query slots among the MLP channels, so all kinds get pruned; a group
         # count (not a parameter budget) keeps the selection a plain ranking, robust to float rounding.
-        importance_criteria={"avg_magnitude": 1.0, "taylor_first_order": 0.2},
+        importance_criteria={"avg_magnitude": 1.0, ("taylor_elementwise" if gradient else "taylor_first_order"): 0.2},
+        saliency_direction="gradient" if gradient else "update",
         start_pruning_step=2,
         pruning_periods=2,
         pruning_steps=8,
@@ -165,4 +167,5 @@ def run_fsdp_worker(out_dir: str, late: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    run_fsdp_worker(sys.argv[1], late=sys.argv[2:] == ["late"])
+    mode = sys.argv[2] if len(sys.argv) > 2 else "early"
+    run_fsdp_worker(sys.argv[1], late=mode == "late", gradient=mode == "gradient")

@@ -19,12 +19,13 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 
-@pytest.fixture(scope="module", params=["early", "late"])
+@pytest.fixture(scope="module", params=["early", "late", "gradient"])
 def runs(request, tmp_path_factory):
     """The sharded 2-process run and the unsharded single-process run, each saved by rank.
 
     "early": the model is sharded before `HESSO` is built (hand-written loops); "late": after, with the optimizer's
-    parameters swapped for the sharded ones, as Accelerate does for the Trainer.
+    parameters swapped for the sharded ones, as Accelerate does for the Trainer; "gradient": early, scored with the
+    raw gradient (`saliency_direction="gradient"`) and the elementwise Taylor criterion.
     """
     tmp = tmp_path_factory.mktemp(f"fsdp_{request.param}")
     env = {
@@ -38,7 +39,7 @@ def runs(request, tmp_path_factory):
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     os.makedirs(tmp / "single")
-    run_fsdp_worker(str(tmp / "single"))
+    run_fsdp_worker(str(tmp / "single"), gradient=request.param == "gradient")
     sharded = [torch.load(tmp / "sharded" / f"rank{r}.pt") for r in range(2)]
     single = torch.load(tmp / "single" / "rank0.pt")
     return sharded, single

@@ -143,6 +143,8 @@ EXPECTED = {
     ],
     "taylor_first_order": [1 / math.sqrt(14), 2 / math.sqrt(14), 3 / math.sqrt(14)],
     "taylor_second_order": [1 / math.sqrt(98), 4 / math.sqrt(98), 9 / math.sqrt(98)],
+    # x and d are non-negative here, so sum |x * d| = <x, d>.
+    "taylor_elementwise": [1 / math.sqrt(14), 2 / math.sqrt(14), 3 / math.sqrt(14)],
 }
 
 
@@ -170,11 +172,59 @@ def test_each_criterion_on_hand_computed_case(criterion, lr):
     assert opt.redundant_groups.tolist() == [int(torch.tensor(EXPECTED[criterion]).argmin())]
 
 
+def _score_toy(x: torch.Tensor, grad: torch.Tensor, base, **kw) -> tuple[HESSO, torch.Tensor]:
+    """One scoring step of HESSO on the toy channels from weights `x` and gradient `grad`; returns it and `x` after."""
+    model, groups = _toy_groups()
+    with torch.no_grad():
+        model[0].weight.copy_(x[:, :2])
+        model[1].weight.copy_(x[:, 2:].T)
+    model[0].weight.grad = grad[:, :2].clone()
+    model[1].weight.grad = grad[:, 2:].T.clone()
+    opt = HESSO(base(model.parameters()), groups, target_group_sparsity=0.34, pruning_steps=2, **kw)
+    opt.step()
+    after = torch.cat([model[0].weight.detach(), model[1].weight.detach().T], dim=1)
+    return opt, after
+
+
+def test_taylor_elementwise_does_not_cancel_signs():
+    # Group 2: x = (2, 0, -1, 0), d = (1, 1, 1, 0): <x, d> = 1 but sum |x * d| = 3.
+    x = torch.tensor([[1.0, -2.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [2.0, 0.0, -1.0, 0.0]])
+    d = torch.tensor(D)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.0)  # noqa: E731
+    first, _ = _score_toy(x, d, sgd, importance_criteria={"taylor_first_order": 1.0})
+    torch.testing.assert_close(first.last_scores, torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) / math.sqrt(6))
+    elementwise, _ = _score_toy(x, d, sgd, importance_criteria={"taylor_elementwise": 1.0})
+    expected = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) / math.sqrt(14)
+    torch.testing.assert_close(elementwise.last_scores, expected)
+    assert elementwise.redundant_groups.tolist() == [0]
+
+
+@pytest.mark.parametrize("criterion", ["taylor_first_order", "taylor_elementwise", "cosine_similarity"])
+def test_gradient_direction_scores_the_raw_gradient(criterion):
+    # AdamW's first step is lr * sign(grad)-like: the update direction differs from the gradient.
+    x = torch.tensor(X)
+    grad = torch.tensor([[0.5, -3.0, 0.1, 2.0], [1.0, 1.0, -4.0, 0.2], [-0.3, 2.0, 1.0, 1.0]])
+    adamw = lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.0)  # noqa: E731
+    opt, after = _score_toy(x, grad, adamw, importance_criteria={criterion: 1.0}, saliency_direction="gradient")
+    stats = GroupStatistics(
+        xx=(after * after).sum(1).double(),
+        dd=(grad * grad).sum(1).double(),
+        xd=(after * grad).sum(1).double(),
+        axd=(after * grad).abs().sum(1).double(),
+        numel=torch.full((3,), 4.0, dtype=torch.float64),
+    )
+    values = CRITERIA[criterion](stats)
+    torch.testing.assert_close(opt.last_scores, values / values.norm())
+    update, _ = _score_toy(x, grad, adamw, importance_criteria={criterion: 1.0})
+    assert not torch.allclose(update.last_scores, opt.last_scores)
+
+
 def test_criteria_raw_values_and_weighted_sum():
     stats = GroupStatistics(
         xx=torch.tensor([4.0, 9.0, 0.0]),
         dd=torch.tensor([1.0, 4.0, 1.0]),
         xd=torch.tensor([-2.0, 3.0, 0.0]),
+        axd=torch.tensor([2.5, 3.0, 1.0]),
         numel=torch.tensor([2.0, 3.0, 4.0]),
     )
     torch.testing.assert_close(CRITERIA["magnitude"](stats), torch.tensor([2.0, 3.0, 0.0]))
@@ -182,6 +232,7 @@ def test_criteria_raw_values_and_weighted_sum():
     torch.testing.assert_close(CRITERIA["cosine_similarity"](stats), torch.tensor([0.0, 1.5, 1.0]))
     torch.testing.assert_close(CRITERIA["taylor_first_order"](stats), torch.tensor([2.0, 3.0, 0.0]))
     torch.testing.assert_close(CRITERIA["taylor_second_order"](stats), torch.tensor([2.0, 4.5, 0.0]))
+    torch.testing.assert_close(CRITERIA["taylor_elementwise"](stats), torch.tensor([2.5, 3.0, 1.0]))
     from hf_hesso.optim import saliency_scores
 
     both = saliency_scores(stats, {"magnitude": 0.5, "avg_magnitude": 2.0})
@@ -464,6 +515,7 @@ def test_hold_zeros_auto_matches_always(make_opt):
         ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": -1.0}}, "must be >= 0"),
         ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": 0.0}}, "at least one > 0"),
         ({"target_group_sparsity": 0.5, "group_divisible": 0}, "`group_divisible` must be an integer >= 1"),
+        ({"target_group_sparsity": 0.5, "saliency_direction": "grad"}, "`saliency_direction` must be 'update'"),
         ({"target_group_sparsity": 0.5, "start_pruning_step": -1}, "`start_pruning_step` must be an integer >= 0"),
         ({"target_group_sparsity": 0.99}, r"at most 194 can go.*Lower `target_group_sparsity` to at most 0.970"),
         ({"target_group_sparsity": 0.001}, "removes nothing"),
@@ -517,6 +569,7 @@ def test_saliency_scores_per_kind_normalisation():
         xx=xx,
         dd=torch.ones(4, dtype=torch.float64),
         xd=torch.zeros(4, dtype=torch.float64),
+        axd=torch.zeros(4, dtype=torch.float64),
         numel=torch.tensor([2.0, 2.0, 50.0, 50.0], dtype=torch.float64),
     )
     kinds = torch.tensor([0, 0, 1, 1])

@@ -84,6 +84,13 @@ def test_dora_is_refused():
         build_groups(model)
 
 
+def test_gradient_direction_is_refused_with_lora():
+    model = get_peft_model(tiny_model("llama"), lora_config(["q_proj", "v_proj"]))
+    base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match=r"saliency_direction='gradient'.*LoRA.*Use `saliency_direction='update'`"):
+        HESSO(base, build_groups(model), target_group_sparsity=0.3, pruning_steps=4, saliency_direction="gradient")
+
+
 def test_partial_targets_hesso_loop():
     """Adapters on q/v/up only: the other projections' groups span base slices alone; plain HESSO loop."""
     model = get_peft_model(tiny_model("llama"), lora_config(["q_proj", "v_proj", "up_proj"]))

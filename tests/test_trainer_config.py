@@ -30,7 +30,9 @@ def test_issue_example_and_paper_defaults(tmp_path):
         "cosine_similarity": 0.2,
         "taylor_first_order": 0.2,
         "taylor_second_order": 0.2,
+        "taylor_elementwise": 0.0,
     }
+    assert args.saliency_direction == "update"
     assert args.prune_kinds is None and args.group_divisible == 1
     # The schedule may end exactly at the last step.
     make(tmp_path, max_steps=1200)
@@ -75,6 +77,10 @@ def test_hf_argument_parser(tmp_path):
         (dict(target_group_sparsity=1.0), r"`target_group_sparsity` must lie in \(0, 1\), got 1.0"),
         (dict(target_group_sparsity=None, target_param_sparsity=0.0), r"`target_param_sparsity` must lie in \(0, 1\)"),
         (dict(start_pruning_step=-1), r"`start_pruning_step` must be >= 0, got -1"),
+        (
+            dict(saliency_direction="sign"),
+            r"`saliency_direction` must be 'update' \(the paper's\) or 'gradient', got 'sign'",
+        ),
         (dict(pruning_periods=0), r"`pruning_periods` must be >= 1, got 0"),
         (dict(pruning_steps=None), r"`pruning_steps` is required"),
         (

@@ -123,7 +123,7 @@ class CRIC(HESSO):
         trial_ratios (`Sequence[float]`, *optional*, defaults to `(0.25, 0.5, 0.75)`): fractions of every block
             zeroed by the probes, each in `(0, 1)`.
         loss_weight (`float`, *optional*, defaults to `1.0`): weight of the block-sensitivity penalty, `>= 0`.
-        importance_criteria, group_divisible, hold_zeros: as for [`HESSO`].
+        importance_criteria, group_divisible, hold_zeros, saliency_direction: as for [`HESSO`].
 
     Example:
 
@@ -156,6 +156,7 @@ class CRIC(HESSO):
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
         hold_zeros: str = "auto",
+        saliency_direction: str = "update",
     ):
         ratios = check_cric_settings(start_step, sampling_steps, max_cycles, tolerance, trial_ratios, loss_weight)
         num_blocks = len(groups.blocks) if isinstance(groups, GroupSet) else 0
@@ -172,6 +173,7 @@ class CRIC(HESSO):
             importance_criteria=importance_criteria,
             group_divisible=group_divisible,
             hold_zeros=hold_zeros,
+            saliency_direction=saliency_direction,
         )
         self.cric_start_step = start_step
         self.sampling_steps = sampling_steps

@@ -8,7 +8,7 @@ is cut the same way on every rank, each holding all the columns of its own rows.
 - per-step operations (zeroing pruned groups, fading redundant ones) act on the local shard only, with no
   communication: a row slice multiplies the local rows by a per-row factor, built once from the global row indices
   of the local shard (`SliceOps`); a column slice uses the ordinary per-group view of the local rows;
-- scoring reduces the local shard into per-group partial sums and all-reduces the `(3, num_groups)` partial sums
+- scoring reduces the local shard into per-group partial sums and all-reduces the `(4, num_groups)` partial sums
   once per scoring step (`SaliencyAccumulator.finish`); every rank then ranks the same statistics and selects the
   same groups.
 
@@ -175,7 +175,7 @@ class SliceOps:
             self.slice.view(local(t)).index_fill_(self.slice.dim + 1, idx, 0)
 
     def partial_sums(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(3, k)` sums of `x*x`, `d*d`, `x*d` over the local shard, and where they go.
+        """`(4, k)` sums of `x*x`, `d*d`, `x*d`, `|x*d|` over the local shard, and where they go.
 
         Returns the sums and `None` (k = n, one column per group) or a `(k,)` group index per column (k = local
         rows) to be added with `index_add_`.
@@ -184,13 +184,21 @@ class SliceOps:
         if self.rows is not None:
             letters = "abcdefgh"[: x.dim()]
             eq = f"{letters},{letters}->a"
-            sums = torch.stack([torch.einsum(eq, x, x), torch.einsum(eq, d, d), torch.einsum(eq, x, d)])
+            sums = torch.stack(
+                [
+                    torch.einsum(eq, x, x),
+                    torch.einsum(eq, d, d),
+                    torch.einsum(eq, x, d),
+                    torch.einsum(eq, x.abs(), d.abs()),
+                ]
+            )
             return sums, self.rows
         vx, vd = self.slice.view(x), self.slice.view(d)
         # einsum contracts without materialising the elementwise products (about 2x faster than mul + sum).
         letters = "abcdefghij"[: vx.dim()]
         eq = f"{letters},{letters}->{letters[self.slice.dim + 1]}"
-        return torch.stack([torch.einsum(eq, vx, vx), torch.einsum(eq, vd, vd), torch.einsum(eq, vx, vd)]), None
+        sums = [torch.einsum(eq, vx, vx), torch.einsum(eq, vd, vd), torch.einsum(eq, vx, vd)]
+        return torch.stack([*sums, torch.einsum(eq, vx.abs(), vd.abs())]), None
 
 
 class ShardReduction:

@@ -114,8 +114,15 @@ class HESSO(Optimizer):
         pruning_steps (`int`, *optional*, defaults to `1`):
             Optimizer steps over which pruning happens; `pruning_steps // pruning_periods` must be at least 2.
         importance_criteria (`dict[str, float]`, *optional*):
-            Weights of the saliency criteria `magnitude`, `avg_magnitude`, `cosine_similarity`,
-            `taylor_first_order`, `taylor_second_order` (missing ones weigh 0). Defaults to 0.2 each.
+            Weights of the saliency criteria: the paper's `magnitude`, `avg_magnitude`, `cosine_similarity`,
+            `taylor_first_order`, `taylor_second_order`, and `taylor_elementwise` (`sum |x * d|` over a group's
+            elements; not in the paper). Missing ones weigh 0. Defaults to the paper's: 0.2 for each of its five.
+        saliency_direction (`str`, *optional*, defaults to `"update"`):
+            The direction `d` of the criteria. `"update"` (the paper's): the base optimizer's processed step,
+            `d = (p_before - p_after) / lr` at the scoring step (for Adam a preconditioned, almost sign-like
+            vector). `"gradient"`: the raw gradient of the scoring step, which makes the Taylor criteria estimates
+            of the loss change; it also skips the transient copy of the grouped parameters the update direction
+            needs. Not available for LoRA models (the gradient of the effective weight is never formed).
         group_divisible (`int`, *optional*, defaults to `1`):
             Within every block (one kind in one layer) groups are removed so that the number kept is a multiple of
             this value and at least this value; a block of `group_divisible` groups or fewer is never pruned.
@@ -155,6 +162,7 @@ class HESSO(Optimizer):
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
         hold_zeros: str = "auto",
+        saliency_direction: str = "update",
     ):
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
@@ -181,6 +189,18 @@ class HESSO(Optimizer):
             )
         if hold_zeros not in ("auto", "always"):
             raise ValueError(f"`hold_zeros` must be 'auto' or 'always', got {hold_zeros!r}.")
+        if saliency_direction not in ("update", "gradient"):
+            raise ValueError(
+                f"`saliency_direction` must be 'update' (the base optimizer's step, the paper's) or 'gradient' (the "
+                f"raw gradient), got {saliency_direction!r}."
+            )
+        if saliency_direction == "gradient" and groups.adapters:
+            raise ValueError(
+                "`saliency_direction='gradient'` needs the gradient of every scored weight, but a LoRA model's "
+                "projections are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed. "
+                "Use `saliency_direction='update'` with LoRA."
+            )
+        self.saliency_direction = saliency_direction
         self.weights = check_criteria(importance_criteria)
 
         # Resolve the live parameters once and check that the base optimizer updates every one of them.
@@ -425,6 +445,8 @@ class HESSO(Optimizer):
         """Base step; returns the saliency of every group with direction `d = (p_before - p_after) / lr`."""
         # LoRA: projections are scored on the effective weight `W0 + s * B @ A` (under the base weight's name, whose
         # slices cover the same rows/columns); the adapter slices then add nothing on their own.
+        if self.saliency_direction == "gradient":
+            return self._step_and_score_gradient()
         adapters = self.groups.adapters
         skip = {n for ads in adapters.values() for ad in ads for n in (ad.a, ad.b, ad.b_bias) if n is not None}
         before = {
@@ -460,6 +482,16 @@ class HESSO(Optimizer):
                 d = torch.zeros_like(p)
             acc.add(name, p.detach(), d)
         # A parameter budget ranks groups of different kinds against each other: see `saliency_scores(kinds=)`.
+        kinds = self._kinds if self.target_param_sparsity is not None else None
+        return saliency_scores(acc.finish(), self.weights, kinds=kinds)
+
+    def _step_and_score_gradient(self) -> torch.Tensor:
+        """Base step; returns the saliency of every group with the raw gradient as direction (`x` after the step)."""
+        self.optimizer.step()
+        device = next(iter(self._params.values())).device
+        acc = SaliencyAccumulator(self.groups, device=device)
+        for name, p in self._params.items():
+            acc.add(name, p.detach(), p.grad if p.grad is not None else torch.zeros_like(p))
         kinds = self._kinds if self.target_param_sparsity is not None else None
         return saliency_scores(acc.finish(), self.weights, kinds=kinds)
 
