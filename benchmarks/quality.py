@@ -13,8 +13,12 @@ optimizer (AdamW), steps, batch size, data order (same seed), learning-rate sche
 - taylor: the same, scored by first-order Taylor saliency, `sum over calibration batches of |w * grad|` summed over
   the group's elements (LLM-Pruner style), on `--calib_batches` training batches.
 - hesso: `HESSOTrainer` with the same arguments plus the pruning schedule (default: 8 warm-up steps, then 4 periods
-  over 24 steps, 8 steps of recovery).
-- hesso-cric: the same with `cric=True`, when `HESSOConfig` has that field.
+  over 24 steps, 8 steps of recovery), scoring with the paper's criteria (0.2 each of the five, update direction).
+- hesso-grad: the same, scoring with the elementwise Taylor criterion on the raw gradient
+  (`importance_taylor_elementwise=1`, the others 0, `saliency_direction="gradient"`).
+- hesso-cric: hesso-grad with `cric=True`: warm-up, CRIC's probes and cycles as extra steps on top of the common
+  budget (reported with the CPU memory of its parameter cache), one projection period as long as HESSO's pruning
+  phase, the same recovery.
 
 SmolLM2-135M on BBC news: perplexity on `--eval_blocks` blocks of the test split, at 20% and 50% of the prunable
 parameters (the dense reference is trained once). all-MiniLM-L6-v2 on BBC topics: accuracy on the test split, at 50%.
@@ -56,7 +60,17 @@ from hf_hesso.resources import (
     perplexity,
 )
 
-METHODS = ("dense", "magnitude", "taylor", "hesso", "hesso-cric")
+METHODS = ("dense", "magnitude", "taylor", "hesso", "hesso-grad", "hesso-cric")
+# `HESSOConfig` saliency settings of the hesso-grad and hesso-cric methods.
+GRADIENT_SALIENCY = dict(
+    importance_magnitude=0.0,
+    importance_avg_magnitude=0.0,
+    importance_cosine_similarity=0.0,
+    importance_taylor_first_order=0.0,
+    importance_taylor_second_order=0.0,
+    importance_taylor_elementwise=1.0,
+    saliency_direction="gradient",
+)
 PARTS = ("llama20", "llama50", "bert")
 
 
@@ -170,7 +184,7 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
                 callbacks=callbacks,
             )
         else:
-            extra = {}
+            extra = GRADIENT_SALIENCY if method in ("hesso-grad", "hesso-cric") else {}
             if method == "hesso-cric":
                 # CRIC runs HESSO's warm-up, then its probes and cycles, which are extra steps on top of the common
                 # budget (probe steps take no base step), then one projection period as long as HESSO's whole
@@ -182,6 +196,7 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
                 row["extra_steps_planned"] = 1 + blocks * len(ratios) + opts.cric_max_cycles * opts.cric_sampling_steps
                 common_args["max_steps"] += row["extra_steps_planned"]
                 extra = dict(
+                    **GRADIENT_SALIENCY,
                     cric=True,
                     pruning_periods=1,
                     pruning_steps=hesso["pruning_steps"],

@@ -8,15 +8,22 @@ perplexity before and after and the model size, and writes the slim model to `--
     python recipes/llama_prune.py
     python recipes/llama_prune.py --max_steps 400 --pruning_steps 300 --start_pruning_step 50 \\
         --pruning_periods 6 --target_param_sparsity 0.4 --seq_len 512 --eval_blocks 64
+    python recipes/llama_prune.py --lora_r 16 --learning_rate 1e-3        # LoRA adapters, one merged slim model
+    python recipes/llama_prune.py --cric true --pruning_periods 1 --cric_trial_ratios 0.5 --cric_max_cycles 2 \\
+        --cric_sampling_steps 4 --max_steps 140                          # CRIC: probes 90 blocks first
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/llama_prune.py
 
-Every `HESSOConfig` / `TrainingArguments` flag applies (`--help` lists them with this recipe's defaults). The model
-and data come from the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny random LLaMA with the
-real tokenizer for smoke tests.
+Every `HESSOConfig` / `TrainingArguments` flag applies (`--help` lists them with this recipe's defaults). Groups are
+scored with the elementwise Taylor criterion on the raw gradient, which ranks LLM groups far better than the paper's
+default mix (README, *Quality*); `--importance_taylor_elementwise 0 --importance_magnitude 0.2 ...
+--saliency_direction update` restores the paper's (with `--lora_r`, `taylor_first_order` on the update is the
+default). The model and data come from the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny
+random LLaMA with the real tokenizer for smoke tests.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +39,12 @@ from hf_hesso.resources import (
     perplexity,
     tiny_llama,
 )
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# With LoRA, groups are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed: the recipe
+# then ranks by `taylor_first_order` on the optimizer's update, the best of the update-direction settings measured by
+# benchmarks/saliency_ranking.py (unless the flags say otherwise).
+LORA_SALIENCY = dict(importance_taylor_first_order=1.0, importance_taylor_elementwise=0.0, saliency_direction="update")
 
 
 @dataclass
@@ -56,6 +69,14 @@ class ScriptArguments:
     tiny: bool = field(
         default=False, metadata={"help": "Use a tiny random LLaMA (real tokenizer) instead of SmolLM2: smoke tests."}
     )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "Train LoRA adapters of this rank instead of all weights (0: full fine-tuning)."},
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Projections that get LoRA adapters."}
+    )
 
 
 # This recipe's defaults for HESSOConfig; any flag on the command line overrides them.
@@ -66,6 +87,16 @@ DEFAULTS = dict(
     start_pruning_step=8,
     pruning_periods=4,
     pruning_steps=24,
+    # Saliency: the elementwise Taylor criterion on the raw gradient ranks SmolLM2's groups far better than the
+    # paper's mix of five (benchmarks/saliency_ranking.py, benchmarks/quality.py); the `--importance_*` and
+    # `--saliency_direction` flags switch back.
+    importance_magnitude=0.0,
+    importance_avg_magnitude=0.0,
+    importance_cosine_similarity=0.0,
+    importance_taylor_first_order=0.0,
+    importance_taylor_second_order=0.0,
+    importance_taylor_elementwise=1.0,
+    saliency_direction="gradient",
     per_device_train_batch_size=4,
     learning_rate=1e-4,
     lr_scheduler_type="constant_with_warmup",
@@ -78,7 +109,22 @@ DEFAULTS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOConfig]:
-    return parse_script_args(ScriptArguments, DEFAULTS, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = dict(DEFAULTS)
+    flags = {arg.split("=")[0] for arg in argv}
+    if flags & {"--lora_r"} and not _lora_off(argv):
+        defaults.update({k: v for k, v in LORA_SALIENCY.items() if f"--{k}" not in flags})
+    return parse_script_args(ScriptArguments, defaults, argv)
+
+
+def _lora_off(argv: list[str]) -> bool:
+    """Whether the command line sets `--lora_r 0` (or `--lora_r=0`)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--lora_r="):
+            return arg.split("=", 1)[1].strip() == "0"
+        if arg == "--lora_r" and i + 1 < len(argv):
+            return argv[i + 1].strip() == "0"
+    return False
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -96,12 +142,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ppl_before = perplexity(model, held_out, script.eval_batch_size)
     params_before = sum(p.numel() for p in model.parameters())
 
+    peft_config = None
+    if script.lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=script.lora_r, lora_alpha=script.lora_alpha, target_modules=list(script.lora_target_modules)
+        )
     trainer = HESSOTrainer(
         model=model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
         data_collator=default_data_collator,
+        peft_config=peft_config,
     )
     trainer.train()
     trainer.save_model()  # the slim model, with tokenizer and model card

@@ -78,6 +78,33 @@ def test_llama_script_arguments():
     assert (script.seq_len, script.eval_blocks, script.train_blocks) == (64, 3, 10)
 
 
+def test_llama_docstring_examples_parse():
+    recipe = _load("llama_prune")
+    examples = [
+        line.split("recipes/llama_prune.py", 1)[1].split("#")[0].replace("\\", " ")
+        for line in " ".join(recipe.__doc__.replace("\\\n", " ").splitlines()).split("python ")
+        if line.startswith("recipes/llama_prune.py")
+    ]
+    assert len(examples) == 4
+    for example in examples:
+        recipe.parse_args(example.split())
+
+
+def test_llama_lora_flags_switch_to_an_update_direction():
+    recipe = _load("llama_prune")
+    script, args = recipe.parse_args(["--lora_r", "8"])
+    assert script.lora_r == 8 and list(script.lora_target_modules) == list(recipe.LORA_TARGETS)
+    assert args.saliency_direction == "update"
+    assert (
+        args.importance_criteria["taylor_first_order"] == 1.0 and args.importance_criteria["taylor_elementwise"] == 0
+    )
+    # Without LoRA (or with `--lora_r 0`) the recipe scores with the gradient; explicit flags always win.
+    for argv in ([], ["--lora_r=0"]):
+        assert recipe.parse_args(argv)[1].saliency_direction == "gradient"
+    _, args = recipe.parse_args(["--lora_r", "8", "--importance_taylor_elementwise", "0.5"])
+    assert args.importance_criteria["taylor_elementwise"] == 0.5
+
+
 def _run(name: str, tmp_path: Path, *flags: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -106,6 +133,33 @@ def test_llama_recipe_tiny(tmp_path):
     assert ppl, stdout
     # A random model over a 49k vocabulary: perplexity near the vocabulary size, finite after pruning.
     assert 1e3 < float(ppl.group(1)) < 1e6 and 1 < float(ppl.group(2)) < 1e6
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@needs_data
+def test_llama_recipe_tiny_lora(tmp_path):
+    flags = ["--max_steps", "6", "--start_pruning_step", "1", "--pruning_steps", "4", "--pruning_periods", "2"]
+    flags += [
+        "--seq_len",
+        "32",
+        "--train_blocks",
+        "64",
+        "--eval_blocks",
+        "4",
+        "--lora_r",
+        "4",
+        "--learning_rate",
+        "1e-3",
+    ]
+    stdout = _run("llama_prune", tmp_path, *flags)
+    assert "perplexity (128 BBC test tokens)" in stdout
+    # One merged model: no adapter folder, no LoRA tensors.
+    assert not (tmp_path / "slim" / "adapter").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "slim" / "model.safetensors"), "pt") as f:
+        assert not any("lora" in key for key in f.keys())
 
 
 @pytest.mark.real_model

@@ -3,8 +3,8 @@
 Scoring works in two stages so that sharded training can add one collective in one place:
 
 1. `SaliencyAccumulator.add` reduces one parameter at a time into per-group partial sums of `<x, x>`, `<d, d>`,
-   `<x, d>` and `sum |x * d|`, stored in one `(4, num_groups)` tensor (one tensor op per slice, never a loop over groups), so
-   only one parameter's float copy of the direction is alive at a time.
+   `<x, d>` and `sum |x * d|`, stored in one `(4, num_groups)` tensor (one tensor op per slice, never a loop over
+   groups), so only one parameter's float copy of the direction is alive at a time.
 2. `SaliencyAccumulator.finish` turns the partial sums into `GroupStatistics`. A distributed version all-reduces
    the `(4, num_groups)` tensor there, before anything is combined.
 
