@@ -49,6 +49,7 @@ from transformers import (
 )
 
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
+from hf_hesso.config import GRADIENT_SALIENCY
 from hf_hesso.groups import GroupSet
 from hf_hesso.resources import (
     accuracy,
@@ -61,16 +62,6 @@ from hf_hesso.resources import (
 )
 
 METHODS = ("dense", "magnitude", "taylor", "hesso", "hesso-grad", "hesso-cric")
-# `HESSOConfig` saliency settings of the hesso-grad and hesso-cric methods.
-GRADIENT_SALIENCY = dict(
-    importance_magnitude=0.0,
-    importance_avg_magnitude=0.0,
-    importance_cosine_similarity=0.0,
-    importance_taylor_first_order=0.0,
-    importance_taylor_second_order=0.0,
-    importance_taylor_elementwise=1.0,
-    saliency_direction="gradient",
-)
 PARTS = ("llama20", "llama50", "bert")
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import parse_script_args
+from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
 from hf_hesso.resources import (
     lm_blocks,
     load_bbc_news,
@@ -90,13 +90,7 @@ DEFAULTS = dict(
     # Saliency: the elementwise Taylor criterion on the raw gradient ranks SmolLM2's groups far better than the
     # paper's mix of five (benchmarks/saliency_ranking.py, benchmarks/quality.py); the `--importance_*` and
     # `--saliency_direction` flags switch back.
-    importance_magnitude=0.0,
-    importance_avg_magnitude=0.0,
-    importance_cosine_similarity=0.0,
-    importance_taylor_first_order=0.0,
-    importance_taylor_second_order=0.0,
-    importance_taylor_elementwise=1.0,
-    saliency_direction="gradient",
+    **GRADIENT_SALIENCY,
     per_device_train_batch_size=4,
     learning_rate=1e-4,
     lr_scheduler_type="constant_with_warmup",

@@ -16,9 +16,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+def torchrun_worker(out_dir, mode: str) -> list[dict]:
+    """Run `dist_train_worker.py` on 2 processes (batch 4 each) in `mode`; returns what each rank saved."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -26,12 +25,17 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     }
     # `--standalone` rendezvous on a free local port, so parallel test runs do not collide.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [os.path.join(TESTS, "dist_train_worker.py"), str(tmp_path / "dist"), "4"]
-    os.makedirs(tmp_path / "dist")
+    cmd += [os.path.join(TESTS, "dist_train_worker.py"), str(out_dir), "4", mode]
+    os.makedirs(out_dir)
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
-    ranks = [torch.load(tmp_path / "dist" / f"rank{r}.pt") for r in range(2)]
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+    ranks = torchrun_worker(tmp_path / "dist", "ddp")
     assert all(r["world_size"] == 2 for r in ranks)
     assert len(ranks[0]["pruned"]) > 0
     assert ranks[0]["redundant"].tolist() == ranks[1]["redundant"].tolist()
@@ -57,17 +61,7 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
 def test_trainer_under_fsdp2_matches_one_process_and_exports_the_same_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [os.path.join(TESTS, "dist_train_worker.py"), str(tmp_path / "fsdp"), "4", "fsdp2"]
-    os.makedirs(tmp_path / "fsdp")
-    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    ranks = [torch.load(tmp_path / "fsdp" / f"rank{r}.pt") for r in range(2)]
+    ranks = torchrun_worker(tmp_path / "fsdp", "fsdp2")
     # The Trainer really ran sharded: Accelerate's FSDP2 path, `DTensor` parameters in the model and the optimizer.
     assert all(r["sharded"] and r["param_types"] == ["DTensor"] and r["world_size"] == 2 for r in ranks)
     assert ranks[0]["redundant"].tolist() == ranks[1]["redundant"].tolist()
