@@ -182,7 +182,8 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
                 # pruning phase, then the same recovery. Planned for the worst case (all cycles), as the Trainer
                 # checks; the learning-rate warm-up stays that of the common budget.
                 hesso = hesso_args(opts, task, sparsity)
-                blocks = len(build_groups(model).blocks)
+                groups = build_groups(model)
+                blocks = len(groups.blocks)
                 ratios = opts.cric_trial_ratios
                 row["extra_steps_planned"] = 1 + blocks * len(ratios) + opts.cric_max_cycles * opts.cric_sampling_steps
                 common_args["max_steps"] += row["extra_steps_planned"]
@@ -195,8 +196,7 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
                     cric_max_cycles=opts.cric_max_cycles,
                     cric_sampling_steps=opts.cric_sampling_steps,
                 )
-                grouped = build_groups(model).parameters(model)
-                row["cric_cache_mib"] = sum(p.numel() * p.element_size() for p in grouped.values()) / 2**20
+                row["cric_cache_mib"] = sum(p.numel() * p.element_size() for p in groups.parameters().values()) / 2**20
             trainer = HESSOTrainer(
                 model=model,
                 args=HESSOConfig(**common_args, **{**hesso_args(opts, task, sparsity), **extra}),

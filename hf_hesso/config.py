@@ -10,17 +10,11 @@ from transformers import TrainingArguments
 
 from .groups import KINDS
 from .optim.hesso import check_target
+from .optim.saliency import CRITERIA
 
 # Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`); `HESSOConfig` has one
 # `importance_<name>` weight each.
-IMPORTANCE_CRITERIA = (
-    "magnitude",
-    "avg_magnitude",
-    "cosine_similarity",
-    "taylor_first_order",
-    "taylor_second_order",
-    "taylor_elementwise",
-)
+IMPORTANCE_CRITERIA = tuple(CRITERIA)
 
 
 # `HESSOConfig` settings that score groups with the elementwise Taylor criterion on the raw gradient: measured to

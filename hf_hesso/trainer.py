@@ -297,12 +297,16 @@ class HESSOTrainer(Trainer):
         with atomic_directory(output_dir) as tmp:
             base.save_pretrained(tmp)
             adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
-            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
-            with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-                f.write(render_model_card(report))
+            self._write_beside_model(tmp, report)
+
+    def _write_beside_model(self, directory: str, report: PruningReport) -> None:
+        """The tokenizer (if any), the training arguments and the model card, next to a saved slim model."""
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
+        with open(os.path.join(directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(render_model_card(report))
 
     def _make_report(self, live: nn.Module, summary: SlimSummary, num_groups: int) -> PruningReport:
         args = self.args
@@ -371,12 +375,7 @@ class HESSOTrainer(Trainer):
         )
         with atomic_directory(output_dir) as tmp:
             slim.save_pretrained(tmp)
-            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
-            with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-                f.write(render_model_card(report))
+            self._write_beside_model(tmp, report)
 
     def save_model(
         self, output_dir: str | None = None, _internal_call: bool = False, merge_adapters: bool | None = None

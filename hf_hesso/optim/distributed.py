@@ -116,6 +116,16 @@ def _row_groups(s: Slice, start: int, stop: int, device: str) -> torch.Tensor:
     return ((rows // s.inner) % s.n).to(device)
 
 
+def statistic_sums(x: torch.Tensor, d: torch.Tensor, axis: int) -> torch.Tensor:
+    """`(4, x.shape[axis])` sums of `x*x`, `d*d`, `x*d` and `|x*d|` over every dimension of `x` and `d` but `axis`."""
+    # einsum contracts without materialising the elementwise products (about 2x faster than mul + sum).
+    letters = "abcdefghij"[: x.dim()]
+    eq = f"{letters},{letters}->{letters[axis]}"
+    return torch.stack(
+        [torch.einsum(eq, x, x), torch.einsum(eq, d, d), torch.einsum(eq, x, d), torch.einsum(eq, x.abs(), d.abs())]
+    )
+
+
 class SliceOps:
     """The per-group operations of one `Slice` on one parameter, on its local shard where it is a `DTensor`.
 
@@ -182,23 +192,8 @@ class SliceOps:
         """
         x, d = local(x).float(), local(d).float()
         if self.rows is not None:
-            letters = "abcdefgh"[: x.dim()]
-            eq = f"{letters},{letters}->a"
-            sums = torch.stack(
-                [
-                    torch.einsum(eq, x, x),
-                    torch.einsum(eq, d, d),
-                    torch.einsum(eq, x, d),
-                    torch.einsum(eq, x.abs(), d.abs()),
-                ]
-            )
-            return sums, self.rows
-        vx, vd = self.slice.view(x), self.slice.view(d)
-        # einsum contracts without materialising the elementwise products (about 2x faster than mul + sum).
-        letters = "abcdefghij"[: vx.dim()]
-        eq = f"{letters},{letters}->{letters[self.slice.dim + 1]}"
-        sums = [torch.einsum(eq, vx, vx), torch.einsum(eq, vd, vd), torch.einsum(eq, vx, vd)]
-        return torch.stack([*sums, torch.einsum(eq, vx.abs(), vd.abs())]), None
+            return statistic_sums(x, d, 0), self.rows
+        return statistic_sums(self.slice.view(x), self.slice.view(d), self.slice.dim + 1), None
 
 
 class ShardReduction:

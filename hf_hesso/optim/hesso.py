@@ -443,10 +443,10 @@ class HESSO(Optimizer):
 
     def _step_and_score(self) -> torch.Tensor:
         """Base step; returns the saliency of every group with direction `d = (p_before - p_after) / lr`."""
-        # LoRA: projections are scored on the effective weight `W0 + s * B @ A` (under the base weight's name, whose
-        # slices cover the same rows/columns); the adapter slices then add nothing on their own.
         if self.saliency_direction == "gradient":
             return self._step_and_score_gradient()
+        # LoRA: projections are scored on the effective weight `W0 + s * B @ A` (under the base weight's name, whose
+        # slices cover the same rows/columns); the adapter slices then add nothing on their own.
         adapters = self.groups.adapters
         skip = {n for ads in adapters.values() for ad in ads for n in (ad.a, ad.b, ad.b_bias) if n is not None}
         before = {
@@ -481,9 +481,7 @@ class HESSO(Optimizer):
             else:
                 d = torch.zeros_like(p)
             acc.add(name, p.detach(), d)
-        # A parameter budget ranks groups of different kinds against each other: see `saliency_scores(kinds=)`.
-        kinds = self._kinds if self.target_param_sparsity is not None else None
-        return saliency_scores(acc.finish(), self.weights, kinds=kinds)
+        return self._scores(acc)
 
     def _step_and_score_gradient(self) -> torch.Tensor:
         """Base step; returns the saliency of every group with the raw gradient as direction (`x` after the step)."""
@@ -492,6 +490,11 @@ class HESSO(Optimizer):
         acc = SaliencyAccumulator(self.groups, device=device)
         for name, p in self._params.items():
             acc.add(name, p.detach(), p.grad if p.grad is not None else torch.zeros_like(p))
+        return self._scores(acc)
+
+    def _scores(self, acc: SaliencyAccumulator) -> torch.Tensor:
+        """The weighted criteria of the accumulated statistics (one all-reduce under FSDP2)."""
+        # A parameter budget ranks groups of different kinds against each other: see `saliency_scores(kinds=)`.
         kinds = self._kinds if self.target_param_sparsity is not None else None
         return saliency_scores(acc.finish(), self.weights, kinds=kinds)
 

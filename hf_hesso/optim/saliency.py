@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..groups import GroupSet, Slice
-from .distributed import ShardReduction, SliceOps, is_dtensor
+from .distributed import ShardReduction, SliceOps, is_dtensor, statistic_sums
 
 
 @dataclass(frozen=True)
@@ -164,18 +164,7 @@ class SaliencyAccumulator:
         x = x.float()
         d = d.float()
         for offset, s in self._slices[name]:
-            vx, vd = s.view(x), s.view(d)
-            # einsum contracts without materialising the elementwise products (about 2x faster than mul + sum).
-            letters = "abcdefghij"[: vx.dim()]
-            equation = f"{letters},{letters}->{letters[s.dim + 1]}"
-            sums = torch.stack(
-                [
-                    torch.einsum(equation, vx, vx),
-                    torch.einsum(equation, vd, vd),
-                    torch.einsum(equation, vx, vd),
-                    torch.einsum(equation, vx.abs(), vd.abs()),
-                ]
-            )
+            sums = statistic_sums(s.view(x), s.view(d), s.dim + 1)
             self.partials[:, offset : offset + s.n] += sums.to(self.partials.device)
 
     def _add_sharded(self, name: str, x: torch.Tensor, d: torch.Tensor) -> None:
