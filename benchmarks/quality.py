@@ -126,6 +126,7 @@ def hesso_args(opts, task: str, sparsity: float) -> dict:
         start_pruning_step=start,
         pruning_periods=opts.pruning_periods,
         pruning_steps=steps,
+        saliency_steps=opts.saliency_steps if task == "llama" else opts.bert_saliency_steps,
     )
 
 
@@ -190,6 +191,7 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
                 extra = dict(
                     **GRADIENT_SALIENCY,
                     cric=True,
+                    saliency_steps=1,
                     pruning_periods=1,
                     pruning_steps=hesso["pruning_steps"],
                     cric_trial_ratios=ratios,
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--start_pruning_step", type=int, default=8)
     parser.add_argument("--pruning_steps", type=int, default=24)
+    parser.add_argument("--saliency_steps", type=int, default=1, help="Batches each HESSO selection averages.")
     # MiniLM
     parser.add_argument("--bert_steps", type=int, default=60)
     parser.add_argument("--bert_batch_size", type=int, default=16)
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bert_learning_rate", type=float, default=1e-4)
     parser.add_argument("--bert_start_pruning_step", type=int, default=10)
     parser.add_argument("--bert_pruning_steps", type=int, default=40)
+    parser.add_argument("--bert_saliency_steps", type=int, default=1)
     opts = parser.parse_args(argv)
 
     start = time.perf_counter()

@@ -68,6 +68,11 @@ class HESSOConfig(TrainingArguments):
             Direction `d_g` of the criteria: `"update"`, the base optimizer's processed step (the paper's), or
             `"gradient"`, the raw gradient of the scoring step (no transient copy of the grouped weights; not with
             LoRA). See [`HESSO`].
+        saliency_steps (`int`, *optional*, defaults to `1`):
+            Number of optimizer steps (each on its own batch) whose scores every selection averages: the period's
+            first step and the `saliency_steps - 1` steps before it. At most `start_pruning_step + 1` and, with
+            several periods, at most the period length. Not with `cric` (CRIC accumulates its own scores over its
+            cycles). See [`HESSO`].
         prune_kinds (`list[str]`, *optional*):
             Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"` and `"query_slot"`.
             Default: every kind the architecture supports.
@@ -132,6 +137,10 @@ class HESSOConfig(TrainingArguments):
             "choices": ["update", "gradient"],
         },
     )
+    saliency_steps: int = field(
+        default=1,
+        metadata={"help": "Optimizer steps (batches) whose scores every selection averages (the last is its first)."},
+    )
     prune_kinds: list[str] | None = field(
         default=None,
         metadata={"help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: all."},
@@ -187,6 +196,7 @@ class HESSOConfig(TrainingArguments):
             raise ValueError(
                 f"`saliency_direction` must be 'update' (the paper's) or 'gradient', got {self.saliency_direction!r}."
             )
+        self._check_saliency_steps()
         weights = self.importance_criteria
         negative = {k: v for k, v in weights.items() if v < 0}
         if negative or not any(weights.values()):
@@ -208,6 +218,28 @@ class HESSOConfig(TrainingArguments):
                 f"`group_divisible` must be >= 1, got {self.group_divisible}. Use 1 for no rounding of kept counts."
             )
         self._check_cric()
+
+    def _check_saliency_steps(self) -> None:
+        k = self.saliency_steps
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`saliency_steps` must be an integer >= 1, got {k!r}.")
+        if k > self.start_pruning_step + 1:
+            raise ValueError(
+                f"`saliency_steps`={k} averages the first selection over its step and the {k - 1} steps before it, "
+                f"but `start_pruning_step`={self.start_pruning_step} leaves only {self.start_pruning_step} warm-up "
+                f"steps. Raise `start_pruning_step` to at least {k - 1} or lower `saliency_steps`."
+            )
+        period = self.pruning_steps // self.pruning_periods
+        if self.pruning_periods > 1 and k > period:
+            raise ValueError(
+                f"`saliency_steps`={k} is longer than a pruning period ({period} steps = `pruning_steps` // "
+                "`pruning_periods`). Lower `saliency_steps` or lengthen the periods."
+            )
+        if k > 1 and self.cric:
+            raise ValueError(
+                f"`saliency_steps`={k} applies to HESSO's periods; with `cric=True` CRIC accumulates its own scores "
+                "over its cycles. Leave `saliency_steps` at 1 with CRIC."
+            )
 
     def _check_cric(self) -> None:
         from .optim.cric import check_cric_settings

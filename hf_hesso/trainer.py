@@ -216,6 +216,7 @@ class HESSOTrainer(Trainer):
                 self.groups,
                 start_pruning_step=args.start_pruning_step,
                 pruning_periods=args.pruning_periods,
+                saliency_steps=args.saliency_steps,
                 **common,
             )
         return self.optimizer
@@ -318,6 +319,7 @@ class HESSOTrainer(Trainer):
             "pruning_steps": args.pruning_steps,
             "importance_criteria": args.importance_criteria,
             "saliency_direction": args.saliency_direction,
+            "saliency_steps": args.saliency_steps,
             "prune_kinds": args.prune_kinds or "all",
             "group_divisible": args.group_divisible,
             "prunable_groups": num_groups,

@@ -219,6 +219,76 @@ def test_gradient_direction_scores_the_raw_gradient(criterion):
     assert not torch.allclose(update.last_scores, opt.last_scores)
 
 
+def test_saliency_steps_average_the_scores_of_the_window():
+    # lr = 0: the weights stay at X, so every step's elementwise Taylor score is |X * g_step| summed per channel.
+    # Channel 2 has the lowest score on the selection step alone, channel 0 on the mean over the three steps.
+    x = torch.tensor(X)
+    grads = [
+        torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 4.0, 0.0, 4.0], [3.0, 0.0, 3.0, 0.0]]),
+        torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 4.0, 0.0, 4.0], [3.0, 0.0, 3.0, 0.0]]),
+        torch.tensor([[4.0, 4.0, 4.0, 4.0], [0.0, 4.0, 0.0, 4.0], [1.0, 0.0, 1.0, 0.0]]),
+    ]
+
+    def run(saliency_steps: int) -> HESSO:
+        model, groups = _toy_groups()
+        with torch.no_grad():
+            model[0].weight.copy_(x[:, :2])
+            model[1].weight.copy_(x[:, 2:].T)
+        opt = HESSO(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            groups,
+            target_group_sparsity=0.34,
+            start_pruning_step=2,
+            pruning_steps=2,
+            importance_criteria={"taylor_elementwise": 1.0},
+            saliency_direction="gradient",
+            saliency_steps=saliency_steps,
+        )
+        for g in grads:
+            model[0].weight.grad = g[:, :2].clone()
+            model[1].weight.grad = g[:, 2:].T.clone()
+            opt.step()
+        return opt
+
+    per_step = [(x * g).abs().sum(1).double() for g in grads]
+    per_step = [v / v.norm() for v in per_step]
+    one = run(1)
+    torch.testing.assert_close(one.last_scores, per_step[-1])
+    assert one.redundant_groups.tolist() == [2]
+    window = run(3)
+    torch.testing.assert_close(window.last_scores, sum(per_step) / 3)
+    assert window.redundant_groups.tolist() == [0]
+    assert not window._saliency_sum.any()  # cleared once used
+
+
+def test_saliency_window_steps_precede_every_selection():
+    # start 2, 2 periods of 3 steps: selections at steps 3 and 6; with saliency_steps 2 the windows are {2, 3} and
+    # {5, 6}. Every scored step is recorded; the others are plain base steps.
+    model = tiny_model()
+    opt = HESSO(
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        build_groups(model),
+        target_group_sparsity=0.3,
+        start_pruning_step=2,
+        pruning_periods=2,
+        pruning_steps=6,
+        saliency_steps=2,
+        saliency_direction="gradient",
+    )
+    scored = []
+    inner = opt._step_and_score
+
+    def spy():
+        scored.append(opt.num_steps + 1)
+        return inner()
+
+    opt._step_and_score = spy
+    for n in range(10):
+        train_step(model, opt, seed=n)
+    assert scored == [2, 3, 5, 6]
+    assert len(opt.pruned_groups) == round(0.3 * len(opt.groups))
+
+
 def test_criteria_raw_values_and_weighted_sum():
     stats = GroupStatistics(
         xx=torch.tensor([4.0, 9.0, 0.0]),
@@ -519,6 +589,15 @@ def test_hold_zeros_auto_matches_always(make_opt):
         ({"target_group_sparsity": 0.5, "start_pruning_step": -1}, "`start_pruning_step` must be an integer >= 0"),
         ({"target_group_sparsity": 0.99}, r"at most 194 can go.*Lower `target_group_sparsity` to at most 0.970"),
         ({"target_group_sparsity": 0.001}, "removes nothing"),
+        ({"target_group_sparsity": 0.5, "saliency_steps": 0}, "`saliency_steps` must be an integer >= 1, got 0"),
+        (
+            {"target_group_sparsity": 0.5, "saliency_steps": 3, "start_pruning_step": 1},
+            r"only 1 warm-up steps.*Raise `start_pruning_step` to at least 2",
+        ),
+        (
+            {"target_group_sparsity": 0.5, "saliency_steps": 3, "start_pruning_step": 4, "pruning_periods": 2},
+            r"`saliency_steps`=3 is longer than a pruning period \(2 steps",
+        ),
         (
             {"target_group_sparsity": 0.5, "hold_zeros": "never"},
             "`hold_zeros` must be 'auto' or 'always', got 'never'",

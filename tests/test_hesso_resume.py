@@ -81,6 +81,28 @@ def test_resume_mid_period_matches_uninterrupted_run(base, stop):
     assert len(opt.pruned_groups) == round(0.4 * len(opt.groups))
 
 
+@pytest.mark.parametrize("stop", [2, 6])  # inside the first and the second selection's window
+def test_resume_inside_saliency_window_matches_uninterrupted_run(stop):
+    # Selections at steps 3 and 7; saliency_steps=2 also scores steps 2 and 6: the running sum must survive a resume.
+    schedule = dict(saliency_steps=2, saliency_direction="gradient")
+    model, opt = build("adamw_no_decay", **schedule)
+    run(model, opt, range(TOTAL_STEPS))
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    selected = opt.redundant_groups.tolist()
+
+    model, opt = build("adamw_no_decay", **schedule)
+    run(model, opt, range(stop))
+    assert opt.state_dict()["hesso"]["saliency_sum"].any()
+    model_state, opt_state = round_trip(model.state_dict()), round_trip(opt.state_dict())
+    model, opt = build("adamw_no_decay", **schedule)
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    run(model, opt, range(stop, TOTAL_STEPS))
+    assert opt.redundant_groups.tolist() == selected
+    diff = max((p.detach() - reference[n]).abs().max().item() for n, p in model.named_parameters())
+    assert diff <= 1e-6
+
+
 @pytest.mark.parametrize("base", list(BASES))
 def test_pruned_groups_zero_in_weights_and_base_state(base):
     model, opt = build(base)
@@ -110,7 +132,7 @@ def test_state_dict_is_plain_and_rejects_mismatch():
     state = round_trip(opt.state_dict())  # weights_only=True
     assert state["hesso"]["num_steps"] == 4
     other_model, other = build("adamw_no_decay", pruning_steps=10)
-    with pytest.raises(ValueError, match=r"schedule .* = \[2, 2, 8\].*\[2, 2, 10\]"):
+    with pytest.raises(ValueError, match=r"schedule .* = \[2, 2, 8, 1\].*\[2, 2, 10, 1\]"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="no 'hesso' entry"):
         other.load_state_dict(other.optimizer.state_dict())

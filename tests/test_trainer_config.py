@@ -107,6 +107,17 @@ def test_hf_argument_parser(tmp_path):
         (dict(prune_kinds=["neuron"]), r"`prune_kinds` must be a non-empty list of kinds among .*got \['neuron'\]"),
         (dict(prune_kinds=[]), r"`prune_kinds` must be a non-empty list"),
         (dict(group_divisible=0), r"`group_divisible` must be >= 1, got 0"),
+        (dict(saliency_steps=0), r"`saliency_steps` must be an integer >= 1, got 0"),
+        (
+            dict(saliency_steps=202),
+            r"`saliency_steps`=202 .* `start_pruning_step`=200 leaves only 200 warm-up steps\. Raise "
+            r"`start_pruning_step` to at least 201",
+        ),
+        (dict(saliency_steps=101), r"`saliency_steps`=101 is longer than a pruning period \(100 steps"),
+        (
+            dict(saliency_steps=2, cric=True, pruning_periods=1),
+            r"with `cric=True` CRIC accumulates its own scores.*Leave `saliency_steps` at 1",
+        ),
     ],
 )
 def test_bad_config_raises(tmp_path, kwargs, match):

@@ -117,6 +117,13 @@ class HESSO(Optimizer):
             Weights of the saliency criteria: the paper's `magnitude`, `avg_magnitude`, `cosine_similarity`,
             `taylor_first_order`, `taylor_second_order`, and `taylor_elementwise` (`sum |x * d|` over a group's
             elements; not in the paper). Missing ones weigh 0. Defaults to the paper's: 0.2 for each of its five.
+        saliency_steps (`int`, *optional*, defaults to `1`):
+            Number of optimizer steps whose scores every selection averages: the period's first step and the
+            `saliency_steps - 1` steps just before it (the end of the warm-up for the first period, the end of the
+            previous period for the others), each scored on its own batch, as the Taylor calibration of one-shot
+            pruners sums over several batches. At most `start_pruning_step + 1` and, with several periods, at most
+            the period length `pruning_steps // pruning_periods`. Every step in a window costs what a scoring step costs (one pass over
+            the grouped weights; one O(groups) all-reduce under FSDP2); the running sum is O(groups) of state.
         saliency_direction (`str`, *optional*, defaults to `"update"`):
             The direction `d` of the criteria. `"update"` (the paper's): the base optimizer's processed step,
             `d = (p_before - p_after) / lr` at the scoring step (for Adam a preconditioned, almost sign-like
@@ -163,6 +170,7 @@ class HESSO(Optimizer):
         group_divisible: int = 1,
         hold_zeros: str = "auto",
         saliency_direction: str = "update",
+        saliency_steps: int = 1,
     ):
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
@@ -187,6 +195,21 @@ class HESSO(Optimizer):
                 "optimizer steps per period (T >= 2), so that a group can fade before it reaches zero. Raise "
                 f"`pruning_steps` to at least {2 * pruning_periods} or lower `pruning_periods`."
             )
+        if not isinstance(saliency_steps, int) or saliency_steps < 1:
+            raise ValueError(f"`saliency_steps` must be an integer >= 1, got {saliency_steps!r}.")
+        if saliency_steps > start_pruning_step + 1:
+            raise ValueError(
+                f"`saliency_steps`={saliency_steps} scores the first period on its first step and the "
+                f"{saliency_steps - 1} steps before it, but there are only {start_pruning_step} warm-up steps "
+                f"(`start_pruning_step`). Raise `start_pruning_step` to at least {saliency_steps - 1} or lower "
+                f"`saliency_steps` to at most {start_pruning_step + 1}."
+            )
+        if pruning_periods > 1 and saliency_steps > pruning_steps // pruning_periods:
+            raise ValueError(
+                f"`saliency_steps`={saliency_steps} is longer than a pruning period "
+                f"({pruning_steps // pruning_periods} steps = `pruning_steps` // `pruning_periods`), so the windows "
+                "of two selections would overlap. Lower `saliency_steps` or lengthen the periods."
+            )
         if hold_zeros not in ("auto", "always"):
             raise ValueError(f"`hold_zeros` must be 'auto' or 'always', got {hold_zeros!r}.")
         if saliency_direction not in ("update", "gradient"):
@@ -201,6 +224,7 @@ class HESSO(Optimizer):
                 "Use `saliency_direction='update'` with LoRA."
             )
         self.saliency_direction = saliency_direction
+        self.saliency_steps = saliency_steps
         self.weights = check_criteria(importance_criteria)
 
         # Resolve the live parameters once and check that the base optimizer updates every one of them.
@@ -266,6 +290,8 @@ class HESSO(Optimizer):
         self._num_steps = 0
         self._selection_period = torch.full((len(groups),), -1, dtype=torch.long)
         self.last_scores = torch.zeros(len(groups), dtype=torch.float64)  # saliency at the latest selection
+        # Sum of the scores of the steps of the current `saliency_steps` window before its selection step.
+        self._saliency_sum = torch.zeros(len(groups), dtype=torch.float64)
         self._pruned_index: list[tuple[Block, torch.Tensor]] = []
         self._pruned_slices: list[tuple[Slice, torch.Tensor]] = []
         self._guarded_slices: list[tuple[Slice, torch.Tensor]] = []
@@ -421,6 +447,8 @@ class HESSO(Optimizer):
         self._mask_pruned(grads=True)
         if phase is not None and phase[1] == 0:
             self._step_and_select(phase[0])
+        elif self._in_saliency_window(n):
+            self._saliency_sum += self._step_and_score().cpu().double()
         else:
             self.optimizer.step()
         self._num_steps = n
@@ -436,9 +464,25 @@ class HESSO(Optimizer):
             self._mask_pruned(weights=True)
         return loss
 
+    def _in_saliency_window(self, n: int) -> bool:
+        """Whether step `n` is one of the `saliency_steps - 1` steps just before a selection step."""
+        if self.saliency_steps == 1:
+            return False
+        i = n - self.start_pruning_step - 1  # selection steps are at i = period * period_length
+        if i < 0:
+            distance = -i
+        else:
+            upcoming = i // self.period_length + 1
+            if upcoming >= self.pruning_periods:
+                return False
+            distance = upcoming * self.period_length - i
+        return distance <= self.saliency_steps - 1
+
     def _step_and_select(self, period: int) -> None:
-        """Base step, then score every group with direction `d = (p_before - p_after) / lr` and select."""
-        self.last_scores = self._step_and_score()
+        """Base step, then score every group (averaged over the `saliency_steps` window) and select."""
+        scores = self._saliency_sum + self._step_and_score().cpu().double()
+        self._saliency_sum.zero_()
+        self.last_scores = scores / self.saliency_steps
         self.select(self.last_scores, period)
 
     def _step_and_score(self) -> torch.Tensor:
@@ -621,9 +665,13 @@ class HESSO(Optimizer):
             "selection_period": self._selection_period.clone(),
             "last_scores": self.last_scores.clone(),
             "num_groups": len(self.groups),
-            "schedule": [self.start_pruning_step, self.pruning_periods, self.pruning_steps],
+            "schedule": self._schedule(),
+            "saliency_sum": self._saliency_sum.clone(),
         }
         return out
+
+    def _schedule(self) -> list[int]:
+        return [self.start_pruning_step, self.pruning_periods, self.pruning_steps, self.saliency_steps]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if _STATE_KEY not in state_dict:
@@ -633,17 +681,24 @@ class HESSO(Optimizer):
             )
         state_dict = dict(state_dict)
         ours = state_dict.pop(_STATE_KEY)
-        schedule = [self.start_pruning_step, self.pruning_periods, self.pruning_steps]
-        if int(ours["num_groups"]) != len(self.groups) or [int(v) for v in ours["schedule"]] != schedule:
+        schedule = self._schedule()
+        saved = [int(v) for v in ours["schedule"]]
+        saved += [1] * (len(schedule) - len(saved))  # saved before `saliency_steps` existed: it was 1
+        if int(ours["num_groups"]) != len(self.groups) or saved != schedule:
             raise ValueError(
                 f"`state_dict` was saved for {ours['num_groups']} groups and schedule (start_pruning_step, "
-                f"pruning_periods, pruning_steps) = {list(ours['schedule'])}, but this optimizer has {len(self.groups)} "
-                f"groups and {schedule}. Rebuild the optimizer with the settings of the run you resume."
+                f"pruning_periods, pruning_steps, saliency_steps) = {saved}, but this optimizer has "
+                f"{len(self.groups)} groups and {schedule}. Rebuild the optimizer with the settings of the run you "
+                "resume."
             )
         self.optimizer.load_state_dict(state_dict)
         self._num_steps = int(ours["num_steps"])
         self._selection_period = torch.as_tensor(ours["selection_period"]).detach().to("cpu", torch.long).clone()
         self.last_scores = torch.as_tensor(ours["last_scores"]).detach().to("cpu", torch.float64).clone()
+        if "saliency_sum" in ours:
+            self._saliency_sum = torch.as_tensor(ours["saliency_sum"]).detach().to("cpu", torch.float64).clone()
+        else:
+            self._saliency_sum.zero_()
         self._refresh_indices()
 
     # ---- Metrics ----
