@@ -15,7 +15,8 @@ perplexity before and after and the model size, and writes the slim model to `--
 
 Every `HESSOConfig` / `TrainingArguments` flag applies (`--help` lists them with this recipe's defaults). Groups are
 scored with the elementwise Taylor criterion on the raw gradient, which ranks LLM groups far better than the paper's
-default mix (README, *Quality*); `--importance_taylor_elementwise 0 --importance_magnitude 0.2 ...
+default mix (README, *Quality*), and every selection averages the scores of 4 steps (`--saliency_steps`; fewer
+when the warm-up or a period is shorter); `--importance_taylor_elementwise 0 --importance_magnitude 0.2 ...
 --saliency_direction update` restores the paper's (with `--lora_r`, `taylor_first_order` on the update is the
 default). The model and data come from the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny
 random LLaMA with the real tokenizer for smoke tests.
@@ -84,9 +85,9 @@ DEFAULTS = dict(
     output_dir="outputs/smollm2-135m-hesso",
     target_param_sparsity=0.2,
     max_steps=40,
-    start_pruning_step=8,
+    start_pruning_step=3,
     pruning_periods=4,
-    pruning_steps=24,
+    pruning_steps=16,
     # Saliency: the elementwise Taylor criterion on the raw gradient ranks SmolLM2's groups far better than the
     # paper's mix of five (benchmarks/saliency_ranking.py, benchmarks/quality.py); the `--importance_*` and
     # `--saliency_direction` flags switch back.
@@ -102,13 +103,23 @@ DEFAULTS = dict(
 )
 
 
+# Every selection averages the scores of up to this many steps (batches): `saliency_steps`, capped by the warm-up and
+# the period length of the schedule actually asked for, unless `--saliency_steps` is given. Not with CRIC.
+SALIENCY_STEPS = 4
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOConfig]:
     argv = sys.argv[1:] if argv is None else argv
     defaults = dict(DEFAULTS)
     flags = {arg.split("=")[0] for arg in argv}
     if flags & {"--lora_r"} and not _lora_off(argv):
         defaults.update({k: v for k, v in LORA_SALIENCY.items() if f"--{k}" not in flags})
-    return parse_script_args(ScriptArguments, defaults, argv)
+    script, args = parse_script_args(ScriptArguments, defaults, argv)
+    if "--saliency_steps" not in flags and not args.cric:
+        period = args.pruning_steps // args.pruning_periods
+        args.saliency_steps = min(SALIENCY_STEPS, args.start_pruning_step + 1, period)
+        args._check_saliency_steps()
+    return script, args
 
 
 def _lora_off(argv: list[str]) -> bool:

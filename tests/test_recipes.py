@@ -90,6 +90,19 @@ def test_llama_docstring_examples_parse():
         recipe.parse_args(example.split())
 
 
+def test_llama_saliency_steps_follow_the_schedule():
+    recipe = _load("llama_prune")
+    assert recipe.parse_args([])[1].saliency_steps == recipe.SALIENCY_STEPS == 4
+    # Capped by the warm-up (start + 1) and the period length; an explicit flag wins; CRIC keeps 1.
+    assert recipe.parse_args(["--start_pruning_step", "1"])[1].saliency_steps == 2
+    assert recipe.parse_args(["--pruning_steps", "12", "--pruning_periods", "4"])[1].saliency_steps == 3
+    assert recipe.parse_args(["--saliency_steps", "2"])[1].saliency_steps == 2
+    cric = ["--cric", "true", "--pruning_periods", "1", "--cric_max_cycles", "1", "--cric_trial_ratios", "0.5"]
+    assert recipe.parse_args([*cric, "--max_steps", "200"])[1].saliency_steps == 1
+    with pytest.raises(ValueError, match=r"`saliency_steps`=9 .* Raise `start_pruning_step` to at least 8"):
+        recipe.parse_args(["--saliency_steps", "9"])
+
+
 def test_llama_lora_flags_switch_to_an_update_direction():
     recipe = _load("llama_prune")
     script, args = recipe.parse_args(["--lora_r", "8"])
