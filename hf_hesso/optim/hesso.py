@@ -122,8 +122,9 @@ class HESSO(Optimizer):
             `saliency_steps - 1` steps just before it (the end of the warm-up for the first period, the end of the
             previous period for the others), each scored on its own batch, as the Taylor calibration of one-shot
             pruners sums over several batches. At most `start_pruning_step + 1` and, with several periods, at most
-            the period length `pruning_steps // pruning_periods`. Every step in a window costs what a scoring step costs (one pass over
-            the grouped weights; one O(groups) all-reduce under FSDP2); the running sum is O(groups) of state.
+            the period length `pruning_steps // pruning_periods`. Every step in a window costs what a scoring step
+            costs (one pass over the grouped weights; one O(groups) all-reduce under FSDP2); the running sum is
+            O(groups) of state. Not used by [`CRIC`], which accumulates its own scores over its cycles.
         saliency_direction (`str`, *optional*, defaults to `"update"`):
             The direction `d` of the criteria. `"update"` (the paper's): the base optimizer's processed step,
             `d = (p_before - p_after) / lr` at the scoring step (for Adam a preconditioned, almost sign-like
