@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .groups import KINDS
-from .optim.hesso import check_target
+from .optim.hesso import check_saliency_steps, check_target
 from .optim.saliency import CRITERIA
 
 # Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`); `HESSOConfig` has one
@@ -221,20 +221,7 @@ class HESSOConfig(TrainingArguments):
 
     def _check_saliency_steps(self) -> None:
         k = self.saliency_steps
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"`saliency_steps` must be an integer >= 1, got {k!r}.")
-        if k > self.start_pruning_step + 1:
-            raise ValueError(
-                f"`saliency_steps`={k} averages the first selection over its step and the {k - 1} steps before it, "
-                f"but `start_pruning_step`={self.start_pruning_step} leaves only {self.start_pruning_step} warm-up "
-                f"steps. Raise `start_pruning_step` to at least {k - 1} or lower `saliency_steps`."
-            )
-        period = self.pruning_steps // self.pruning_periods
-        if self.pruning_periods > 1 and k > period:
-            raise ValueError(
-                f"`saliency_steps`={k} is longer than a pruning period ({period} steps = `pruning_steps` // "
-                "`pruning_periods`). Lower `saliency_steps` or lengthen the periods."
-            )
+        check_saliency_steps(k, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
         if k > 1 and self.cric:
             raise ValueError(
                 f"`saliency_steps`={k} applies to HESSO's periods; with `cric=True` CRIC accumulates its own scores "

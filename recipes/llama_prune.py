@@ -117,8 +117,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOCon
     script, args = parse_script_args(ScriptArguments, defaults, argv)
     if "--saliency_steps" not in flags and not args.cric:
         period = args.pruning_steps // args.pruning_periods
+        # Fits the schedule by construction: at most the warm-up + 1 and the period length (HESSOConfig's checks).
         args.saliency_steps = min(SALIENCY_STEPS, args.start_pruning_step + 1, period)
-        args._check_saliency_steps()
     return script, args
 
 

@@ -79,6 +79,28 @@ def check_target(target_group_sparsity: float | None, target_param_sparsity: flo
     return name, value
 
 
+def check_saliency_steps(
+    saliency_steps: int, start_pruning_step: int, pruning_steps: int, pruning_periods: int
+) -> None:
+    """Check that the `saliency_steps` window of every selection fits the schedule (see [`HESSO`])."""
+    k = saliency_steps
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`saliency_steps` must be an integer >= 1, got {k!r}.")
+    if k > start_pruning_step + 1:
+        raise ValueError(
+            f"`saliency_steps`={k} averages the first selection over its step and the {k - 1} steps before it, but "
+            f"`start_pruning_step`={start_pruning_step} leaves only {start_pruning_step} warm-up steps. Raise "
+            f"`start_pruning_step` to at least {k - 1} or lower `saliency_steps` to at most {start_pruning_step + 1}."
+        )
+    period = pruning_steps // pruning_periods
+    if pruning_periods > 1 and k > period:
+        raise ValueError(
+            f"`saliency_steps`={k} is longer than a pruning period ({period} steps = `pruning_steps` // "
+            "`pruning_periods`), so the windows of two selections would overlap. Lower `saliency_steps` or lengthen "
+            "the periods."
+        )
+
+
 class HESSO(Optimizer):
     r"""
     HESSO (Hybrid Efficient Structured Sparse Optimizer): wraps a torch optimizer and, over a schedule of optimizer
@@ -196,21 +218,7 @@ class HESSO(Optimizer):
                 "optimizer steps per period (T >= 2), so that a group can fade before it reaches zero. Raise "
                 f"`pruning_steps` to at least {2 * pruning_periods} or lower `pruning_periods`."
             )
-        if not isinstance(saliency_steps, int) or saliency_steps < 1:
-            raise ValueError(f"`saliency_steps` must be an integer >= 1, got {saliency_steps!r}.")
-        if saliency_steps > start_pruning_step + 1:
-            raise ValueError(
-                f"`saliency_steps`={saliency_steps} scores the first period on its first step and the "
-                f"{saliency_steps - 1} steps before it, but there are only {start_pruning_step} warm-up steps "
-                f"(`start_pruning_step`). Raise `start_pruning_step` to at least {saliency_steps - 1} or lower "
-                f"`saliency_steps` to at most {start_pruning_step + 1}."
-            )
-        if pruning_periods > 1 and saliency_steps > pruning_steps // pruning_periods:
-            raise ValueError(
-                f"`saliency_steps`={saliency_steps} is longer than a pruning period "
-                f"({pruning_steps // pruning_periods} steps = `pruning_steps` // `pruning_periods`), so the windows "
-                "of two selections would overlap. Lower `saliency_steps` or lengthen the periods."
-            )
+        check_saliency_steps(saliency_steps, start_pruning_step, pruning_steps, pruning_periods)
         if hold_zeros not in ("auto", "always"):
             raise ValueError(f"`hold_zeros` must be 'auto' or 'always', got {hold_zeros!r}.")
         if saliency_direction not in ("update", "gradient"):
