@@ -168,6 +168,7 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
 
     row: dict = {"method": method, "sparsity": sparsity if method != "dense" else 0.0}
     callbacks = []
+    at_end = None  # HESSO methods: scores the model when its last groups reach zero
     with tempfile.TemporaryDirectory() as out_dir:
         common_args = base_args(opts, out_dir, task)
         if method in ("dense", "magnitude", "taylor"):
@@ -228,7 +229,7 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict) -> dic
             )
             at_end.trainer = trainer
         trainer.train()
-        if method.startswith("hesso"):
+        if at_end is not None:
             row["when_pruned"] = at_end.value
         if method == "hesso-cric":
             opt = trainer.hesso_optimizer
