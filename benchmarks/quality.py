@@ -36,6 +36,12 @@ The defaults fit a 2-core CPU (about 25 min for SmolLM2, a few minutes for MiniL
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# The demo data loaders (SmolLM2, BBC news, perplexity) live beside the recipes, outside the library.
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "recipes"))
+
 import argparse
 import math
 import sys
@@ -56,7 +62,7 @@ from transformers import (
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
 from hf_hesso.config import GRADIENT_SALIENCY
 from hf_hesso.groups import GroupSet
-from hf_hesso.resources import (
+from resources import (
     accuracy,
     classification_features,
     lm_blocks,

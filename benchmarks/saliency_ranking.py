@@ -15,6 +15,12 @@ groups fade.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# The demo data loaders (SmolLM2, BBC news, perplexity) live beside the recipes, outside the library.
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "recipes"))
+
 import argparse
 import copy
 import time
@@ -26,7 +32,7 @@ from transformers import default_data_collator
 from hf_hesso import build_groups
 from hf_hesso.groups import KINDS
 from hf_hesso.optim.saliency import PAPER_CRITERIA, SaliencyAccumulator, saliency_scores
-from hf_hesso.resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
+from resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
 
 SETTINGS = {
     "paper mix (0.2 x 5)": dict.fromkeys(PAPER_CRITERIA, 0.2),

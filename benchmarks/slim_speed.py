@@ -23,6 +23,12 @@ The realised fraction is measured speed-up / ideal speed-up.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# The demo data loaders (SmolLM2, BBC news, perplexity) live beside the recipes, outside the library.
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "recipes"))
+
 import argparse
 import copy
 import statistics
@@ -34,7 +40,7 @@ from torch import nn
 
 from hf_hesso import build_groups, slim_model
 from hf_hesso.modeling.architectures import normalize_config
-from hf_hesso.resources import load_smollm2
+from resources import load_smollm2
 from hf_hesso.slim import current_layer_shapes
 
 

@@ -1,16 +1,21 @@
-"""hf_hesso: train and structurally prune Hugging Face transformers in one run (HESSO / CRIC)."""
+"""hf_hesso: train and structurally prune Hugging Face transformers in one run (HESSO / CRIC).
+
+Layers, each importing only those below it: `modeling` <- `groups` <- `optim`, `slim` <- `export` <- `config`,
+`trainer`.
+"""
 
 from .config import HESSOConfig
+from .export import SavedSlim, save_slim
 from .groups import Group, GroupSet, build_groups
 from .modeling import register_auto_classes
 from .optim import CRIC, HESSO
-from .slim import SlimSummary, slim_model, to_stock
+from .slim import SlimSummary, slim_copy, slim_model, to_stock
 from .trainer import HESSOTrainer
 
 # Lets plain `AutoModel*.from_pretrained(dir)` load slim checkpoints (no `trust_remote_code` needed).
 register_auto_classes()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CRIC",
@@ -19,9 +24,12 @@ __all__ = [
     "GroupSet",
     "HESSOConfig",
     "HESSOTrainer",
+    "SavedSlim",
     "SlimSummary",
     "__version__",
     "build_groups",
+    "save_slim",
+    "slim_copy",
     "slim_model",
     "to_stock",
 ]

@@ -6,9 +6,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from .groups import KINDS
+from .optim.cric import check_cric_settings
 from .optim.hesso import check_saliency_steps, check_target
 from .optim.saliency import CRITERIA
 
@@ -229,8 +230,6 @@ class HESSOConfig(TrainingArguments):
             )
 
     def _check_cric(self) -> None:
-        from .optim.cric import check_cric_settings
-
         ratios = check_cric_settings(
             self.resolved_cric_start_step,
             self.cric_sampling_steps,
@@ -283,8 +282,6 @@ def parse_script_args(script_class: type, defaults: dict[str, Any], argv: list[s
     Returns:
         `tuple`: `(script_args, hesso_config)`.
     """
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else argv
     defaults = dict(defaults)
     if any(arg.split("=")[0] == "--target_group_sparsity" for arg in argv):

@@ -13,25 +13,16 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .atomic import atomic_directory
-from .card import PruningReport, render_model_card
 from .config import HESSOConfig
+from .export import MODEL_CARD_NAME, PruningReport, render_model_card, save_slim
+from .export.save import upload_folder
 from .groups import GroupSet, build_groups
-from .lora import (
-    ADAPTER_SUBDIR,
-    FROZEN_SLICES_NAME,
-    frozen_slices_state,
-    is_peft_model,
-    load_frozen_slices,
-    merge_and_slim,
-    slim_with_adapters,
-)
+from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
-from .slim import SlimSummary, gather_full_model, slim_model
+from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
+from .slim import gather_full_model
 
 logger = get_logger(__name__)
-
-MODEL_CARD_NAME = "README.md"
 
 
 def _unwrap_hesso(optimizer: Any):
@@ -146,8 +137,6 @@ class HESSOTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.groups = groups
-        # True while `push_to_hub` runs: its internal `save_model` call must write the slim model.
-        self._pushing = False
         self._report: PruningReport | None = None
         self.add_callback(_PruningProgressCallback())
 
@@ -266,50 +255,7 @@ class HESSOTrainer(Trainer):
                 "(recipes/accelerate_configs/fsdp2.yaml) or `--fsdp_config '{\"version\": 2}'`."
             )
 
-    def _slim_copy(self, full: nn.Module | None = None) -> tuple[nn.Module, PruningReport]:
-        """Slim a deep copy of the trained model (never the live one, which may still train or be checkpointed).
-
-        Under FSDP2 `full` is the gathered unsharded copy (`gather_full_model`, a collective all ranks join).
-        """
-        if full is None and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            raise ValueError(
-                "The slim model needs the full weights on one process; FSDP shards them. Call `trainer.save_model()` "
-                "on every rank (it gathers them), or save a full checkpoint, load it and call "
-                "`hf_hesso.slim_model(model)` before `save_pretrained`."
-            )
-        live = self._unwrapped_model() if full is None else full
-        groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
-        if is_peft_model(live):
-            # Merge the adapters into a copy, then slice (the pruned groups are zero in base and adapters alike).
-            slim, summary = merge_and_slim(live, groups)
-            return slim, self._make_report(live, summary, len(groups))
-        slim = copy.deepcopy(live) if full is None else full
-        # Same blocks, resolved against the copy's parameters.
-        groups = GroupSet(list(groups.blocks), groups.model_type, groups.param_shapes, model=slim)
-        summary = slim_model(slim, groups)
-        return slim, self._make_report(live, summary, len(groups))
-
-    def _save_separately(self, output_dir: str) -> None:
-        """Slim base model in `output_dir`, the adapters sliced alike in `output_dir/adapter`."""
-        live = self._unwrapped_model()
-        groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
-        base, adapters, summary = slim_with_adapters(live, groups)
-        self._report = report = self._make_report(live, summary, len(groups))
-        with atomic_directory(output_dir) as tmp:
-            base.save_pretrained(tmp)
-            adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
-            self._write_beside_model(tmp, report)
-
-    def _write_beside_model(self, directory: str, report: PruningReport) -> None:
-        """The tokenizer (if any), the training arguments and the model card, next to a saved slim model."""
-        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
-        with open(os.path.join(directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-            f.write(render_model_card(report))
-
-    def _make_report(self, live: nn.Module, summary: SlimSummary, num_groups: int) -> PruningReport:
+    def _card_settings(self, num_groups: int) -> dict[str, Any]:
         args = self.args
         settings: dict[str, Any] = {
             "target_group_sparsity": args.target_group_sparsity,
@@ -323,7 +269,6 @@ class HESSOTrainer(Trainer):
             "prune_kinds": args.prune_kinds or "all",
             "group_divisible": args.group_divisible,
             "prunable_groups": num_groups,
-            "removed_groups": summary.removed_groups,
         }
         if args.cric:
             settings.update(
@@ -335,7 +280,10 @@ class HESSOTrainer(Trainer):
                 cric_trial_ratios=list(args.cric_trial_ratios),
                 cric_loss_weight=args.cric_loss_weight,
             )
-        settings = {k: v for k, v in settings.items() if v is not None}
+        return settings
+
+    def _card_training(self) -> dict[str, Any]:
+        args = self.args
         training: dict[str, Any] = {}
         dataset = self.train_dataset
         info = getattr(dataset, "info", None)
@@ -353,39 +301,55 @@ class HESSOTrainer(Trainer):
         training["Learning rate"] = args.learning_rate
         training["Optimizer"] = str(getattr(args.optim, "value", args.optim))
         training["Mixed precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
-        return PruningReport(
-            base_model=getattr(live.config, "_name_or_path", "") or "",
-            model_name=Path(args.hub_model_id or args.output_dir).name,
-            params_before=int(summary.params_before),
-            params_after=int(summary.params_after),
-            layers_before=list(summary.layers_before),
-            layers_after=list(summary.layers),
-            settings=settings,
-            training=training,
-        )
+        return training
 
-    def _save_slim(self, output_dir: str) -> None:
-        # FSDP2: every rank takes part in gathering the full weights to rank 0 (FSDP1 is refused at optimizer set-up).
-        full = gather_full_model(self.model) if self.is_fsdp_enabled else None
+    def _groups_of(self, model: nn.Module) -> GroupSet:
+        if self.groups is not None:
+            return GroupSet(list(self.groups.blocks), self.groups.model_type, self.groups.param_shapes, model=model)
+        return build_groups(model, kinds=self.args.prune_kinds)
+
+    def _save_slim(self, output_dir: str, merge_adapters: bool) -> None:
+        """Gather (FSDP2), then write the slim model with `hf_hesso.save_slim` on the main process."""
+        if self.is_fsdp_enabled:
+            # A collective: every rank takes part in gathering the full weights to rank 0's CPU.
+            live = gather_full_model(self.model)
+        elif self.is_deepspeed_enabled:
+            raise ValueError("HESSOTrainer does not support DeepSpeed; use FSDP2 or DDP.")
+        else:
+            live = self._unwrapped_model()
         if not self.args.should_save:
             return
-        slim, report = self._slim_copy(full)
-        self._report = report
+        groups = self._groups_of(live)
+
+        def write_extra(directory: str) -> None:
+            torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
+
+        saved = save_slim(
+            live,
+            output_dir,
+            groups,
+            tokenizer=self.processing_class or getattr(self.data_collator, "tokenizer", None),
+            settings=self._card_settings(len(groups)),
+            training=self._card_training(),
+            merge_adapters=merge_adapters,
+            write_extra=write_extra,
+        )
+        saved.report.model_name = Path(self.args.hub_model_id or self.args.output_dir).name
+        self._report = saved.report
         logger.info(
-            f"Saving the slim model ({report.params_after:,} of {report.params_before:,} parameters) to {output_dir}",
+            f"Saved the slim model ({saved.summary.params_after:,} of {saved.summary.params_before:,} parameters) to "
+            f"{output_dir}",
             main_process_only=True,
         )
-        with atomic_directory(output_dir) as tmp:
-            slim.save_pretrained(tmp)
-            self._write_beside_model(tmp, report)
 
     def save_model(
         self, output_dir: str | None = None, _internal_call: bool = False, merge_adapters: bool | None = None
     ) -> None:
         """Save the slim model (with its tokenizer/processor and model card) to `output_dir`, atomically.
 
-        Checkpoints the Trainer writes during training (`_internal_call=True`) stay full size, so training can
-        resume from them. The slim model is built from a copy: the live model keeps training.
+        This is `hf_hesso.save_slim` with the Trainer's settings: the slim model is a CPU copy built layer by layer,
+        and the live model keeps training. The checkpoints the Trainer writes during training (`_internal_call=True`)
+        stay full size, so training can resume from them.
 
         Args:
             output_dir (`str`, *optional*): where to save. Defaults to `args.output_dir`.
@@ -394,25 +358,23 @@ class HESSOTrainer(Trainer):
                 `PeftModel.from_pretrained(base, output_dir + "/adapter")`). Default: `not
                 args.save_adapters_separately`.
         """
-        if _internal_call and not self._pushing:
-            super().save_model(output_dir, _internal_call=True)
-            self._save_frozen_slices(output_dir if output_dir is not None else self.args.output_dir)
-            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if _internal_call:
+            # The Trainer's own checkpoint: full size, plus HESSO's frozen LoRA slices.
+            super().save_model(output_dir, _internal_call=True)
+            self._save_frozen_slices(output_dir)
+            return
+        lora = is_peft_model(self._unwrapped_model())
         if merge_adapters is None:
-            merge_adapters = not self.args.save_adapters_separately
-        elif not merge_adapters and not is_peft_model(self._unwrapped_model()):
+            merge_adapters = not (self.args.save_adapters_separately and lora)
+        elif not merge_adapters and not lora:
             raise ValueError(
                 "`merge_adapters=False` keeps LoRA adapters apart from the slim base, but this model has no adapters. "
                 "Call `save_model()` without `merge_adapters`."
             )
-        if not merge_adapters and is_peft_model(self._unwrapped_model()):
-            if self.args.should_save:
-                self._save_separately(output_dir)
-        else:
-            self._save_slim(output_dir)
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        self._save_slim(output_dir, merge_adapters)
+        if self.args.push_to_hub:
+            self._upload(commit_message="Model save", revision=self.args.hub_revision)
 
     # ---- LoRA checkpoints ----
 
@@ -454,8 +416,9 @@ class HESSOTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        report = self._report if self._report is not None else self._slim_copy()[1]
-        report = copy.copy(report)
+        if self._report is None:
+            raise ValueError("No slim model was saved yet: call `trainer.save_model()` before `create_model_card()`.")
+        report = copy.copy(self._report)
         if model_name is not None:
             report.model_name = model_name
         if finetuned_from is not None:
@@ -483,17 +446,34 @@ class HESSOTrainer(Trainer):
     ):
         """Save the slim model and its card to `args.output_dir` and upload them to `args.hub_model_id`.
 
-        The arguments are those of [`~transformers.Trainer.push_to_hub`].
+        The arguments are those of [`~transformers.Trainer.push_to_hub`]; extra keyword arguments go to
+        [`~HESSOTrainer.create_model_card`].
         """
-        self._pushing = True
-        try:
-            return super().push_to_hub(
-                commit_message=commit_message,
-                blocking=blocking,
-                token=token,
-                revision=revision,
-                private=private,
-                **kwargs,
-            )
-        finally:
-            self._pushing = False
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self._save_slim(self.args.output_dir, not (self.args.save_adapters_separately and self._is_lora()))
+        if not self.is_world_process_zero():
+            return None
+        if kwargs:
+            self.create_model_card(**kwargs)
+        # The upload is blocking either way (`blocking` is accepted for compatibility with `Trainer.push_to_hub`).
+        return self._upload(commit_message, revision or self.args.hub_revision, token=token)
+
+    def _is_lora(self) -> bool:
+        return is_peft_model(self._unwrapped_model())
+
+    def _upload(self, commit_message: str | None, revision: str | None, token: str | None = None):
+        if not self.is_world_process_zero():
+            return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self._finish_current_push()
+        return upload_folder(
+            self.args.output_dir,
+            self.hub_model_id,
+            token=token if token is not None else self.args.hub_token,
+            message=commit_message or "Upload slim model (hf_hesso)",
+            revision=revision,
+        )

@@ -27,14 +27,18 @@ the first load converts the 4-bit GGUF file once (under a minute) and caches it.
     ),
     (
         "code",
-        """import tempfile
+        """import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, default_data_collator
 
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.modeling.architectures import layer_shapes_from_config
-from hf_hesso.resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
+# The demo data loaders (SmolLM2 weights, BBC news, perplexity) live in the repository's recipes/ folder.
+sys.path.insert(0, str(Path("..", "recipes").resolve()))
+from resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
 
 torch.manual_seed(0)
 model, tokenizer = load_smollm2()

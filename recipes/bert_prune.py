@@ -30,7 +30,7 @@ from transformers import (
 
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.config import parse_script_args
-from hf_hesso.resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
+from resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
 
 
 @dataclass

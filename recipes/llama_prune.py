@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
-from hf_hesso.resources import (
+from resources import (
     lm_blocks,
     load_bbc_news,
     load_smollm2,

@@ -16,7 +16,8 @@ from dist_train_worker import hesso_args, lm_dataset, tiny_model
 from test_trainer import reload_in_fresh_process
 
 from hf_hesso import HESSO, build_groups, slim_model
-from hf_hesso.lora import ADAPTER_SUBDIR, FROZEN_SLICES_NAME, merge_and_slim, merged_groups
+from hf_hesso.optim.frozen import FROZEN_SLICES_NAME
+from hf_hesso.slim import ADAPTER_SUBDIR, merge_and_slim, merged_groups
 from hf_hesso.trainer import HESSOTrainer
 
 peft = pytest.importorskip("peft")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_hesso import resources
+import resources
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -45,6 +45,8 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
     # The kernel must be this interpreter (the one with hf_hesso installed), not whatever `python3` is first on PATH.
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    # The notebook finds the demo loaders in ../recipes; it runs in a temporary folder here.
+    monkeypatch.setenv("PYTHONPATH", str(NOTEBOOKS.parent / "recipes"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

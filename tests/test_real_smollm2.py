@@ -19,7 +19,9 @@ import pytest
 import torch
 from transformers import default_data_collator
 
-from hf_hesso import HESSOConfig, HESSOTrainer, resources, slim_model
+import resources
+
+from hf_hesso import HESSOConfig, HESSOTrainer, slim_model
 
 pytestmark = [
     pytest.mark.real_model,

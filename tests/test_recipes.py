@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_hesso import resources
+import resources
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_hesso import resources
+import resources
 
 needs_data = pytest.mark.skipif(
     not resources.data_packages_available(),

@@ -11,7 +11,7 @@ import torch
 import transformers.modeling_utils
 from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
 
-from hf_hesso.atomic import atomic_directory
+from hf_hesso.export import atomic_directory
 from hf_hesso.trainer import HESSOTrainer
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import transformers
+
 from .configuration_hesso import HESSO_CONFIGS
 from .modeling_hesso import HESSO_MODELS, apply_layer_shape, apply_layer_shapes
 
@@ -17,8 +19,6 @@ def register_auto_classes() -> None:
     global _registered
     if _registered:
         return
-    import transformers
-
     for config_class in HESSO_CONFIGS.values():
         transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     for cls in HESSO_MODELS.values():

@@ -28,7 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
-from ..lora import adapter_parameters, effective_weights
+from ..groups.peft import adapter_parameters, effective_weights
 from .distributed import SliceOps, check_supported, group_squared_norms, local
 from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
 from .selection import ParamCounter, block_capacity, select_redundant
@@ -427,6 +427,16 @@ class HESSO(Optimizer):
         return (sel >= 0) & (ends[sel.clamp_min(0)] <= self._num_steps)
 
     @property
+    def selected_mask(self) -> torch.Tensor:
+        """Bool per group: selected so far (fading or pruned)."""
+        return self._selection_period >= 0
+
+    @property
+    def grouped_parameters(self) -> dict[str, torch.Tensor]:
+        """`name -> live parameter` of every parameter a group slices (re-resolved if the model was re-wrapped)."""
+        return dict(self._params)
+
+    @property
     def redundant_groups(self) -> torch.Tensor:
         """Global indices of every group selected so far (fading or pruned), ascending."""
         return (self._selection_period >= 0).nonzero().squeeze(1)
@@ -663,6 +673,20 @@ class HESSO(Optimizer):
                     )
                 for t in targets:
                     self._ops[s].fill_(t, idx)
+
+    def settings(self) -> dict[str, Any]:
+        """The target, schedule and saliency settings, as the model card records them."""
+        return {
+            "target_group_sparsity": self.target_group_sparsity,
+            "target_param_sparsity": self.target_param_sparsity,
+            "start_pruning_step": self.start_pruning_step,
+            "pruning_periods": self.pruning_periods,
+            "pruning_steps": self.pruning_steps,
+            "importance_criteria": {k: v for k, v in self.weights.items() if v},
+            "saliency_direction": self.saliency_direction,
+            "saliency_steps": self.saliency_steps,
+            "group_divisible": self.group_divisible,
+        }
 
     # ---- Checkpointing ----
 

@@ -9,13 +9,14 @@ into the stock class and config, where the stock config can express that shape.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, GroupSet, build_groups
-from .modeling.architectures import (
+from ..groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, GroupSet, build_groups
+from ..modeling.architectures import (
     HESSO_PREFIX,
     LAYER_SHAPES_KEY,
     LayerShape,
@@ -24,10 +25,10 @@ from .modeling.architectures import (
     get_submodule,
     normalize_config,
 )
-from .modeling.configuration_hesso import HESSO_CONFIGS
-from .modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules
+from ..modeling.configuration_hesso import HESSO_CONFIGS
+from ..modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules
 
-__all__ = ["SlimSummary", "current_layer_shapes", "gather_full_model", "keep_plan", "slim_model", "to_stock"]
+__all__ = ["SlimSummary", "current_layer_shapes", "keep_plan", "slim_copy", "slim_model", "to_stock"]
 
 
 @dataclass
@@ -211,7 +212,15 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
 
     for layer, (new_shape, kept) in zip(layer_modules(model), plans, strict=True):
         apply_layer_shape(layer, layout, new_shape, hd, kept)
+    summary = _finish(model, slim_cls, plans, before, params_before, int(zero.sum()))
+    if stock:
+        to_stock(model)
+    return summary
 
+
+def _finish(model, slim_cls, plans, before, params_before: int, removed: int) -> SlimSummary:
+    """Swap in the slim class and config, record the per-layer shapes; the summary of the slicing."""
+    config = model.config
     after = [shape for shape, _ in plans]
     if slim_cls is not None:
         # Swap classes in place: every submodule holds this same config object, and the model object stays the one
@@ -219,16 +228,65 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
         config.__class__ = HESSO_CONFIGS[base_model_type(config.model_type)]
         model.__class__ = slim_cls
     setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
-    summary = SlimSummary(
+    return SlimSummary(
         params_before=params_before,
         params_after=_num_params(model),
         layers=after,
         layers_before=before,
-        removed_groups=int(zero.sum()),
+        removed_groups=removed,
     )
-    if stock:
-        to_stock(model)
-    return summary
+
+
+def cpu_copy_memo(module: nn.Module) -> dict[int, torch.Tensor]:
+    """A `copy.deepcopy` memo that copies every parameter and buffer of `module` to the CPU (shared ones once)."""
+    memo: dict[int, torch.Tensor] = {}
+    for p in module.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = b.detach().to("cpu", copy=True)
+    return memo
+
+
+@torch.no_grad()
+def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Module, SlimSummary]:
+    """A slim copy of `model` in CPU memory, built layer by layer; `model` itself is not changed.
+
+    Nothing is allocated on `model`'s device but the zero test of the groups (O(groups)): every tensor outside the
+    layers is copied to the CPU once, and each layer is copied to the CPU and sliced before the next one is copied,
+    so the extra CPU memory peaks at the slim model plus one full-size layer, never at a second full model.
+
+    Returns:
+        `tuple[nn.Module, SlimSummary]`: the slim copy (as `slim_model` would leave `model`) and what was removed.
+    """
+    config = model.config
+    layout = get_layout(config.model_type)
+    hd = normalize_config(config).head_dim
+    if groups is None:
+        groups = build_groups(model)
+    slim_cls = _slim_class(model)
+    before = current_layer_shapes(model)
+    params_before = _num_params(model)
+    zero = groups.zero_mask(model).cpu()
+    _, plans = keep_plan(model, groups, zero=zero)
+
+    layers = layer_modules(model)
+    # One config object for the whole copy (every module of a transformers model holds the same one).
+    shared_config = {id(config): copy.deepcopy(config)}
+    memo: dict[int, object] = dict(shared_config)
+    for layer, (new_shape, kept) in zip(layers, plans, strict=True):
+        small = copy.deepcopy(layer, {**cpu_copy_memo(layer), **shared_config})
+        apply_layer_shape(small, layout, new_shape, hd, kept)
+        memo[id(layer)] = small
+    # Everything but the layers (embeddings, norms, heads), straight to the CPU.
+    layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    for key, value in cpu_copy_memo(model).items():
+        if key not in layer_tensors:
+            memo[key] = value
+    out = copy.deepcopy(model, memo)
+    summary = _finish(out, slim_cls, plans, before, params_before, int(zero.sum()))
+    return out, summary
 
 
 # Why a stock config cannot express a uniform shape, per family (None: always possible).
@@ -310,38 +368,3 @@ def to_stock(model: nn.Module) -> nn.Module:
         setattr(config, key, value)
     model.__class__ = stock_cls
     return model
-
-
-def gather_full_model(model: nn.Module, into: nn.Module | None = None) -> nn.Module | None:
-    """The full, unsharded weights of an FSDP2-sharded (`fully_shard`) `model` in a plain model on rank 0.
-
-    A collective: call it on every rank. The full state dict is gathered to rank 0's CPU
-    (`get_model_state_dict(..., full_state_dict=True, cpu_offload=True)`) and loaded into `into`, by default a new
-    CPU instance of the model's own class built from `model.config`; then `slim_model` and `save_pretrained` on
-    rank 0 write the same checkpoint as a single-process run. Rank 0 needs CPU memory for one full copy.
-
-    Args:
-        model (`nn.Module`): the sharded model (a plain model also works; then this is a copy).
-        into (`nn.Module`, *optional*): an unsharded model of the same architecture to load the weights into.
-
-    Returns:
-        `nn.Module | None`: the full model on rank 0, `None` on the other ranks.
-    """
-    import copy
-
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    if into is None:
-        from torch.distributed.fsdp import FSDPModule
-
-        # `fully_shard` swaps the class for a `FSDP<Class>` subclass; build the plain class underneath.
-        cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-        dtype = next(iter(state.values())).dtype if state else torch.get_default_dtype()
-        into = cls(copy.deepcopy(model.config)).to(dtype)
-    into.load_state_dict(state)
-    return into

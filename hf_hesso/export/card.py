@@ -9,7 +9,10 @@ from typing import Any
 
 import yaml
 
-from .modeling.architectures import LayerShape
+from ..modeling.architectures import LayerShape
+
+# The file name of the model card beside a saved model (what the Hub shows).
+MODEL_CARD_NAME = "README.md"
 
 
 @dataclass
