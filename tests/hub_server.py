@@ -163,7 +163,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         with self.state.lock:
             if repo_id in self.state.repos:
-                return self._error(409, "RepoExists", "You already created this model repo")
+                # As the Hub does, the conflict answer names the existing repo (huggingface_hub reads its url).
+                h = {"X-Error-Code": "RepoExists", "X-Error-Message": "You already created this model repo"}
+                body = {"error": "You already created this model repo", "url": f"{self.base}/{repo_id}"}
+                return self._send(409, json.dumps(body).encode(), h)
             repo = Repo()
             repo.files[".gitattributes"] = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
             repo.commits.append(_commit_sha(repo_id, 0, repo.files))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitInfo, HfApi
 from torch import nn
 
 from ..groups import GroupSet, build_groups
@@ -157,7 +157,8 @@ def save_slim(
     logger.info(f"Saved the slim model ({summary.params_after:,} of {summary.params_before:,} parameters) to {output_dir}")
     saved = SavedSlim(os.fspath(output_dir), summary, report)
     if push_to_hub:
-        saved.url = upload_folder(output_dir, hub_model_id, token=hub_token, private=private, message=commit_message)
+        commit = upload_folder(output_dir, hub_model_id, token=hub_token, private=private, message=commit_message)
+        saved.url = commit.commit_url
     return saved
 
 
@@ -170,8 +171,8 @@ def upload_folder(
     message: str = "Upload slim model (hf_hesso)",
     revision: str | None = None,
     ignore_patterns: list[str] | None = None,
-) -> str:
-    """Create `repo_id` if needed and upload `folder` to it; returns the commit URL."""
+) -> CommitInfo:
+    """Create `repo_id` if needed and upload `folder` to it; returns the commit (`.oid`, `.commit_url`)."""
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(
@@ -181,4 +182,4 @@ def upload_folder(
         revision=revision,
         ignore_patterns=ignore_patterns or ["_*", "checkpoint-*"],
     )
-    return str(getattr(info, "commit_url", info))
+    return info
