@@ -50,6 +50,15 @@ import time
 
 import torch
 from common import machine, magnitude_scores, removed_fraction, select_budget
+from resources import (
+    accuracy,
+    classification_features,
+    lm_blocks,
+    load_bbc_news,
+    load_minilm,
+    load_smollm2,
+    perplexity,
+)
 from transformers import (
     DataCollatorWithPadding,
     Trainer,
@@ -62,15 +71,6 @@ from transformers import (
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
 from hf_hesso.config import GRADIENT_SALIENCY
 from hf_hesso.groups import GroupSet
-from resources import (
-    accuracy,
-    classification_features,
-    lm_blocks,
-    load_bbc_news,
-    load_minilm,
-    load_smollm2,
-    perplexity,
-)
 
 METHODS = ("dense", "magnitude", "taylor", "hesso", "hesso-grad", "hesso-cric")
 PARTS = ("llama20", "llama50", "bert")

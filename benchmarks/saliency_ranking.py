@@ -27,12 +27,12 @@ import time
 
 import torch
 from common import machine, select_budget
+from resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
 from transformers import default_data_collator
 
 from hf_hesso import build_groups
 from hf_hesso.groups import KINDS
 from hf_hesso.optim.saliency import PAPER_CRITERIA, SaliencyAccumulator, saliency_scores
-from resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
 
 SETTINGS = {
     "paper mix (0.2 x 5)": dict.fromkeys(PAPER_CRITERIA, 0.2),

@@ -36,11 +36,11 @@ import time
 
 import torch
 from common import machine, magnitude_scores, removed_fraction, select_budget
+from resources import load_smollm2
 from torch import nn
 
 from hf_hesso import build_groups, slim_model
 from hf_hesso.modeling.architectures import normalize_config
-from resources import load_smollm2
 from hf_hesso.slim import current_layer_shapes
 
 

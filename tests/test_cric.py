@@ -259,7 +259,7 @@ def test_trainer_schedule_must_fit_worst_case(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_end_to_end_gqa(tmp_path, caplog):
-    from test_trainer import check_pruned, reference_logits, reload_in_fresh_process
+    from helpers import check_pruned, reference_logits, reload_in_fresh_process
 
     from hf_hesso.trainer import HESSOTrainer
 

@@ -8,8 +8,8 @@ import pytest
 import transformers.utils.hub
 from conftest import tiny_batch
 from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from helpers import card_figures, reference_logits, reload_in_fresh_process
 from hub_server import HubServer
-from test_trainer import card_figures, reference_logits, reload_in_fresh_process
 
 from hf_hesso.trainer import HESSOTrainer
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_batch
 from dist_train_worker import hesso_args, lm_dataset, tiny_model
-from test_trainer import reload_in_fresh_process
+from helpers import reload_in_fresh_process
 
 from hf_hesso import HESSO, build_groups, slim_model
 from hf_hesso.optim.frozen import FROZEN_SLICES_NAME

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import resources
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

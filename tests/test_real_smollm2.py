@@ -16,10 +16,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import resources
 import torch
 from transformers import default_data_collator
-
-import resources
 
 from hf_hesso import HESSOConfig, HESSOTrainer, slim_model
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import resources
 import torch
 from datasets import Dataset
-
-import resources
 
 needs_data = pytest.mark.skipif(
     not resources.data_packages_available(),

@@ -23,9 +23,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .peft import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
 from ..modeling.architectures import get_layout, get_submodule, normalize_config
 from .group import HEAD, KINDS, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, Block, GroupSet, Slice
+from .peft import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
 
 
 def _transformers_base(model: nn.Module) -> nn.Module:

@@ -237,14 +237,15 @@ def _finish(model, slim_cls, plans, before, params_before: int, removed: int) ->
     )
 
 
-def cpu_copy_memo(module: nn.Module) -> dict[int, torch.Tensor]:
-    """A `copy.deepcopy` memo that copies every parameter and buffer of `module` to the CPU (shared ones once)."""
+def cpu_copy_memo(module: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> dict[int, torch.Tensor]:
+    """A `copy.deepcopy` memo that copies every parameter and buffer of `module` to the CPU (shared ones once),
+    except those whose `id` is in `skip`."""
     memo: dict[int, torch.Tensor] = {}
     for p in module.parameters():
-        if id(p) not in memo:
+        if id(p) not in memo and id(p) not in skip:
             memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
     for b in module.buffers():
-        if id(b) not in memo:
+        if id(b) not in memo and id(b) not in skip:
             memo[id(b)] = b.detach().to("cpu", copy=True)
     return memo
 
@@ -281,9 +282,7 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
         memo[id(layer)] = small
     # Everything but the layers (embeddings, norms, heads), straight to the CPU.
     layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
-    for key, value in cpu_copy_memo(model).items():
-        if key not in layer_tensors:
-            memo[key] = value
+    memo.update(cpu_copy_memo(model, skip=layer_tensors))
     out = copy.deepcopy(model, memo)
     summary = _finish(out, slim_cls, plans, before, params_before, int(zero.sum()))
     return out, summary
