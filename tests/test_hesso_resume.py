@@ -159,8 +159,15 @@ def test_closure_returns_loss():
         loss.backward()
         return loss
 
+    reference, ref_opt = build("sgd_momentum")
+    ref_loss = reference(**batch, labels=batch["input_ids"]).loss
+    ref_loss.backward()
+    ref_opt.step()
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and opt.num_steps == 1
+    # The closure ran under grad mode inside the no-grad step, its loss came back, and the step used its gradients.
+    assert torch.equal(loss.detach(), ref_loss.detach()) and opt.num_steps == 1
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_lr_scheduler_drives_the_base_optimizer():

@@ -72,10 +72,47 @@ def test_push_to_hub_then_from_pretrained(hub, tmp_path):
     torch.testing.assert_close(reloaded["logits"], expected, rtol=0, atol=1e-5)
 
 
-def test_server_rejects_bad_token(hub):
-    from huggingface_hub import HfApi
+@pytest.mark.slow
+def test_save_slim_pushes_from_a_hand_written_loop(hub, tmp_path):
+    """`save_slim(push_to_hub=True)` without a Trainer: creates the repo, uploads the slim model and its card."""
+    import torch
+
+    from hf_hesso import HESSO, build_groups, save_slim
+
+    model = tiny_model("llama")
+    groups = build_groups(model)
+    opt = HESSO(
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        groups,
+        target_group_sparsity=0.3,
+        start_pruning_step=1,
+        pruning_periods=1,
+        pruning_steps=2,
+    )
+    batch = tiny_batch("llama")
+    for _ in range(4):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    saved = save_slim(
+        model, tmp_path / "out", optimizer=opt, push_to_hub=True, hub_model_id="testuser/loop", hub_token=TOKEN
+    )
+    repo = hub.state.repos["testuser/loop"]
+    assert saved.url and saved.url.endswith(repo.commits[-1])
+    assert repo.files["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert b"target_group_sparsity" in repo.files["README.md"]  # the optimizer's settings reached the card
+
+
+def test_push_with_a_bad_token_fails_after_the_local_save(hub, tmp_path):
+    """A rejected upload raises the Hub's 401 and creates nothing remotely; the local slim model is complete."""
     from huggingface_hub.errors import HfHubHTTPError
+    from transformers import AutoModelForCausalLM
+
+    from hf_hesso import save_slim
 
     with pytest.raises(HfHubHTTPError, match="401"):
-        HfApi(endpoint=hub.url).create_repo("testuser/nope", token="hf_wrong")
+        save_slim(
+            tiny_model("llama"), tmp_path / "out", push_to_hub=True, hub_model_id="testuser/nope", hub_token="hf_wrong"
+        )
     assert "testuser/nope" not in hub.state.repos
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)

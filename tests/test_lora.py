@@ -15,7 +15,7 @@ from conftest import tiny_batch
 from dist_train_worker import hesso_args, lm_dataset, tiny_model
 from helpers import reload_in_fresh_process
 
-from hf_hesso import HESSO, build_groups, slim_model
+from hf_hesso import HESSO, build_groups
 from hf_hesso.optim.frozen import FROZEN_SLICES_NAME
 from hf_hesso.slim import ADAPTER_SUBDIR, merge_and_slim, merged_groups
 from hf_hesso.trainer import HESSOTrainer
@@ -234,12 +234,3 @@ def test_resume_mid_pruning_matches_uninterrupted_run(tmp_path):
     assert any("lora_B" in k for k in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-
-
-def test_plain_slim_model_unaffected():
-    # `keep_plan` refactor: slimming a plain model still works as before.
-    model = tiny_model("llama")
-    groups = build_groups(model)
-    groups.zero_(model, [0, 5])
-    summary = slim_model(model, groups)
-    assert summary.removed_groups == 2
