@@ -163,7 +163,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         with self.state.lock:
             if repo_id in self.state.repos:
-                return self._error(409, "RepoExists", "You already created this model repo")
+                # As the Hub does: the 409 body names the repo's URL (huggingface_hub reads it with exist_ok=True).
+                message = "You already created this model repo"
+                body = json.dumps({"error": message, "url": f"{self.base}/{repo_id}"}).encode()
+                return self._send(409, body, {"X-Error-Code": "RepoExists", "X-Error-Message": message})
             repo = Repo()
             repo.files[".gitattributes"] = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
             repo.commits.append(_commit_sha(repo_id, 0, repo.files))

@@ -234,4 +234,5 @@ def upload_folder(
         revision=revision,
         allow_patterns=files,
     )
-    return str(getattr(info, "commit_url", info))
+    # `CommitInfo` is a `str` (the commit URL) that also carries `.oid`, as `Trainer.push_to_hub` returns it.
+    return info
