@@ -403,3 +403,39 @@ def test_create_model_card_joins_the_save_and_respects_a_user_readme(tmp_path):
     with pytest.warns(UserWarning, match="README.md"):
         trainer.create_model_card(license="mit")
     assert (out / "README.md").read_text() == "# Mine\n" and leftovers(out) == []
+
+
+TOKENIZER_LOAD = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoTokenizer
+    if sys.argv[2] == "import":
+        import hf_hesso  # registers the slim config classes
+        tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    else:
+        tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    print("IDS", tok("t5 t6")["input_ids"])
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["trust_remote_code", "import"])
+def test_tokenizer_of_a_slim_dir_loads_silently_the_ways_the_card_shows(tmp_path, how):
+    out = tmp_path / "out"
+    save_slim(tiny_model("llama"), out, tokenizer=tiny_tokenizer())
+    assert 'AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)' in (out / "README.md").read_text()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(HERE.parent)}
+    run = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_LOAD, str(out), "import" if how == "import" else "trust"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "IDS [5, 6]" in run.stdout
+    output = run.stdout + run.stderr
+    assert "[y/N]" not in output and "custom code" not in output and "model of type" not in output, output
