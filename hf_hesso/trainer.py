@@ -420,7 +420,10 @@ class HESSOTrainer(Trainer):
             )
             hesso_state_ok = False
         elif os.path.isfile(path):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:  # memory-mapped: reading the keys does not load the moments into memory
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
             needed = ["hesso"] + (["cric"] if self.args.cric else [])
             absent = [key for key in needed if key not in state]
             if absent:
