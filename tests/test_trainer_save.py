@@ -9,8 +9,10 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -220,23 +222,43 @@ def test_failed_save_model_leaves_previous_output_intact(tmp_path, monkeypatch):
 # ---- Kinds of output_dir ----
 
 
-def test_symlinked_output_dir_is_followed(tmp_path):
-    target = tmp_path / "disk2" / "models"
-    target.mkdir(parents=True)
-    user = write_user_files(target)
-    link = tmp_path / "out"
-    link.symlink_to(target, target_is_directory=True)
-    trainer = make_trainer(str(link))
-    expected = live_logits(trainer.model, BATCH)
-    save_quietly(trainer)
-    save_quietly(trainer)  # a second save replaces the first through the link
-    assert link.is_symlink() and os.readlink(link) == str(target)
-    files = snapshot(target)
-    assert {n: files.get(n) for n in user} == user
-    assert "model.safetensors" in files and "config.json" in files
-    assert sorted(os.listdir(tmp_path)) == ["disk2", "out"]  # nothing written beside the link
-    assert leftovers(target) == []
-    torch.testing.assert_close(logits_of(link, BATCH), expected, rtol=0, atol=1e-5)
+def other_filesystem_dir(tmp_path):
+    """A fresh folder on another filesystem than `tmp_path` (tmpfs `/dev/shm`), or `None` where there is none."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        return None
+    return Path(tempfile.mkdtemp(prefix="hf_hesso_test_", dir=shm))
+
+
+@pytest.mark.parametrize("filesystem", ["same", "other"])
+def test_symlinked_output_dir_is_followed(tmp_path, filesystem):
+    if filesystem == "same":
+        target = tmp_path / "disk2" / "models"
+        target.mkdir(parents=True)
+    else:
+        target = other_filesystem_dir(tmp_path)
+        if target is None:
+            pytest.skip("no writable /dev/shm on another filesystem")
+    try:
+        user = write_user_files(target)
+        link = tmp_path / "out"
+        link.symlink_to(target, target_is_directory=True)
+        trainer = make_trainer(str(link))
+        save_quietly(trainer)
+        with torch.no_grad():
+            trainer.model.model.embed_tokens.weight.add_(1.0)
+        expected = live_logits(trainer.model, BATCH)
+        save_quietly(trainer)  # a second save replaces the first through the link
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        files = snapshot(target)
+        assert {n: files.get(n) for n in user} == user
+        assert "model.safetensors" in files and "config.json" in files
+        assert set(os.listdir(tmp_path)) <= {"disk2", "out"}  # nothing written beside the link
+        assert leftovers(target) == []
+        torch.testing.assert_close(logits_of(link, BATCH), expected, rtol=0, atol=1e-5)
+    finally:
+        if filesystem == "other":
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def test_mount_point_or_other_filesystem(tmp_path, monkeypatch):
