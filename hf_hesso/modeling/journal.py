@@ -140,6 +140,8 @@ def roll_forward(directory: str | os.PathLike, staging: str | os.PathLike, journ
                 raise
             # another process completing the same save moved it first
     fsync_path(directory, directory=True)
+    if not (staging / JOURNAL_NAME).exists():
+        return  # another process (the save itself, or a loader) completed this save meanwhile
     for relative in journal.get("stale", []):
         target = _inside(directory, relative)
         try:
@@ -147,7 +149,9 @@ def roll_forward(directory: str | os.PathLike, staging: str | os.PathLike, journ
         except FileNotFoundError:
             pass
         _remove_empty_parents(directory, target)
-    write_json_atomic(directory / MANIFEST_NAME, journal["manifest"], tmp_dir=staging if staging.is_dir() else None)
+    if not (staging / JOURNAL_NAME).exists():
+        return
+    write_json_atomic(directory / MANIFEST_NAME, journal["manifest"], tmp_dir=staging)
     try:
         os.unlink(staging / JOURNAL_NAME)
     except FileNotFoundError:
