@@ -80,6 +80,16 @@ class HESSOConfig(TrainingArguments):
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism.
+        save_adapters_separately (`bool`, *optional*, defaults to `False`):
+            For a peft LoRA model: `save_model()` writes the slim base model plus the sliced adapter (in `adapter/`)
+            instead of one merged slim model.
+        restart_pruning_schedule (`bool`, *optional*, defaults to `False`):
+            `train(resume_from_checkpoint=...)` refuses a checkpoint that lacks HESSO's state (no `optimizer.pt`,
+            as with `save_only_model=True`; no `scheduler.pt`; an `optimizer.pt` without the `"hesso"` or `"cric"`
+            entry; or, with LoRA, no `hesso_frozen_slices.pt` once groups were selected), since the pruning
+            schedule would silently start again from step 0. Set this to `True` to resume anyway: the weights (and
+            whatever optimizer state exists) are loaded, and the pruning schedule starts over from the resumed step
+            (`start_pruning_step` counts from there). See `docs/saving.md`.
         cric (`bool`, *optional*, defaults to `False`):
             Identify the redundant groups with the Corrective Redundant Identification Cycle ([`CRIC`]) before one
             HESSO period of `pruning_steps` steps projects them to zero: block probing by the loss, then corrective
@@ -155,6 +165,13 @@ class HESSOConfig(TrainingArguments):
         metadata={
             "help": "For a peft LoRA model: `save_model()` writes the slim base model plus the sliced adapter (in "
             "`adapter/`) instead of one merged slim model."
+        },
+    )
+    restart_pruning_schedule: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint that lacks HESSO's state (optimizer.pt, scheduler.pt, the 'hesso' / "
+            "'cric' entry, LoRA's hesso_frozen_slices.pt) by starting the pruning schedule over, instead of refusing."
         },
     )
 

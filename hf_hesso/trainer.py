@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,10 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from .config import HESSOConfig
-from .export import MODEL_CARD_NAME, PruningReport, render_model_card, save_slim
+from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_save, render_model_card, save_slim
 from .export.save import upload_folder
 from .groups import GroupSet, build_groups
 from .groups.peft import is_peft_model
@@ -345,11 +346,18 @@ class HESSOTrainer(Trainer):
     def save_model(
         self, output_dir: str | None = None, _internal_call: bool = False, merge_adapters: bool | None = None
     ) -> None:
-        """Save the slim model (with its tokenizer/processor and model card) to `output_dir`, atomically.
+        """Save the slim model (with its tokenizer/processor, `training_args.bin` and model card) to `output_dir`.
 
         This is `hf_hesso.save_slim` with the Trainer's settings: the slim model is a CPU copy built layer by layer,
-        and the live model keeps training. The checkpoints the Trainer writes during training (`_internal_call=True`)
-        stay full size, so training can resume from them.
+        and the live model keeps training. The save writes only its own files (weights, config, shipped code,
+        tokenizer, card, training arguments, `adapter/`), each replaced atomically after all are on disk, and
+        removes only the files of the previous hf_hesso save there that it does not write again (its manifest):
+        your other files and the `checkpoint-*` folders in `output_dir` are never touched. A `README.md` that
+        hf_hesso did not write is kept (the card is then skipped, with a warning). See `docs/saving.md`.
+
+        Called before `train()`, it warns that the model is unpruned and writes it in the slim format anyway.
+        The checkpoints the Trainer writes during training (`_internal_call=True`) stay full size, so training can
+        resume from them.
 
         Args:
             output_dir (`str`, *optional*): where to save. Defaults to `args.output_dir`.
@@ -359,6 +367,16 @@ class HESSOTrainer(Trainer):
                 args.save_adapters_separately`.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        hesso = self.hesso_optimizer
+        if not _internal_call and (hesso is None or hesso.num_steps == 0) and self.args.should_save:
+            warnings.warn(
+                "`save_model()` before `train()`: the model has not been pruned. It writes the full-size model as a "
+                f"slim-format checkpoint (`hesso_*` config, shipped code, model card; only groups that are already "
+                f"all zero are removed) to {str(output_dir)!r}. Call `trainer.train()` first to prune, or use "
+                "`model.save_pretrained(dir)` for a stock checkpoint.",
+                UserWarning,
+                stacklevel=2,
+            )
         if _internal_call:
             # The Trainer's own checkpoint: full size, plus HESSO's frozen LoRA slices.
             super().save_model(output_dir, _internal_call=True)
@@ -375,6 +393,120 @@ class HESSOTrainer(Trainer):
         self._save_slim(output_dir, merge_adapters)
         if self.args.push_to_hub:
             self._upload(commit_message="Model save", revision=self.args.hub_revision)
+
+    # ---- Resuming ----
+
+    def _resume_state_problems(self, checkpoint: str) -> tuple[list[str], bool]:
+        """What of HESSO's state `checkpoint` lacks, and whether its optimizer state still holds HESSO's entries.
+
+        Returns `(problems, hesso_state_ok)`: one sentence per missing piece; `hesso_state_ok` is `True` when
+        `optimizer.pt` holds the full state of this optimizer (base + 'hesso' + 'cric' with CRIC) and, with LoRA,
+        the frozen slices are there whenever groups were selected.
+        """
+        problems: list[str] = []
+        hesso_state_ok = True
+        path = os.path.join(checkpoint, OPTIMIZER_NAME)
+        has_optimizer = os.path.isfile(path) or os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME_BIN))
+        if not has_optimizer and self.is_fsdp_enabled:
+            # FSDP writes the optimizer state into a folder (`optimizer_0`).
+            has_optimizer = any(
+                e.startswith("optimizer") and os.path.isdir(os.path.join(checkpoint, e))
+                for e in os.listdir(checkpoint)
+            )
+        if not has_optimizer:
+            problems.append(
+                f"`{OPTIMIZER_NAME}` is missing: it holds the base optimizer's state and HESSO's pruning schedule "
+                "(a checkpoint saved with `save_only_model=True` has none)"
+            )
+            hesso_state_ok = False
+        elif os.path.isfile(path):
+            try:  # memory-mapped: reading the keys does not load the moments into memory
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            needed = ["hesso"] + (["cric"] if self.args.cric else [])
+            absent = [key for key in needed if key not in state]
+            if absent:
+                hesso_state_ok = False
+                problems.append(
+                    f"`{OPTIMIZER_NAME}` has no {' or '.join(repr(k) for k in absent)} entry: it was saved by a "
+                    f"{'HESSO (not CRIC) ' if absent == ['cric'] else 'plain (not HESSO) '}optimizer"
+                )
+            elif is_peft_model(self._unwrapped_model()) and not os.path.isfile(
+                os.path.join(checkpoint, FROZEN_SLICES_NAME)
+            ):
+                selection = state["hesso"].get("selection_period")
+                if selection is not None and bool((torch.as_tensor(selection) >= 0).any()):
+                    hesso_state_ok = False
+                    problems.append(
+                        f"`{FROZEN_SLICES_NAME}` is missing, but HESSO had already selected "
+                        f"{int((torch.as_tensor(selection) >= 0).sum())} groups: the frozen base weights it faded or "
+                        "zeroed (peft checkpoints hold only the adapters) cannot be restored"
+                    )
+        if not os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME)):
+            problems.append(
+                f"`{SCHEDULER_NAME}` is missing: transformers then loads neither the learning-rate schedule nor the "
+                "optimizer state"
+            )
+        return problems, hesso_state_ok
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load the optimizer (HESSO's schedule included) and scheduler states, refusing an incomplete checkpoint.
+
+        Without HESSO's state the pruning schedule would silently start again from step 0 and the run would end
+        below its target. Unless `args.restart_pruning_schedule` is set, a missing piece raises a `ValueError` that
+        names it. With the flag, whatever exists is loaded; the pruning schedule starts over from the resumed step
+        when HESSO's own state is missing or incomplete.
+        """
+        if checkpoint is None or self.is_deepspeed_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        problems, hesso_state_ok = self._resume_state_problems(checkpoint)
+        if not problems:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        listed = "; ".join(problems)
+        if not self.args.restart_pruning_schedule:
+            raise ValueError(
+                f"Cannot resume from {checkpoint!r} without HESSO's state: {listed}. Resuming would restart the "
+                "pruning schedule from step 0 (or lose the pruned LoRA base weights) and end below the target "
+                "sparsity without a word. Resume from a checkpoint written with `save_only_model=False` (the "
+                "default), or set `restart_pruning_schedule=True` in HESSOConfig to resume the weights and start "
+                "the pruning schedule over from the resumed step."
+            )
+        self._load_available_state(checkpoint, hesso_state_ok)
+        hesso = self.hesso_optimizer
+        step = self.state.global_step
+        if not hesso_state_ok:
+            end = step + int(getattr(hesso, "pruning_end_step", self.args.pruning_end_step))
+            if self.state.max_steps > 0 and end > self.state.max_steps:
+                raise ValueError(
+                    f"`restart_pruning_schedule=True` starts the pruning schedule over at the resumed step {step}, so "
+                    f"pruning would end at step {end}, after the {self.state.max_steps} planned optimizer steps. "
+                    f"Train longer (max_steps >= {end}) or lower `start_pruning_step` / `pruning_steps`."
+                )
+        logger.warning(
+            f"Resuming from {checkpoint} with `restart_pruning_schedule=True` although {listed}. "
+            + (
+                f"HESSO's pruning schedule starts over at step {step}."
+                if not hesso_state_ok
+                else "HESSO's state is restored; the missing pieces start fresh."
+            ),
+            main_process_only=True,
+        )
+
+    def _load_available_state(self, checkpoint: str, hesso_state_ok: bool) -> None:
+        """`restart_pruning_schedule=True`: load the optimizer and scheduler states that exist (HESSO's entries only
+        when complete)."""
+        path = os.path.join(checkpoint, OPTIMIZER_NAME)
+        if os.path.isfile(path) and not self.is_fsdp_enabled:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if hesso_state_ok:
+                self.optimizer.load_state_dict(state)
+            else:
+                base = {k: v for k, v in state.items() if k not in ("hesso", "cric")}
+                self.hesso_optimizer.optimizer.load_state_dict(base)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(scheduler):
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
     # ---- LoRA checkpoints ----
 
@@ -408,7 +540,8 @@ class HESSOTrainer(Trainer):
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
     ) -> None:
-        """Write the pruning model card (`README.md`) to `args.output_dir`.
+        """Write the pruning model card (`README.md`) to `args.output_dir` (unless a `README.md` not written by
+        hf_hesso is there: it is kept, with a warning).
 
         It records the base model, parameters before and after, the kept heads / key-value groups / MLP channels
         of every layer, the HESSO settings and the training data and steps. The arguments are those of
@@ -431,9 +564,18 @@ class HESSOTrainer(Trainer):
             "pipeline_tag": tasks if isinstance(tasks, str) else None,
             "datasets": [x for d in datasets for x in ([d] if isinstance(d, str) else d)] or None,
         }
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-            f.write(render_model_card(report))
+        if not owned_by_last_save(self.args.output_dir, MODEL_CARD_NAME):
+            warnings.warn(
+                f"{os.path.join(self.args.output_dir, MODEL_CARD_NAME)!r} was not written by hf_hesso (or was edited "
+                "since): it is kept and the model card is not written. Delete or rename it to get the card.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        # The card joins the files of the last save (its manifest), replaced atomically like them.
+        with atomic_save(self.args.output_dir, update=True) as staging:
+            with open(os.path.join(staging, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(render_model_card(report))
 
     def push_to_hub(
         self,

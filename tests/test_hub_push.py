@@ -42,6 +42,7 @@ def test_push_to_hub_then_from_pretrained(hub, tmp_path):
     trainer.train()
     batch = tiny_batch("llama")
     expected = reference_logits(trainer.model, batch)
+    (out / "notes.txt").write_text("private notes: stay local")  # not part of the model
 
     commit = trainer.push_to_hub()
     assert commit.oid == hub.state.repos[REPO].commits[-1]
@@ -51,6 +52,7 @@ def test_push_to_hub_then_from_pretrained(hub, tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= uploaded
     assert any(name.endswith(".py") for name in uploaded)  # the slim model's code travels with it
     assert not any(name.startswith("checkpoint-") for name in uploaded)
+    assert "notes.txt" not in uploaded and not any(name.startswith(".hf_hesso") for name in uploaded)
     assert "model.safetensors" in repo.lfs_paths and "config.json" not in repo.lfs_paths
     assert repo.files["README.md"] == (out / "README.md").read_bytes()
     assert b"Kept structures per layer" in repo.files["README.md"]

@@ -1,22 +1,47 @@
-"""Saving is atomic: a failure while saving never leaves a half-written model in place of a good one."""
+"""Saving writes only the files it owns, atomically file by file, and recovers from a crash at any step.
+
+See docs/saving.md for the contract these tests check.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers.modeling_utils
 from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
-from hf_hesso.export import atomic_directory
+from hf_hesso import save_slim, slim_copy, slim_model
+from hf_hesso.export import MANIFEST_NAME, atomic_save
 from hf_hesso.trainer import HESSOTrainer
+
+HERE = Path(__file__).resolve().parent
+
+# What a user keeps in an output directory: none of it may be touched by a save.
+USER_FILES = {
+    "train.py": b"print('my training script')",
+    "baseline_logits.pt": b"\x01" * 128,
+    "teacher.safetensors": b"\x02" * 256,
+    "notes.txt": b"remember the learning rate",
+    "eval/results.bin": b"\x03" * 32,
+    "checkpoint-3/model.safetensors": b"a checkpoint of the run",
+}
 
 
 def snapshot(path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under `path`."""
+    """Relative path -> sha256 of every file under `path` (following a symlinked root)."""
     out = {}
     for root, _, files in os.walk(path):
         for name in files:
@@ -26,51 +51,147 @@ def snapshot(path) -> dict[str, str]:
     return out
 
 
-def leftovers(parent) -> list[str]:
-    return [e for e in os.listdir(parent) if ".tmp-" in e or ".old-" in e]
+def write_user_files(directory: Path) -> dict[str, str]:
+    for name, data in USER_FILES.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in USER_FILES.items()}
 
 
-def test_atomic_directory_keeps_old_content_on_error(tmp_path):
-    target = tmp_path / "out"
-    with atomic_directory(target) as tmp:
-        (Path(tmp) / "a.txt").write_text("v1")
-    (target / "checkpoint-3").mkdir()
-    (target / "checkpoint-3" / "model.safetensors").write_text("ckpt")
-    before = snapshot(target)
+def leftovers(directory) -> list[str]:
+    return sorted(e for e in os.listdir(directory) if e.startswith(".hf_hesso-save-") or ".tmp" in e or ".old" in e)
 
+
+def manifest_files(directory) -> set[str]:
+    return set(json.loads((Path(directory) / MANIFEST_NAME).read_text())["files"])
+
+
+def logits_of(path, batch) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(batch).logits
+
+
+def live_logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return type(model).forward(model, input_ids=batch).logits
+
+
+BATCH = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def make_trainer(output_dir: str, **overrides) -> HESSOTrainer:
+    return HESSOTrainer(
+        model=tiny_model("llama"),
+        args=hesso_args(output_dir, **overrides),
+        train_dataset=lm_dataset(),
+        processing_class=tiny_tokenizer(),
+    )
+
+
+def save_quietly(trainer, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`save_model\(\)` before `train\(\)`")
+        trainer.save_model(*args, **kwargs)
+
+
+# ---- Only our files ----
+
+
+@pytest.mark.parametrize("where", ["subdir", "cwd"])
+def test_user_files_survive_save_model(tmp_path, monkeypatch, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    if where == "cwd":
+        monkeypatch.chdir(work)
+        output_dir = "."
+    else:
+        output_dir = str(work)
+    user = write_user_files(work)
+    trainer = make_trainer(output_dir)
+    save_quietly(trainer)
+    with torch.no_grad():
+        trainer.model.model.embed_tokens.weight.add_(1.0)  # the second save writes other weights
+    expected = live_logits(trainer.model, BATCH)
+    save_quietly(trainer)
+
+    assert os.getcwd() == str(work) if where == "cwd" else True
+    files = snapshot(work)
+    assert {n: files.get(n) for n in user} == user  # every user file, byte for byte
+    ours = manifest_files(work)
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", "training_args.bin"} <= ours
+    assert any(n.endswith(".py") for n in ours) and not ours & set(USER_FILES)
+    # The directory holds exactly the user's files, the save's files and the manifest.
+    assert set(files) == set(user) | ours | {MANIFEST_NAME}
+    assert leftovers(work) == [] and leftovers(tmp_path) == []
+    torch.testing.assert_close(logits_of(work, BATCH), expected, rtol=0, atol=1e-5)
+
+
+def test_stale_files_of_our_previous_save_go_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    with atomic_save(out) as staging:
+        for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+            (Path(staging) / name).write_text(f"v1 {name}")
+        (Path(staging) / "model.safetensors.index.json").write_text("{}")
+        (Path(staging) / "adapter").mkdir()
+        (Path(staging) / "adapter" / "adapter_model.safetensors").write_text("adapter v1")
+    (out / "notes.txt").write_text("mine")
+    (out / "pytorch_model.bin").write_text("a weight file hf_hesso never wrote")
+
+    with atomic_save(out) as staging:
+        (Path(staging) / "config.json").write_text("v2")
+        (Path(staging) / "model.safetensors").write_text("v2 single file")
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "model.safetensors", "notes.txt", "pytorch_model.bin", MANIFEST_NAME]
+    )
+    assert (out / "config.json").read_text() == "v2"
+    assert manifest_files(out) == {"config.json", "model.safetensors"}
+
+    # A file of ours that was changed since is the user's now: a save that does not write it keeps it.
+    (out / "model.safetensors").write_text("edited by hand")
+    with atomic_save(out) as staging:
+        (Path(staging) / "config.json").write_text("v3")
+    assert (out / "model.safetensors").read_text() == "edited by hand"
+    assert manifest_files(out) == {"config.json"}
+
+
+def test_error_while_writing_leaves_everything_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    with atomic_save(out) as staging:
+        (Path(staging) / "a.txt").write_text("v1")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
     with pytest.raises(RuntimeError, match="disk full"):
-        with atomic_directory(target) as tmp:
-            (Path(tmp) / "a.txt").write_text("half")
+        with atomic_save(out) as staging:
+            (Path(staging) / "a.txt").write_text("half")
             raise RuntimeError("disk full")
-    assert snapshot(target) == before and leftovers(tmp_path) == []
-
-    # A successful save replaces the model files and carries the checkpoints over.
-    (target / "model-00001-of-00002.safetensors").write_text("stale shard")
-    with atomic_directory(target) as tmp:
-        (Path(tmp) / "a.txt").write_text("v2")
-    assert (target / "a.txt").read_text() == "v2"
-    assert (target / "checkpoint-3" / "model.safetensors").read_text() == "ckpt"
-    assert not (target / "model-00001-of-00002.safetensors").exists()
-    assert leftovers(tmp_path) == []
+    assert snapshot(out) == before and leftovers(out) == []
 
 
-def test_atomic_directory_refuses_a_file(tmp_path):
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(ValueError, match="exists and is not a directory"):
-        with atomic_directory(tmp_path / "out"):
+        with atomic_save(tmp_path / "out"):
             pass
-    assert leftovers(tmp_path) == []
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
+def test_foreign_single_file_weights_that_would_shadow_a_sharded_save_are_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("someone else's model")
+    with pytest.raises(ValueError, match=r"model.safetensors.*would load it instead.*Move or delete"):
+        with atomic_save(out) as staging:
+            (Path(staging) / "model-00001-of-00001.safetensors").write_text("shard")
+            (Path(staging) / "model.safetensors.index.json").write_text("{}")
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
 
 
 def test_failed_save_model_leaves_previous_output_intact(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    trainer = HESSOTrainer(
-        model=tiny_model("llama"),
-        args=hesso_args(str(out)),
-        train_dataset=lm_dataset(),
-        processing_class=tiny_tokenizer(),
-    )
-    trainer.save_model()
+    trainer = make_trainer(str(out))
+    save_quietly(trainer)
     good = snapshot(out)
     assert "model.safetensors" in good and "README.md" in good and "tokenizer.json" in good
 
@@ -87,12 +208,256 @@ def test_failed_save_model_leaves_previous_output_intact(tmp_path, monkeypatch):
     with torch.no_grad():
         trainer.model.model.embed_tokens.weight.add_(1.0)  # the new save would differ from the good one
     with pytest.raises(OSError, match="No space left on device"):
-        trainer.save_model()
+        save_quietly(trainer)
     assert snapshot(out) == good
-    assert leftovers(tmp_path) == []
+    assert leftovers(out) == [] and leftovers(tmp_path) == []
 
     # Once the disk works again, the save goes through.
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save_file)
-    trainer.save_model()
+    save_quietly(trainer)
     assert snapshot(out)["model.safetensors"] != good["model.safetensors"]
-    assert leftovers(tmp_path) == []
+    assert leftovers(out) == []
+
+
+# ---- Kinds of output_dir ----
+
+
+def other_filesystem_dir(tmp_path):
+    """A fresh folder on another filesystem than `tmp_path` (tmpfs `/dev/shm`), or `None` where there is none."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        return None
+    return Path(tempfile.mkdtemp(prefix="hf_hesso_test_", dir=shm))
+
+
+@pytest.mark.parametrize("filesystem", ["same", "other"])
+def test_symlinked_output_dir_is_followed(tmp_path, filesystem):
+    if filesystem == "same":
+        target = tmp_path / "disk2" / "models"
+        target.mkdir(parents=True)
+    else:
+        target = other_filesystem_dir(tmp_path)
+        if target is None:
+            pytest.skip("no writable /dev/shm on another filesystem")
+    try:
+        user = write_user_files(target)
+        link = tmp_path / "out"
+        link.symlink_to(target, target_is_directory=True)
+        trainer = make_trainer(str(link))
+        save_quietly(trainer)
+        with torch.no_grad():
+            trainer.model.model.embed_tokens.weight.add_(1.0)
+        expected = live_logits(trainer.model, BATCH)
+        save_quietly(trainer)  # a second save replaces the first through the link
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        files = snapshot(target)
+        assert {n: files.get(n) for n in user} == user
+        assert "model.safetensors" in files and "config.json" in files
+        assert set(os.listdir(tmp_path)) <= {"disk2", "out"}  # nothing written beside the link
+        assert leftovers(target) == []
+        torch.testing.assert_close(logits_of(link, BATCH), expected, rtol=0, atol=1e-5)
+    finally:
+        if filesystem == "other":
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def test_mount_point_or_other_filesystem(tmp_path, monkeypatch):
+    """`output_dir` as a mount point whose parent is another filesystem: every rename must stay inside it, and
+    the directory itself must never be renamed or removed (EBUSY on a mount point)."""
+    out = (tmp_path / "mnt").resolve()
+    out.mkdir()
+    user = write_user_files(out)
+
+    def inside(path) -> bool:
+        path = Path(os.path.abspath(os.fspath(path)))
+        return path == out or out in path.parents
+
+    def guard(real):
+        def patched(src, dst, *args, **kwargs):
+            for p in (src, dst):
+                if Path(os.path.abspath(os.fspath(p))) == out:
+                    raise OSError(errno.EBUSY, "Device or resource busy", os.fspath(p))
+            if inside(src) != inside(dst):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", os.fspath(src))
+            return real(src, dst, *args, **kwargs)
+
+        return patched
+
+    def guard_remove(real):
+        def patched(path, *args, **kwargs):
+            if "dir_fd" not in kwargs and Path(os.path.abspath(os.fspath(path))) == out:
+                raise OSError(errno.EBUSY, "Device or resource busy", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return patched
+
+    monkeypatch.setattr(os, "rename", guard(os.rename))
+    monkeypatch.setattr(os, "replace", guard(os.replace))
+    monkeypatch.setattr(os, "rmdir", guard_remove(os.rmdir))
+    trainer = make_trainer(str(out))
+    save_quietly(trainer)
+    with torch.no_grad():
+        trainer.model.model.embed_tokens.weight.add_(1.0)
+    expected = live_logits(trainer.model, BATCH)
+    save_quietly(trainer)
+    files = snapshot(out)
+    assert {n: files.get(n) for n in user} == user
+    assert sorted(os.listdir(tmp_path)) == ["mnt"] and leftovers(out) == []
+    monkeypatch.undo()
+    torch.testing.assert_close(logits_of(out, BATCH), expected, rtol=0, atol=1e-5)
+
+
+# ---- The model card ----
+
+
+def test_user_readme_is_kept_and_the_card_skipped_with_a_warning(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# My project\n")
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"README.md' was not written by hf_hesso.*Delete or rename"):
+        saved = save_slim(model, out)
+    assert not saved.card_written and (out / "README.md").read_text() == "# My project\n"
+    assert "README.md" not in manifest_files(out)
+
+    (out / "README.md").unlink()
+    saved = save_slim(model, out)
+    assert saved.card_written and "Kept structures per layer" in (out / "README.md").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_slim(model, out)  # our own card is replaced without a word
+
+    # Once the user edits the card, it is theirs.
+    (out / "README.md").write_text("# Edited card\n")
+    with pytest.warns(UserWarning, match="README.md"):
+        saved = save_slim(model, out)
+    assert (out / "README.md").read_text() == "# Edited card\n" and not saved.card_written
+
+
+# ---- Crash at every step ----
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    batch = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"logits": model(batch).logits, "hf_hesso": "hf_hesso" in sys.modules}, sys.argv[2])
+    """
+)
+
+
+@pytest.mark.slow
+def test_crash_at_every_step_leaves_a_loadable_model_and_the_next_save_cleans_up(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(HERE / "crash_save_worker.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["exit"] for r in runs[:-1]] == [77] * (len(runs) - 1) and runs[-1]["exit"] == 0
+    assert len(runs) >= 10  # journal, every file, stale removal, manifest, journal removal, staging removal
+    loaded = [r["loaded"] for r in runs]
+    # Before the commit point the previous model A, after it the new model B, never anything else.
+    first_b = loaded.index("B")
+    assert first_b >= 1 and loaded[:first_b] == ["A"] * first_b and loaded[first_b:] == ["B"] * (len(runs) - first_b)
+    for r in runs:
+        assert r["leftovers"] == [] and r["exact_files"] and r["user_files_kept"] and r["manifest_is_save"], r
+        assert r["reloaded_after_next_save"] == "B", r
+
+    # Without hf_hesso, through the code shipped beside the weights: a crash right after the commit point (nothing
+    # moved yet) and one midway (new code and config in place, old weights) both load as B.
+    expected = None
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
+    env.pop("PYTHONPATH", None)
+    for k in (first_b + 1, first_b + 6):
+        crashed = tmp_path / f"k{k}-crashed"
+        assert any(e.startswith(".hf_hesso-save-") for e in os.listdir(crashed))  # nothing had recovered it
+        out_file = tmp_path / f"remote{k}.pt"
+        run = subprocess.run(
+            [sys.executable, "-c", REMOTE_LOAD, str(crashed), str(out_file)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-4000:]
+        got = torch.load(out_file)
+        assert not got["hf_hesso"]
+        if expected is None:
+            expected = got["logits"]
+        torch.testing.assert_close(got["logits"], expected, rtol=0, atol=1e-5)
+        assert not any(e.startswith(".hf_hesso-save-") for e in os.listdir(crashed))  # the load finished the save
+    torch.testing.assert_close(expected, logits_of(tmp_path / f"k{len(runs)}", BATCH), rtol=0, atol=1e-5)
+
+
+# ---- Smaller items ----
+
+
+def test_meta_device_model_is_refused_with_the_fix(tmp_path):
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    for call in (lambda: slim_model(model), lambda: slim_copy(model), lambda: save_slim(model, tmp_path / "out")):
+        with pytest.raises(ValueError, match=r"meta device.*Load the weights first"):
+            call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_model_before_train_warns(tmp_path):
+    trainer = make_trainer(str(tmp_path / "out"))
+    with pytest.warns(UserWarning, match=r"before `train\(\)`: the model has not been pruned.*full-size model"):
+        trainer.save_model()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_create_model_card_joins_the_save_and_respects_a_user_readme(tmp_path):
+    out = tmp_path / "out"
+    trainer = make_trainer(str(out))
+    save_quietly(trainer)
+    trainer.create_model_card(license="apache-2.0")
+    assert "license: apache-2.0" in (out / "README.md").read_text()
+    assert "README.md" in manifest_files(out) and "model.safetensors" in manifest_files(out)
+    (out / "README.md").write_text("# Mine\n")
+    with pytest.warns(UserWarning, match="README.md"):
+        trainer.create_model_card(license="mit")
+    assert (out / "README.md").read_text() == "# Mine\n" and leftovers(out) == []
+
+
+TOKENIZER_LOAD = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoTokenizer
+    if sys.argv[2] == "import":
+        import hf_hesso  # registers the slim config classes
+        tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    else:
+        tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    print("IDS", tok("t5 t6")["input_ids"])
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["trust_remote_code", "import"])
+def test_tokenizer_of_a_slim_dir_loads_silently_the_ways_the_card_shows(tmp_path, how):
+    out = tmp_path / "out"
+    save_slim(tiny_model("llama"), out, tokenizer=tiny_tokenizer())
+    assert 'AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)' in (out / "README.md").read_text()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(HERE.parent)}
+    run = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_LOAD, str(out), "import" if how == "import" else "trust"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "IDS [5, 6]" in run.stdout
+    output = run.stdout + run.stderr
+    assert "[y/N]" not in output and "custom code" not in output and "model of type" not in output, output

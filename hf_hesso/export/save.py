@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ from torch import nn
 
 from ..groups import GroupSet, build_groups
 from ..groups.peft import is_peft_model
+from ..modeling.journal import MANIFEST_NAME
 from ..optim import HESSO
-from ..slim import ADAPTER_SUBDIR, SlimSummary, merge_and_slim, slim_copy, slim_with_adapters
-from .atomic import atomic_directory
+from ..slim import ADAPTER_SUBDIR, SlimSummary, check_materialized, merge_and_slim, slim_copy, slim_with_adapters
+from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir
 from .card import MODEL_CARD_NAME, PruningReport, render_model_card
 
 logger = logging.getLogger(__name__)
@@ -31,12 +33,17 @@ class SavedSlim:
         summary (`SlimSummary`): parameters before/after and the kept sizes of every layer.
         report (`PruningReport`): what the model card records.
         url (`str | None`): the commit URL when the model was pushed to the Hub.
+        files (`list[str]`): the files this save wrote and owns (relative to `directory`), as its manifest lists them.
+        card_written (`bool`): whether the model card was written to `README.md` (`False` when a `README.md` that
+            hf_hesso did not write was already there: it is kept).
     """
 
     directory: str
     summary: SlimSummary
     report: PruningReport
     url: str | None = None
+    files: list[str] = field(default_factory=list)
+    card_written: bool = True
 
 
 def build_report(
@@ -85,13 +92,25 @@ def save_slim(
     """Write the slim version of `model` to `output_dir`: weights, config, shipped code, tokenizer, model card.
 
     The slim model is a copy built in CPU memory layer by layer (`hf_hesso.slim.slim_copy`): the live `model`
-    keeps training unchanged, and the training device holds nothing extra. The files are written into a temporary
-    folder beside `output_dir` and only then take the place of the previous output, so an error (or a crash) while
-    writing leaves the previous model in place.
+    keeps training unchanged, and the training device holds nothing extra.
+
+    The save writes only the files it owns and never touches anything else in `output_dir` (your scripts, data,
+    `checkpoint-*` folders): the weights (sharded or not, with their index), `config.json`, `generation_config.json`,
+    the shipped code (`*.py` beside the weights), the tokenizer files, the model card `README.md`, what
+    `write_extra` adds, and `adapter/` with `merge_adapters=False`. They are written into a staging folder inside
+    `output_dir`, flushed, then each replaces its destination atomically; files of the previous hf_hesso save
+    there that this one does not write (listed in `.hf_hesso_manifest.json`) are removed. A crash at any point
+    leaves the previous or the new model: the next save, or `from_pretrained` of the directory, finishes a save
+    that passed its commit point. `output_dir` may be the working directory, a mount point or a symlink (followed).
+    See `docs/saving.md`.
+
+    A `README.md` that hf_hesso did not write (or that was edited since) is kept: the card is then not written
+    and a warning says so (`SavedSlim.card_written` is `False`); delete or rename that README to get the card.
 
     Args:
         model (`nn.Module`): the trained transformers model (or LoRA `PeftModel`), its pruned groups at zero.
-        output_dir (`str` or `os.PathLike`): where to write.
+            Its weights must be real tensors (not on the meta device).
+        output_dir (`str` or `os.PathLike`): where to write; created if needed.
         groups (`GroupSet`, *optional*): the groups HESSO pruned. Default: `optimizer.groups`, else
             `build_groups(model)` (every group whose slices are all zero is removed either way).
         tokenizer (*optional*): a tokenizer or processor to save beside the model.
@@ -101,12 +120,19 @@ def save_slim(
         merge_adapters (`bool`, *optional*, defaults to `True`): LoRA models only. `True`: one merged slim model;
             `False`: the slim base model plus the adapters sliced alike in `output_dir/adapter` (load with
             `PeftModel.from_pretrained(base, output_dir + "/adapter")`).
-        write_extra (`Callable[[str], None]`, *optional*): called with the temporary folder to add more files.
-        push_to_hub (`bool`, *optional*, defaults to `False`): upload the written files to `hub_model_id`.
+        write_extra (`Callable[[str], None]`, *optional*): called with the staging folder to add more files; they
+            are owned by the save like the others.
+        push_to_hub (`bool`, *optional*, defaults to `False`): upload the files of this save to `hub_model_id`
+            (only those: other files in `output_dir` stay local).
         hub_model_id, hub_token, private, commit_message: where and how to push.
 
     Returns:
-        `SavedSlim`: the directory, the `SlimSummary`, the card's `PruningReport` and the commit URL if pushed.
+        `SavedSlim`: the directory, the `SlimSummary`, the card's `PruningReport`, the files written and the commit
+        URL if pushed.
+
+    Raises:
+        `ValueError`: `model` has weights on the meta device; `output_dir` is a file; or a `model.safetensors` that
+            hf_hesso did not write would shadow new sharded weights. Nothing is written then.
 
     Example:
 
@@ -119,6 +145,7 @@ def save_slim(
     """
     if push_to_hub and not hub_model_id:
         raise ValueError("`push_to_hub=True` needs `hub_model_id` (e.g. 'your-name/model-slim').")
+    check_materialized(model, "save_slim")
     if groups is None and optimizer is not None:
         groups = optimizer.groups
     if groups is None:
@@ -144,7 +171,19 @@ def save_slim(
     name = Path(hub_model_id or os.fspath(output_dir)).name
     report = build_report(model, summary, settings=card_settings, training=training, model_name=name)
 
-    with atomic_directory(output_dir) as tmp:
+    # Finish or clean up an interrupted earlier save first, so that the ownership of README.md is decided on the
+    # directory as its last save left it.
+    prepare_output_dir(output_dir)
+    write_card = owned_by_last_save(output_dir, MODEL_CARD_NAME)
+    if not write_card:
+        warnings.warn(
+            f"{os.path.join(os.fspath(output_dir), MODEL_CARD_NAME)!r} was not written by hf_hesso (or was edited "
+            "since): it is kept, and the pruning model card is not written. Delete or rename that file and save "
+            "again to get the card (the same figures are in `SavedSlim.report`).",
+            UserWarning,
+            stacklevel=2,
+        )
+    with atomic_save(output_dir) as tmp:
         slim.save_pretrained(tmp)
         if adapters is not None:
             adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
@@ -152,12 +191,13 @@ def save_slim(
             tokenizer.save_pretrained(tmp)
         if write_extra is not None:
             write_extra(tmp)
-        with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-            f.write(render_model_card(report))
+        if write_card:
+            with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(render_model_card(report))
     logger.info(
         f"Saved the slim model ({summary.params_after:,} of {summary.params_before:,} parameters) to {output_dir}"
     )
-    saved = SavedSlim(os.fspath(output_dir), summary, report)
+    saved = SavedSlim(os.fspath(output_dir), summary, report, files=owned_files(output_dir), card_written=write_card)
     if push_to_hub:
         commit = upload_folder(output_dir, hub_model_id, token=hub_token, private=private, message=commit_message)
         saved.url = commit.commit_url
@@ -172,9 +212,20 @@ def upload_folder(
     private: bool | None = None,
     message: str = "Upload slim model (hf_hesso)",
     revision: str | None = None,
-    ignore_patterns: list[str] | None = None,
 ) -> CommitInfo:
-    """Create `repo_id` if needed and upload `folder` to it; returns the commit (`.oid`, `.commit_url`)."""
+    """Create `repo_id` if needed and upload the files of the last hf_hesso save in `folder`; returns the commit.
+
+    Only the files the save owns (its manifest) and `README.md` go up: the user's other files in `folder` (scripts,
+    data, `checkpoint-*` folders) stay local.
+    """
+    files = owned_files(folder)
+    if not files:
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds no model saved by hf_hesso (no {MANIFEST_NAME}): save it first with "
+            "`save_slim` or `trainer.save_model()`."
+        )
+    if os.path.isfile(os.path.join(folder, MODEL_CARD_NAME)) and MODEL_CARD_NAME not in files:
+        files.append(MODEL_CARD_NAME)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(
@@ -182,6 +233,7 @@ def upload_folder(
         folder_path=os.fspath(folder),
         commit_message=message,
         revision=revision,
-        ignore_patterns=ignore_patterns or ["_*", "checkpoint-*"],
+        allow_patterns=files,
     )
+    # `CommitInfo` is a `str` (the commit URL) that also carries `.oid`, as `Trainer.push_to_hub` returns it.
     return info

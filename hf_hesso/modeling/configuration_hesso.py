@@ -16,10 +16,17 @@ from __future__ import annotations
 from transformers import BertConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, RobertaConfig
 
 from .architectures import HESSO_PREFIX, LAYER_SHAPES_KEY
+from .journal import recover_for_loading
 
 
 class _HessoConfigMixin:
-    """Validation shared by every slim config."""
+    """Validation shared by every slim config, and crash recovery of the directory it is loaded from."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # A save interrupted after its commit point is finished before config.json is read (see journal.py).
+        recover_for_loading(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -30,6 +30,7 @@ from .architectures import (
     normalize_config,
 )
 from .configuration_hesso import HESSO_CONFIGS
+from .journal import recover_for_loading
 
 
 def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
@@ -167,6 +168,15 @@ class HessoModelMixin:
         super().__init__(config, *args, **kwargs)
         if getattr(config, LAYER_SHAPES_KEY, None):
             apply_layer_shapes(self, layer_shapes_from_config(config))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        # `AutoModel*.from_pretrained` read config.json before this class was known. When the last save of the
+        # directory was interrupted after its commit point, finish it (journal.py) and read the config again, so
+        # that the config and the weights both come from the new save.
+        if recover_for_loading(pretrained_model_name_or_path) and config is not None and not isinstance(config, str):
+            config = None
+        return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # transformers re-initialises a weight whose checkpoint shape differs from the model (and only then raises,

@@ -28,7 +28,28 @@ from ..modeling.architectures import (
 from ..modeling.configuration_hesso import HESSO_CONFIGS
 from ..modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules
 
-__all__ = ["SlimSummary", "current_layer_shapes", "keep_plan", "slim_copy", "slim_model", "to_stock"]
+__all__ = [
+    "SlimSummary",
+    "check_materialized",
+    "current_layer_shapes",
+    "keep_plan",
+    "slim_copy",
+    "slim_model",
+    "to_stock",
+]
+
+
+def check_materialized(model: nn.Module, what: str) -> None:
+    """Raise a `ValueError` naming the fix when `model` holds tensors on the meta device (no values to slice)."""
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        shown = ", ".join(f"`{n}`" for n in meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        raise ValueError(
+            f"`{what}` needs the model's real weights, but {len(meta)} tensor(s) are on the meta device ({shown}): "
+            "the model was built with `init_empty_weights()`/`torch.device('meta')` or loaded with offloading. Load "
+            "the weights first, e.g. `AutoModelForCausalLM.from_pretrained(path)` without `device_map='meta'`, or "
+            "`model.to_empty(device='cpu')` followed by `model.load_state_dict(state_dict)`."
+        )
 
 
 @dataclass
@@ -195,8 +216,10 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
         `SlimSummary`: parameter counts before/after and the kept sizes of every layer.
 
     Raises:
-        `ValueError`: when a block (all groups of one kind in one layer) is entirely zero; nothing is changed then.
+        `ValueError`: when a block (all groups of one kind in one layer) is entirely zero, or when the model's
+            weights are on the meta device; nothing is changed then.
     """
+    check_materialized(model, "slim_model")
     config = model.config
     layout = get_layout(config.model_type)
     hd = normalize_config(config).head_dim
@@ -260,7 +283,11 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
 
     Returns:
         `tuple[nn.Module, SlimSummary]`: the slim copy (as `slim_model` would leave `model`) and what was removed.
+
+    Raises:
+        `ValueError`: when the model's weights are on the meta device (load the real weights first).
     """
+    check_materialized(model, "slim_copy")
     config = model.config
     layout = get_layout(config.model_type)
     hd = normalize_config(config).head_dim
