@@ -125,3 +125,19 @@ def select_redundant(
         taken[fit_idx[take]] = True
         new[candidates[taken[inverse]]] = True
     return new
+
+
+def reachable_groups(groups: GroupSet, group_divisible: int, target: int) -> int:
+    """The largest number of groups, at most `target`, that can be removed when every block keeps a multiple of
+    `group_divisible` groups (at least `group_divisible`): a subset sum over the blocks' removable counts."""
+    div = group_divisible
+    limit = (1 << (target + 1)) - 1
+    reachable = 1  # bit r set: r groups can be removed
+    for block in groups.blocks:
+        options = [block.n - kept for kept in range(div, block.n + 1, div)] if block.n > div else []
+        merged = reachable
+        for r in options:
+            if 0 < r <= target:
+                merged |= reachable << r
+        reachable = merged & limit
+    return reachable.bit_length() - 1
