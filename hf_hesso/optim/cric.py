@@ -74,6 +74,12 @@ class CRIC(HESSO):
     the parameters; the embeddings and norms are not copied), in the parameters' dtype, and nothing extra on the
     accelerator. That copy is part of `state_dict()` while the search runs, so a checkpoint taken then holds it too.
 
+    Implementation: CRIC uses only HESSO's documented interface (`docs/optimizer.md`): it overrides the hooks
+    `pruning_step(n)` (probing and cycles until the search ends) and `selection_scores(period, n)` (its final
+    scores), ranks candidates with `budget_mask`, probes and fades with `zero_groups` / `fade`, scores with
+    `score_step()`, and starts HESSO's one period with `begin_projection(step)`. A batch whose scores are NaN,
+    infinite or all zero is left out of the means with a warning.
+
     Args:
         optimizer (`torch.optim.Optimizer`): the base optimizer, as for [`HESSO`].
         groups ([`GroupSet`]): the prunable groups, from `build_groups(model)`.

@@ -23,6 +23,16 @@ from torch.optim import Optimizer
 _PLACEHOLDERS = ("_placeholder_param_groups", "_placeholder_state", "_placeholder_defaults")
 
 
+def check_base_optimizer(optimizer) -> Optimizer:
+    """`optimizer` if it is a `torch.optim.Optimizer` instance, else `TypeError`."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"`optimizer` must be a `torch.optim.Optimizer` instance, got {type(optimizer).__name__}. Build the "
+            "base optimizer first, e.g. `HESSO(torch.optim.AdamW(model.parameters(), lr=1e-4), groups, ...)`."
+        )
+    return optimizer
+
+
 class WrappedOptimizer(Optimizer):
     """An `Optimizer` whose `param_groups`, `state` and `defaults` are those of `optimizer`.
 
@@ -31,11 +41,7 @@ class WrappedOptimizer(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"`optimizer` must be a `torch.optim.Optimizer` instance, got {type(optimizer).__name__}. Build the "
-                "base optimizer first, e.g. `HESSO(torch.optim.AdamW(model.parameters(), lr=1e-4), groups, ...)`."
-            )
+        check_base_optimizer(optimizer)
         # Torch's own setup (hooks, profiling), writing its parameter bookkeeping into the placeholders.
         Optimizer.__init__(self, [torch.empty(1, requires_grad=True)], {})
         for name in _PLACEHOLDERS:
