@@ -308,3 +308,39 @@ def test_facade_runs_torch_hooks_and_shares_the_base_state():
     train(model, opt, range(2))
     assert calls == [("pre", 0), ("post", 1), ("pre", 1), ("post", 2)]
     assert len(base.state) > 0
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda c: c.update(score_sum=torch.zeros(7)),
+            r"restored CRIC state is invalid: `score_sum` has shape \(7,\)",
+        ),
+        (lambda c: c.update(probe_losses=torch.zeros(2, 2)), r"`probe_losses` has shape \(2, 2\), expected \(6, 3\)"),
+        (lambda c: c.update(cycles=9), r"`cycles` is 9, outside 0 \.\.\. `max_cycles`=5"),
+        (lambda c: c.update(start_pruning_step=1), r"`start_pruning_step` is 1"),
+        (lambda c: c["cache"].popitem(), r"`cache` has no tensor shaped like"),
+    ],
+)
+def test_restored_cric_state_is_validated_by_field(edit, match):
+    from hf_hesso.optim import CRIC
+
+    def make():
+        model = tiny_llama()
+        kw = dict(target_group_sparsity=0.4, start_step=2, pruning_steps=4, sampling_steps=3)
+        return model, CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), build_groups(model), **kw)
+
+    model, opt = make()
+    for n in range(5):  # warm-up, reference step, two probes
+        batch = tiny_batch("llama", seed=n)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.observe_loss(loss)
+        opt.step()
+        opt.zero_grad()
+    state = round_trip(opt.state_dict())
+    edit(state["cric"])
+    _, fresh = make()
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(state)

@@ -22,6 +22,7 @@ from .distributed import local
 from .hesso import HESSO
 from .schedule import DEFAULT_TRIAL_RATIOS, check_cric_settings
 from .scoring import score_problem
+from .state import restored_int, restored_tensor, state_error
 
 __all__ = ["CRIC", "DEFAULT_TRIAL_RATIOS", "check_cric_settings"]
 
@@ -455,34 +456,58 @@ class CRIC(HESSO):
                 f"{list(ours['settings'])} and trial_ratios {list(ours['trial_ratios'])}, but this optimizer has "
                 f"{settings} and {list(self.trial_ratios)}. Rebuild it with the settings of the run you resume."
             )
+        # Every field is checked (shape, type, range) before anything is changed.
+        num = len(self.groups)
+        probes = (len(self.groups.blocks), len(self.trial_ratios))
+
+        def vector(field: str, dtype: torch.dtype, shape: tuple[int, ...] = (num,)) -> torch.Tensor:
+            return restored_tensor(ours, field, shape, dtype, entry="CRIC")
+
+        probe_losses = vector("probe_losses", torch.float64, probes)
+        score_sum, score_count = vector("score_sum", torch.float64), vector("score_count", torch.float64)
+        history, candidates = vector("history", torch.bool), vector("candidates", torch.bool)
+        candidate_scores, violating = vector("candidate_scores", torch.float64), vector("violating", torch.bool)
+        cycles = restored_int(ours, "cycles", entry="CRIC")
+        if not 0 <= cycles <= self.max_cycles:
+            raise state_error("cycles", f"is {cycles}, outside 0 ... `max_cycles`={self.max_cycles}", "CRIC")
+        final = None if ours.get("final_scores") is None else vector("final_scores", torch.float64)
+        done = bool(ours["done"])
+        if done and final is None:
+            raise state_error("final_scores", "is missing although the search is done", "CRIC")
+        start = restored_int(ours, "start_pruning_step", entry="CRIC")
+        if start < self._probe_end or start > self._worst_start:
+            raise state_error(
+                "start_pruning_step",
+                f"is {start}, but the projection starts between the end of probing ({self._probe_end}) and the "
+                f"worst case ({self._worst_start})",
+                "CRIC",
+            )
+        cache = ours.get("cache")
+        params = self.grouped_parameters
+        if cache is not None:
+            for name, p in params.items():
+                if name not in cache or tuple(torch.as_tensor(cache[name]).shape) != tuple(local(p).shape):
+                    raise state_error("cache", f"has no tensor shaped like {name!r} {tuple(local(p).shape)}", "CRIC")
+
         # The projection period's start is only known once the cycles end: restore it before HESSO checks it.
-        self.begin_projection(int(ours["start_pruning_step"]))
+        self.begin_projection(start)
         super().load_state_dict(state_dict)
-
-        def tensor(value, dtype):
-            return torch.as_tensor(value).detach().to("cpu", dtype).clone()
-
-        self._done = bool(ours["done"])
+        self._done = done
         self._ref_loss = None if ours["ref_loss"] is None else float(ours["ref_loss"])
-        self._probe_losses = tensor(ours["probe_losses"], torch.float64)
-        self._score_sum = tensor(ours["score_sum"], torch.float64)
-        self._score_count = tensor(ours["score_count"], torch.float64)
-        self._history = tensor(ours["history"], torch.bool)
-        self._candidates = tensor(ours["candidates"], torch.bool)
-        self._candidate_scores = tensor(ours["candidate_scores"], torch.float64)
-        self._violating = tensor(ours["violating"], torch.bool)
-        self._cycles = int(ours["cycles"])
+        self._probe_losses, self._score_sum, self._score_count = probe_losses, score_sum, score_count
+        self._history, self._candidates, self._violating = history, candidates, violating
+        self._candidate_scores = candidate_scores
+        self._cycles = cycles
         self._cycle_log = [[int(v) for v in e] for e in ours["cycle_log"]]
-        final = ours["final_scores"]
-        self._final_scores = None if final is None else tensor(final, torch.float64)
-        cache = ours["cache"]
+        self._final_scores = final
         if cache is None:
             self._cache = None
         else:
-            self._cache = {}
-            for name, p in self.grouped_parameters.items():
-                # Same dtype and shape as the live (local) parameter; stays on the CPU.
-                self._cache[name] = torch.as_tensor(cache[name]).detach().to("cpu", local(p).dtype).clone()
+            # Same dtype and shape as the live (local) parameter; stays on the CPU.
+            self._cache = {
+                name: torch.as_tensor(cache[name]).detach().to("cpu", local(p).dtype).clone()
+                for name, p in params.items()
+            }
         self._observed = None
 
     # ---- Metrics ----

@@ -56,51 +56,57 @@ def pack_state(state: PruningState, schedule: Schedule) -> dict[str, Any]:
     }
 
 
-def _error(field: str, problem: str) -> ValueError:
+def state_error(field: str, problem: str, entry: str = "HESSO") -> ValueError:
+    """The error of an invalid restored field (`entry` names the optimizer whose state it is)."""
     return ValueError(
-        f"The restored HESSO state is invalid: `{field}` {problem}. The checkpoint's optimizer state was edited or "
+        f"The restored {entry} state is invalid: `{field}` {problem}. The checkpoint's optimizer state was edited or "
         "belongs to another run; resume from an unmodified checkpoint of this run."
     )
 
 
-def _int(ours: dict[str, Any], field: str) -> int:
+def restored_int(ours: dict[str, Any], field: str, entry: str = "HESSO") -> int:
+    """`ours[field]` as an `int` (a one-element integer tensor is accepted), else `state_error`."""
     value = ours.get(field)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _error(field, f"must be an integer, got {value!r}")
+        raise state_error(field, f"must be an integer, got {value!r}", entry)
     return value
 
 
-def _vector(ours: dict[str, Any], field: str, num_groups: int, dtype: torch.dtype) -> torch.Tensor:
+def restored_tensor(
+    ours: dict[str, Any], field: str, shape: tuple[int, ...], dtype: torch.dtype, entry: str = "HESSO"
+) -> torch.Tensor:
+    """`ours[field]` as a CPU tensor of `shape` and `dtype`, else `state_error` naming the field."""
     value = ours.get(field)
     try:
         t = torch.as_tensor(value).detach()
     except (TypeError, ValueError, RuntimeError):
-        raise _error(field, f"must be a tensor of {num_groups} values, got {type(value).__name__}") from None
-    if t.shape != (num_groups,):
-        raise _error(field, f"has shape {tuple(t.shape)}, expected ({num_groups},) (one value per group)")
-    if dtype.is_floating_point and not t.is_floating_point() and t.dtype != torch.long:
-        raise _error(field, f"has dtype {t.dtype}, expected floating point")
+        raise state_error(field, f"must be a tensor of shape {shape}, got {type(value).__name__}", entry) from None
+    if tuple(t.shape) != tuple(shape):
+        what = " (one value per group)" if len(shape) == 1 else ""
+        raise state_error(field, f"has shape {tuple(t.shape)}, expected {tuple(shape)}{what}", entry)
+    if dtype.is_floating_point and t.is_complex():
+        raise state_error(field, f"has dtype {t.dtype}, expected floating point", entry)
     if not dtype.is_floating_point and t.is_floating_point():
-        raise _error(field, f"has dtype {t.dtype}, expected integers")
+        raise state_error(field, f"has dtype {t.dtype}, expected integers", entry)
     return t.to("cpu", dtype).clone()
 
 
 def unpack_state(ours: dict[str, Any], schedule: Schedule, num_groups: int) -> PruningState:
     """Validate a restored `"hesso"` entry against this optimizer's groups and schedule; raises `ValueError`."""
     if not isinstance(ours, dict):
-        raise _error("hesso", f"must be a dict, got {type(ours).__name__}")
+        raise state_error("hesso", f"must be a dict, got {type(ours).__name__}")
     missing = [k for k in ("num_steps", "selection_period", "last_scores", "num_groups", "schedule") if k not in ours]
     if missing:
-        raise _error(missing[0], "is missing")
+        raise state_error(missing[0], "is missing")
     key = schedule_key(schedule)
     try:
         saved = [int(v) for v in ours["schedule"]]
     except (TypeError, ValueError):
-        raise _error("schedule", f"must be a list of integers, got {ours['schedule']!r}") from None
+        raise state_error("schedule", f"must be a list of integers, got {ours['schedule']!r}") from None
     saved += [1] * (len(key) - len(saved))  # saved before `saliency_steps` existed: it was 1
-    saved_groups = _int(ours, "num_groups")
+    saved_groups = restored_int(ours, "num_groups")
     if saved_groups != num_groups or saved != key:
         raise ValueError(
             f"`state_dict` was saved for {saved_groups} groups and schedule (start_pruning_step, "
@@ -108,34 +114,34 @@ def unpack_state(ours: dict[str, Any], schedule: Schedule, num_groups: int) -> P
             f"{num_groups} groups and {key}. Rebuild the optimizer with the settings of the run you "
             "resume."
         )
-    num_steps = _int(ours, "num_steps")
+    num_steps = restored_int(ours, "num_steps")
     if num_steps < 0:
-        raise _error("num_steps", f"is {num_steps}, but a step count is >= 0")
-    period = _vector(ours, "selection_period", num_groups, torch.long)
+        raise state_error("num_steps", f"is {num_steps}, but a step count is >= 0")
+    period = restored_tensor(ours, "selection_period", (num_groups,), torch.long)
     periods = schedule.pruning_periods
     low, high = int(period.min()) if num_groups else -1, int(period.max()) if num_groups else -1
     if low < -1 or high >= periods:
-        raise _error(
+        raise state_error(
             "selection_period",
             f"holds period ids from {low} to {high}, but they must lie in -1 (never selected) ... {periods - 1} "
             f"(`pruning_periods`={periods})",
         )
     if high >= 0 and schedule.selection_step(high) > num_steps:
-        raise _error(
+        raise state_error(
             "num_steps",
             f"is {num_steps}, but groups were selected in pruning period {high + 1}, which starts at step "
             f"{schedule.selection_step(high)}",
         )
-    last_scores = _vector(ours, "last_scores", num_groups, torch.float64)
+    last_scores = restored_tensor(ours, "last_scores", (num_groups,), torch.float64)
     if "saliency_sum" in ours:
-        saliency_sum = _vector(ours, "saliency_sum", num_groups, torch.float64)
+        saliency_sum = restored_tensor(ours, "saliency_sum", (num_groups,), torch.float64)
     else:
         saliency_sum = torch.zeros(num_groups, dtype=torch.float64)
     taken = schedule.window_steps_taken(num_steps)
     if "saliency_count" in ours:
-        count = _int(ours, "saliency_count")
+        count = restored_int(ours, "saliency_count")
         if not 0 <= count <= taken:
-            raise _error(
+            raise state_error(
                 "saliency_count",
                 f"is {count}, but after step {num_steps} the saliency window holds {taken} step(s) at most",
             )
