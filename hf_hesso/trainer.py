@@ -467,9 +467,7 @@ class HESSOTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, FROZEN_SLICES_NAME)
         live = self._unwrapped_model(model)
         if os.path.isfile(path) and is_peft_model(live):
-            groups = self.groups
-            if groups is None:
-                groups = build_groups(live, kinds=self.args.prune_kinds, prune_frozen=self.args.prune_frozen)
+            groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
             self.groups = groups
             load_frozen_slices(groups, torch.load(path, weights_only=True), groups.parameters(live))
 
