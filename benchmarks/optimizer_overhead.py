@@ -148,7 +148,7 @@ def main() -> None:
     iters = {"plain": [], "fading": [], "pruned": []}
     last = hesso.pruning_end_step + args.after
     for n in range(1, last + 1):
-        phase = hesso._phase(n)
+        phase = hesso.schedule.phase(n)
         if phase is None:
             kind = "pruned" if n > hesso.pruning_end_step else "warm-up"
         elif phase[1] == 0:
@@ -198,7 +198,9 @@ def main() -> None:
     plain_bytes = tensor_bytes(plain.state_dict()["state"])
     hesso_sd = hesso.state_dict()
     cached = tensor_bytes(
-        [t for _, t in hesso._pruned_index] + [t for _, t in hesso._pruned_slices] + [t for _, _, t in hesso._fading]
+        [t for _, t in hesso._masks.pruned_index]
+        + [t for _, t in hesso._masks.pruned_slices]
+        + [t for _, _, t in hesso._masks.fading]
     )
     hesso_bytes = tensor_bytes(hesso_sd["state"]) + tensor_bytes(hesso_sd["hesso"]) + cached
     transient = sum(p.numel() * p.element_size() for p in groups.parameters().values())

@@ -6,12 +6,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .groups import KINDS
-from .optim.cric import check_cric_settings
-from .optim.hesso import check_saliency_steps, check_target
 from .optim.saliency import CRITERIA
+from .optim.schedule import Schedule, check_cric_settings, check_pruning_settings
 
 # Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`); `HESSOConfig` has one
 # `importance_<name>` weight each.
@@ -79,7 +79,8 @@ class HESSOConfig(TrainingArguments):
             Default: every kind the architecture supports.
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
-            e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism.
+            e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism. When the target cannot be
+            reached exactly with such multiples, building the optimizer warns with the reachable figure.
         save_adapters_separately (`bool`, *optional*, defaults to `False`):
             For a peft LoRA model: `save_model()` writes the slim base model plus the sliced adapter (in `adapter/`)
             instead of one merged slim model.
@@ -90,6 +91,13 @@ class HESSOConfig(TrainingArguments):
             schedule would silently start again from step 0. Set this to `True` to resume anyway: the weights (and
             whatever optimizer state exists) are loaded, and the pruning schedule starts over from the resumed step
             (`start_pruning_step` counts from there). See `docs/saving.md`.
+        prune_frozen (`bool`, *optional*, defaults to `False`):
+            Whether groups that slice parameters with `requires_grad=False` may be pruned. By default they are left
+            out (logged at `build_groups`) and frozen parameters never change. A LoRA model's frozen base is not
+            concerned: it is pruned through its adapters either way.
+        dataloader_pin_memory (`bool`, *optional*):
+            As in `TrainingArguments`, but the default is `True` only when an accelerator is available (pinning
+            memory on a CPU-only run only makes the DataLoader warn).
         cric (`bool`, *optional*, defaults to `False`):
             Identify the redundant groups with the Corrective Redundant Identification Cycle ([`CRIC`]) before one
             HESSO period of `pruning_steps` steps projects them to zero: block probing by the loss, then corrective
@@ -159,6 +167,17 @@ class HESSOConfig(TrainingArguments):
     group_divisible: int = field(
         default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}
     )
+    prune_frozen: bool = field(
+        default=False,
+        metadata={
+            "help": "Also prune groups that slice parameters with requires_grad=False (outside LoRA's frozen base). "
+            "Default: such groups are left out of pruning and their parameters never change."
+        },
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin the DataLoader's memory. Default: True when an accelerator is available, else False."},
+    )
 
     save_adapters_separately: bool = field(
         default=False,
@@ -191,36 +210,25 @@ class HESSOConfig(TrainingArguments):
     cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
 
     def __post_init__(self):
+        if self.dataloader_pin_memory is None:
+            # Pinned memory only helps a copy to an accelerator; on a CPU-only run the DataLoader warns about it.
+            self.dataloader_pin_memory = not self.use_cpu and _accelerator_available()
         super().__post_init__()
-        check_target(self.target_group_sparsity, self.target_param_sparsity)
-        if self.start_pruning_step < 0:
-            raise ValueError(f"`start_pruning_step` must be >= 0, got {self.start_pruning_step}.")
-        if self.pruning_periods < 1:
-            raise ValueError(f"`pruning_periods` must be >= 1, got {self.pruning_periods}.")
-        if self.pruning_steps is None:
-            raise ValueError(
-                "`pruning_steps` is required: the number of optimizer steps over which the groups are removed, "
-                f"e.g. `pruning_steps={2 * self.pruning_periods * 10}` for {self.pruning_periods} period(s) of 20 steps."
-            )
-        if self.pruning_steps // self.pruning_periods < 2:
-            raise ValueError(
-                f"`pruning_steps` ({self.pruning_steps}) // `pruning_periods` ({self.pruning_periods}) = "
-                f"{self.pruning_steps // self.pruning_periods} optimizer steps per period, but a period needs at "
-                f"least 2. Raise `pruning_steps` to at least {2 * self.pruning_periods} or lower `pruning_periods`."
-            )
+        # The same checks, with the same messages, as `HESSO` and `CRIC` (`hf_hesso.optim.schedule`).
+        check_pruning_settings(
+            target_group_sparsity=self.target_group_sparsity,
+            target_param_sparsity=self.target_param_sparsity,
+            importance_criteria=self.importance_criteria,
+            group_divisible=self.group_divisible,
+            saliency_direction=self.saliency_direction,
+        )
+        Schedule(self.start_pruning_step, self.pruning_periods, self.pruning_steps, self.saliency_steps)
         if self.max_steps > 0:
             self.check_schedule_fits(self.max_steps)
-        if self.saliency_direction not in ("update", "gradient"):
+        if self.saliency_steps > 1 and self.cric:
             raise ValueError(
-                f"`saliency_direction` must be 'update' (the paper's) or 'gradient', got {self.saliency_direction!r}."
-            )
-        self._check_saliency_steps()
-        weights = self.importance_criteria
-        negative = {k: v for k, v in weights.items() if v < 0}
-        if negative or not any(weights.values()):
-            raise ValueError(
-                f"The importance weights must be >= 0 with at least one > 0, got {weights}. Set e.g. "
-                "`importance_magnitude=1.0` and the others to 0 to rank by group norm only."
+                f"`saliency_steps`={self.saliency_steps} applies to HESSO's periods; with `cric=True` CRIC accumulates "
+                "its own scores over its cycles. Leave `saliency_steps` at 1 with CRIC."
             )
         if self.prune_kinds is not None:
             if isinstance(self.prune_kinds, str):
@@ -231,20 +239,7 @@ class HESSOConfig(TrainingArguments):
                     f"`prune_kinds` must be a non-empty list of kinds among {list(KINDS)}, got {self.prune_kinds}. "
                     "Leave it unset to prune every kind the architecture supports."
                 )
-        if self.group_divisible < 1:
-            raise ValueError(
-                f"`group_divisible` must be >= 1, got {self.group_divisible}. Use 1 for no rounding of kept counts."
-            )
         self._check_cric()
-
-    def _check_saliency_steps(self) -> None:
-        k = self.saliency_steps
-        check_saliency_steps(k, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
-        if k > 1 and self.cric:
-            raise ValueError(
-                f"`saliency_steps`={k} applies to HESSO's periods; with `cric=True` CRIC accumulates its own scores "
-                "over its cycles. Leave `saliency_steps` at 1 with CRIC."
-            )
 
     def _check_cric(self) -> None:
         ratios = check_cric_settings(
@@ -288,6 +283,13 @@ class HESSOConfig(TrainingArguments):
                 f"({planned_steps}; optimizer steps count after gradient accumulation). Lower `start_pruning_step` "
                 f"or `pruning_steps` so that they sum to at most {planned_steps}, or train longer."
             )
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def parse_script_args(script_class: type, defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:

@@ -13,11 +13,12 @@ from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import HESSOConfig
 from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_save, render_model_card, save_slim
 from .export.save import upload_folder
-from .groups import GroupSet, build_groups
+from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
@@ -60,6 +61,62 @@ class _PruningProgressCallback(TrainerCallback):
             f"{len(hesso.pruned_groups)} at zero.",
             main_process_only=True,
         )
+
+
+# Metrics that reach the reporters (TensorBoard, W&B, ...) but not the console, where one summary stands for them.
+_CONSOLE_HIDDEN = ("hesso/", "cric/")
+
+
+def console_summary(logs: dict[str, Any], pruning_periods: int) -> str | None:
+    """One line of HESSO progress from the `hesso/*` (and `cric/*`) metrics of a log, or None if it has none.
+
+    E.g. `period 2/4, 25.0% of groups pruned (mlp_channel 40, kv_group 2), 11.3% of params`.
+    """
+    if "hesso/period" not in logs:
+        return None
+    period = int(logs["hesso/period"])
+    if period < 0:
+        phase = "warm-up"
+    elif period >= pruning_periods:
+        phase = "pruning done"
+    else:
+        phase = f"period {period + 1}/{pruning_periods}"
+    kinds = ", ".join(
+        f"{kind} {int(logs[f'hesso/pruned_groups/{kind}'])}" for kind in KINDS if f"hesso/pruned_groups/{kind}" in logs
+    )
+    line = (
+        f"{phase}, {logs.get('hesso/group_sparsity', 0.0):.1%} of groups pruned ({kinds}), "
+        f"{logs.get('hesso/param_sparsity', 0.0):.1%} of params"
+    )
+    if "cric/phase" in logs:
+        phases = ("warmup", "probing", "cycles", "done")
+        line += f"; CRIC {phases[int(logs['cric/phase'])]}, {int(logs.get('cric/cycles', 0))} cycles"
+    return line
+
+
+def console_logs(logs: dict[str, Any], pruning_periods: int) -> dict[str, Any]:
+    """The logs as the console shows them: without the `hesso/*` and `cric/*` keys, with one `hesso` summary."""
+    out = {k: v for k, v in logs.items() if not k.startswith(_CONSOLE_HIDDEN)}
+    summary = console_summary(logs, pruning_periods)
+    if summary is not None:
+        out["hesso"] = summary
+    return out
+
+
+class _HESSOProgressCallback(ProgressCallback):
+    """The progress bar's log lines, with one HESSO summary instead of the per-kind and per-layer metrics."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = console_logs(logs or {}, getattr(args, "pruning_periods", 1))
+        return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class _HESSOPrinterCallback(PrinterCallback):
+    """`PrinterCallback` (`disable_tqdm=True`) with one HESSO summary instead of the per-layer metrics."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = console_logs(logs or {}, getattr(args, "pruning_periods", 1))
+        return super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class HESSOTrainer(Trainer):
@@ -140,6 +197,22 @@ class HESSOTrainer(Trainer):
         self.groups = groups
         self._report: PruningReport | None = None
         self.add_callback(_PruningProgressCallback())
+        self._quiet_console()
+
+    def _quiet_console(self) -> None:
+        """Swap the console callbacks for ones that print one HESSO summary per log instead of every `hesso/*` key.
+
+        The reporters (TensorBoard, W&B, ...) are other callbacks: they still receive every metric.
+        """
+        callbacks = self.callback_handler.callbacks
+        for i, cb in enumerate(callbacks):
+            if type(cb) is ProgressCallback:
+                quiet = _HESSOProgressCallback(max_str_len=getattr(cb, "max_str_len", 100))
+            elif type(cb) is PrinterCallback:
+                quiet = _HESSOPrinterCallback()
+            else:
+                continue
+            callbacks[i] = quiet
 
     # ---- Optimizer ----
 
@@ -163,7 +236,9 @@ class HESSOTrainer(Trainer):
         if planned and planned > 0:
             self.args.check_schedule_fits(planned)
         if self.groups is None:
-            self.groups = build_groups(self._unwrapped_model(model), kinds=self.args.prune_kinds)
+            self.groups = build_groups(
+                self._unwrapped_model(model), kinds=self.args.prune_kinds, prune_frozen=self.args.prune_frozen
+            )
         if len(self.groups) == 0:
             raise ValueError(
                 f"The model has no prunable groups of kinds {self.args.prune_kinds or 'any'} (blocks with fewer "

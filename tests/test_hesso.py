@@ -258,7 +258,7 @@ def test_saliency_steps_average_the_scores_of_the_window():
     window = run(3)
     torch.testing.assert_close(window.last_scores, sum(per_step) / 3)
     assert window.redundant_groups.tolist() == [0]
-    assert not window._saliency_sum.any()  # cleared once used
+    assert not window.state_dict()["hesso"]["saliency_sum"].any()  # cleared once used
 
 
 def test_saliency_window_steps_precede_every_selection():
@@ -276,13 +276,13 @@ def test_saliency_window_steps_precede_every_selection():
         saliency_direction="gradient",
     )
     scored = []
-    inner = opt._step_and_score
+    inner = opt.score_step
 
     def spy():
         scored.append(opt.num_steps + 1)
         return inner()
 
-    opt._step_and_score = spy
+    opt.score_step = spy
     for n in range(10):
         train_step(model, opt, seed=n)
     assert scored == [2, 3, 5, 6]
@@ -582,7 +582,8 @@ def test_hold_zeros_auto_matches_always(make_opt):
         ({}, "Set exactly one of"),
         ({"target_group_sparsity": 0.5, "pruning_steps": 3, "pruning_periods": 2}, r"T >= 2.*at least 4"),
         ({"target_group_sparsity": 0.5, "importance_criteria": {"norm": 1.0}}, r"unknown criteria \['norm'\]"),
-        ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": -1.0}}, "must be >= 0"),
+        ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": -1.0}}, "must be finite and >= 0"),
+        ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": float("nan")}}, "must be finite"),
         ({"target_group_sparsity": 0.5, "importance_criteria": {"magnitude": 0.0}}, "at least one > 0"),
         ({"target_group_sparsity": 0.5, "group_divisible": 0}, "`group_divisible` must be an integer >= 1"),
         ({"target_group_sparsity": 0.5, "saliency_direction": "grad"}, "`saliency_direction` must be 'update'"),
@@ -618,8 +619,41 @@ def test_groups_must_belong_to_the_optimizer():
     frozen = [p for n, p in model.named_parameters() if "mlp" not in n]
     with pytest.raises(ValueError, match="mlp"):
         HESSO(torch.optim.AdamW(frozen), build_groups(model), target_group_sparsity=0.5, pruning_steps=2)
-    with pytest.raises(ValueError, match="`optimizer` must be a `torch.optim.Optimizer`"):
+    with pytest.raises(TypeError, match="`optimizer` must be a `torch.optim.Optimizer`"):
         HESSO(object(), build_groups(model), target_group_sparsity=0.5, pruning_steps=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pruning_steps": 4.0}, r"`pruning_steps` must be an integer >= 1, got 4.0 \(float\)"),
+        ({"start_pruning_step": "2"}, r"`start_pruning_step` must be an integer >= 0, got '2' \(str\)"),
+        ({"pruning_periods": True}, r"`pruning_periods` must be an integer >= 1, got True \(bool\)"),
+        ({"saliency_steps": 1.5}, r"`saliency_steps` must be an integer >= 1"),
+        ({"group_divisible": 2.0}, r"`group_divisible` must be an integer >= 1"),
+        ({"importance_criteria": [("magnitude", 1.0)]}, r"`importance_criteria` must be a dict"),
+        ({"importance_criteria": {"magnitude": "1"}}, r"`importance_magnitude` must be a number"),
+        ({"target_group_sparsity": "0.5"}, r"`target_group_sparsity` must be a number"),
+    ],
+)
+def test_wrong_types_raise_type_error(kwargs, match):
+    model = tiny_model()
+    kwargs = {"target_group_sparsity": 0.5, "pruning_steps": 4, **kwargs}
+    with pytest.raises(TypeError, match=match):
+        HESSO(torch.optim.AdamW(model.parameters()), build_groups(model), **kwargs)
+    with pytest.raises(TypeError, match="`groups` must be a `GroupSet`"):
+        HESSO(
+            torch.optim.AdamW(model.parameters()),
+            list(build_groups(model)),
+            target_group_sparsity=0.5,
+            pruning_steps=4,
+        )
+
+
+def test_pruning_steps_is_required():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="pruning_steps"):
+        HESSO(torch.optim.AdamW(model.parameters()), build_groups(model), target_group_sparsity=0.5)
 
 
 def test_metrics_are_flat_floats():

@@ -76,24 +76,24 @@ def test_hf_argument_parser(tmp_path):
         ),
         (dict(target_group_sparsity=1.0), r"`target_group_sparsity` must lie in \(0, 1\), got 1.0"),
         (dict(target_group_sparsity=None, target_param_sparsity=0.0), r"`target_param_sparsity` must lie in \(0, 1\)"),
-        (dict(start_pruning_step=-1), r"`start_pruning_step` must be >= 0, got -1"),
+        (dict(start_pruning_step=-1), r"`start_pruning_step` must be an integer >= 0, got -1"),
         (
             dict(saliency_direction="sign"),
-            r"`saliency_direction` must be 'update' \(the paper's\) or 'gradient', got 'sign'",
+            r"`saliency_direction` must be 'update' or 'gradient' \(the base optimizer's step, the paper's; or the raw gradient\), got 'sign'",
         ),
-        (dict(pruning_periods=0), r"`pruning_periods` must be >= 1, got 0"),
+        (dict(pruning_periods=0), r"`pruning_periods` must be an integer >= 1, got 0"),
         (dict(pruning_steps=None), r"`pruning_steps` is required"),
         (
             dict(pruning_steps=15),
             r"`pruning_steps` \(15\) // `pruning_periods` \(10\) = 1 optimizer steps per period, but a period needs at "
-            r"least 2. Raise `pruning_steps` to at least 20",
+            r"least 2 \(T >= 2\).*Raise `pruning_steps` to at least 20",
         ),
         (
             dict(max_steps=1000),
             r"ends at optimizer step `start_pruning_step` \+ `pruning_steps` = 200 \+ 1000 = 1200, after `max_steps` "
             r"\(1000; optimizer steps count after gradient accumulation\)\. Lower .* at most 1000",
         ),
-        (dict(importance_magnitude=-0.1), r"importance weights must be >= 0 with at least one > 0"),
+        (dict(importance_magnitude=-0.1), r"importance weights .* must be finite and >= 0 with at least one > 0"),
         (
             dict(
                 importance_magnitude=0,
@@ -102,11 +102,14 @@ def test_hf_argument_parser(tmp_path):
                 importance_taylor_first_order=0,
                 importance_taylor_second_order=0,
             ),
-            r"importance weights must be >= 0 with at least one > 0",
+            r"importance weights .* must be finite and >= 0 with at least one > 0",
         ),
         (dict(prune_kinds=["neuron"]), r"`prune_kinds` must be a non-empty list of kinds among .*got \['neuron'\]"),
         (dict(prune_kinds=[]), r"`prune_kinds` must be a non-empty list"),
-        (dict(group_divisible=0), r"`group_divisible` must be >= 1, got 0"),
+        (
+            dict(group_divisible=0),
+            r"`group_divisible` must be an integer >= 1 \(use 1 for no rounding of the kept counts\), got 0",
+        ),
         (dict(saliency_steps=0), r"`saliency_steps` must be an integer >= 1, got 0"),
         (
             dict(saliency_steps=202),

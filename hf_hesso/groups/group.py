@@ -10,12 +10,16 @@ slice instead of one Python loop iteration per group: a Llama-3-8B has ~460k MLP
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # The kinds of groups the rules produce.
 MLP_CHANNEL = "mlp_channel"
@@ -140,6 +144,7 @@ class GroupSet:
         param_shapes: dict[str, tuple[int, ...]],
         model: nn.Module | None = None,
         adapters: dict | None = None,
+        prune_frozen: bool = False,
     ):
         # The model the names resolve against; parameters are looked up when needed, so a model whose parameter
         # objects are replaced after grouping (FSDP2 `fully_shard`, `to_empty`) still resolves to the live ones.
@@ -147,6 +152,8 @@ class GroupSet:
         # peft LoRA: base weight name -> its `hf_hesso.lora.LoraAdapter`s, whose `lora_B` rows / `lora_A` columns the
         # blocks also slice. HESSO scores such projections on the effective weight `W0 + s * B @ A`.
         self.adapters = dict(adapters or {})
+        # Whether groups that slice parameters with `requires_grad=False` (outside LoRA's base) were kept on purpose.
+        self.prune_frozen = prune_frozen
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self.model_type = model_type
         self.param_shapes = dict(param_shapes)
@@ -243,3 +250,39 @@ class GroupSet:
                     shape = [1] * (p.dim() + 2)
                     shape[s.dim + 1] = b.n
                     s.view(p.data).masked_fill_(drop.to(p.device).view(shape), 0)
+
+    def without_frozen(self, model: nn.Module | None = None) -> tuple[GroupSet, list[Block]]:
+        """The groups without the blocks that slice a parameter with `requires_grad=False`, and those blocks.
+
+        A LoRA model (groups with adapters) is returned whole: peft freezes its entire base, and its frozen base
+        slices are pruned through the adapter groups. Group numbers of the blocks kept are renumbered.
+        """
+        if self.adapters:
+            return self, []
+        params = self.parameters(model)
+        kept: list[Block] = []
+        dropped: list[Block] = []
+        for b in self.blocks:
+            if any(not params[s.param].requires_grad for s in b.slices):
+                dropped.append(b)
+            else:
+                kept.append(dataclasses.replace(b, offset=sum(k.n for k in kept)))
+        if not dropped:
+            return self, []
+        used = {s.param for b in kept for s in b.slices}
+        shapes = {name: shape for name, shape in self.param_shapes.items() if name in used}
+        return GroupSet(kept, self.model_type, shapes, model=self.model if model is None else model), dropped
+
+
+def exclude_frozen(groups: GroupSet) -> GroupSet:
+    """`groups.without_frozen()`, with a warning that names the blocks left out (see `build_groups`)."""
+    kept, dropped = groups.without_frozen()
+    if dropped:
+        names = ", ".join(f"layer {b.layer} {b.kind} ({b.n} groups)" for b in dropped[:8])
+        more = f" and {len(dropped) - 8} more blocks" if len(dropped) > 8 else ""
+        logger.warning(
+            f"build_groups: left {sum(b.n for b in dropped)} groups out of pruning because they slice parameters with "
+            f"`requires_grad=False`: {names}{more}. Frozen parameters are never changed; pass `prune_frozen=True` "
+            "(`HESSOConfig(prune_frozen=True)`) to prune them anyway."
+        )
+    return kept

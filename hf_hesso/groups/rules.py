@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..modeling.architectures import get_layout, get_submodule, normalize_config
-from .group import HEAD, KINDS, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, Block, GroupSet, Slice
+from .group import HEAD, KINDS, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, Block, GroupSet, Slice, exclude_frozen
 from .peft import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
 
 
@@ -67,7 +67,10 @@ def _linear(layer: nn.Module, path: str, where: str) -> tuple[nn.Linear, str, li
 
 
 def build_groups(
-    model: nn.Module, kinds: Iterable[str] | None = None, layers: Iterable[int] | None = None
+    model: nn.Module,
+    kinds: Iterable[str] | None = None,
+    layers: Iterable[int] | None = None,
+    prune_frozen: bool = False,
 ) -> GroupSet:
     """Build the zero-invariant groups of a supported model from its config, without tracing.
 
@@ -77,6 +80,10 @@ def build_groups(
         kinds (`Iterable[str]`, *optional*): restrict to these kinds (`"mlp_channel"`, `"head"`, `"kv_group"`,
             `"query_slot"`). Default: all kinds the architecture supports.
         layers (`Iterable[int]`, *optional*): restrict to these layer indices. Default: every layer.
+        prune_frozen (`bool`, *optional*, defaults to `False`): keep the groups that slice parameters with
+            `requires_grad=False`. By default a block (one kind in one layer) that touches a frozen parameter is
+            left out, with a warning that names it, so that HESSO never changes what the user froze. A LoRA model's
+            frozen base is not concerned: its groups are kept and pruned through the adapters.
 
     Returns:
         `GroupSet`: the groups, block by block (one block = one kind in one layer). Blocks with fewer than two
@@ -159,4 +166,5 @@ def build_groups(
         parts = [(m, 0, 1, 1) for m in mlp_in]
         parts.append((_linear(layer, layout.mlp_out, where), 1, 1, 1))
         add(i, MLP_CHANNEL, width, parts)
-    return GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters)
+    groups = GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters, prune_frozen=prune_frozen)
+    return groups if prune_frozen else exclude_frozen(groups)

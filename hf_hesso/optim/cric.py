@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,49 +20,15 @@ from torch.optim import Optimizer
 from ..groups import GroupSet
 from .distributed import local
 from .hesso import HESSO
-from .selection import select_redundant
+from .schedule import DEFAULT_TRIAL_RATIOS, check_cric_settings
+from .scoring import score_problem
+from .state import restored_int, restored_tensor, state_error
+
+__all__ = ["CRIC", "DEFAULT_TRIAL_RATIOS", "check_cric_settings"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_KEY = "cric"
-DEFAULT_TRIAL_RATIOS = (0.25, 0.5, 0.75)
-
-
-def check_cric_settings(
-    start_step: int,
-    sampling_steps: int,
-    max_cycles: int,
-    tolerance: int,
-    trial_ratios: Sequence[float],
-    loss_weight: float,
-    prefix: str = "",
-) -> tuple[float, ...]:
-    """Validate the CRIC knobs (named `{prefix}<knob>` in the errors); returns the trial ratios as a tuple."""
-    for name, value, low in (
-        ("start_step", start_step, 0),
-        ("sampling_steps", sampling_steps, 2),
-        ("max_cycles", max_cycles, 1),
-        ("tolerance", tolerance, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            why = " (a candidate set fades over the steps of a cycle, so a cycle needs 2)" if low == 2 else ""
-            raise ValueError(f"`{prefix}{name}` must be an integer >= {low}{why}, got {value!r}.")
-    if isinstance(trial_ratios, (int, float)):
-        trial_ratios = [trial_ratios]
-    ratios = tuple(trial_ratios) if trial_ratios is not None else ()
-    if not ratios or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in ratios):
-        raise ValueError(
-            f"`{prefix}trial_ratios` must be a non-empty list of fractions in (0, 1), got {trial_ratios!r}. Use e.g. "
-            f"{list(DEFAULT_TRIAL_RATIOS)} (the paper's ratios)."
-        )
-    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not loss_weight >= 0:
-        raise ValueError(
-            f"`{prefix}loss_weight` must be a finite number >= 0, got {loss_weight!r}. Use 0 to ignore the probing "
-            "sensitivity, 1.0 for the default penalty."
-        )
-    if math.isinf(loss_weight):
-        raise ValueError(f"`{prefix}loss_weight` must be finite, got {loss_weight!r}.")
-    return tuple(float(r) for r in ratios)
 
 
 class CRIC(HESSO):
@@ -107,6 +74,12 @@ class CRIC(HESSO):
     copy of every parameter that a group slices (for LLaMA models: the attention and MLP projections, about 95% of
     the parameters; the embeddings and norms are not copied), in the parameters' dtype, and nothing extra on the
     accelerator. That copy is part of `state_dict()` while the search runs, so a checkpoint taken then holds it too.
+
+    Implementation: CRIC uses only HESSO's documented interface (`docs/optimizer.md`): it overrides the hooks
+    `pruning_step(n)` (probing and cycles until the search ends) and `selection_scores(period, n)` (its final
+    scores), ranks candidates with `budget_mask`, probes and fades with `zero_groups` / `fade`, scores with
+    `score_step()`, and starts HESSO's one period with `begin_projection(step)`. A batch whose scores are NaN,
+    infinite or all zero is left out of the means with a warning.
 
     Args:
         optimizer (`torch.optim.Optimizer`): the base optimizer, as for [`HESSO`].
@@ -206,7 +179,7 @@ class CRIC(HESSO):
     @property
     def needs_loss(self) -> bool:
         """Whether the next `step()` reads the loss (`observe_loss` must be called before it)."""
-        n = self._num_steps + 1
+        n = self.num_steps + 1
         return not self._done and self.cric_start_step < n <= self._probe_end
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
@@ -234,7 +207,7 @@ class CRIC(HESSO):
     @property
     def phase(self) -> str:
         """`"warmup"`, `"probing"`, `"cycles"` or `"done"` (the cycles have finished; HESSO's projection follows)."""
-        n = self._num_steps
+        n = self.num_steps
         if self._done:
             return "done"
         if n <= self.cric_start_step:
@@ -279,14 +252,15 @@ class CRIC(HESSO):
                 loss = closure()
             if self._observed is None and loss is not None:
                 self.observe_loss(loss)
-        if not any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"]):
-            self.optimizer.step()
-            return loss
-        n = self._num_steps + 1
+        super().step()
+        return loss
+
+    def pruning_step(self, n: int) -> None:
+        """Step `n`: warm-up, probing or a cycle step of CRIC, then HESSO's projection period once CRIC is done."""
         if self._done or n <= self.cric_start_step:
             self._observed = None
-            super().step()
-            return loss
+            super().pruning_step(n)
+            return
         observed = self._take_loss(n, required=n <= self._probe_end)
         if n == self.cric_start_step + 1:
             self._start(observed)
@@ -294,17 +268,28 @@ class CRIC(HESSO):
             self._probe_read(n - self.cric_start_step - 2, observed)
         else:
             self._cycle_step(n)
-        self._num_steps = n
-        return loss
 
-    def _accumulate(self, scores: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def _accumulate(self, scores: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> bool:
+        """Add a step's scores to every group's mean (only where `mask`); a batch whose scores are NaN, infinite
+        or all zero is left out with a warning (returns False)."""
         scores = scores.detach().cpu().double()
+        problem = score_problem(scores)
+        if problem is not None:
+            warnings.warn(
+                f"CRIC: the saliency scores of optimizer step {n} are {problem}; that batch is left out of the "
+                "groups' mean scores. Check the loss and the gradients (NaN or infinite loss, fp16 overflow, a "
+                "learning rate so high that the weights diverged).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
         if mask is None:
             self._score_sum += scores
             self._score_count += 1
         else:
             self._score_sum += torch.where(mask, scores, 0.0)
             self._score_count += mask.double()
+        return True
 
     def _start(self, ref_loss: float) -> None:
         """Step S + 1: reference loss, base step and scores, cache, first probe."""
@@ -314,9 +299,9 @@ class CRIC(HESSO):
                 "need a finite positive loss. Start CRIC later (`start_step`) or check the training loss."
             )
         self._ref_loss = float(ref_loss)
-        self._accumulate(self._step_and_score())
+        self._accumulate(self.score_step(), self.cric_start_step + 1)
         # The cache holds the local shards, on the CPU: nothing extra stays on the accelerator.
-        self._cache = {name: local(p.detach()).to("cpu", copy=True) for name, p in self._params.items()}
+        self._cache = {name: local(p.detach()).to("cpu", copy=True) for name, p in self.grouped_parameters.items()}
         self._apply_probe(0)
 
     def _num_probes(self) -> int:
@@ -333,14 +318,14 @@ class CRIC(HESSO):
         if count <= 0:
             return  # a block that may never lose a group: probing it would say nothing useful
         idx = torch.sort(scores, stable=True).indices[:count]
-        for s in block.slices:
-            ops = self._ops[s]
-            p = self._params[s.param]
-            ops.fill_(p.data, idx.to(local(p).device))
+        mask = torch.zeros(len(self.groups), dtype=torch.bool)
+        mask[block.offset + idx] = True
+        self.zero_groups(mask)
 
     def _restore(self, names: Sequence[str] | None = None) -> None:
-        for name in names if names is not None else self._params:
-            local(self._params[name].data).copy_(self._cache[name])
+        params = self.grouped_parameters
+        for name in names if names is not None else params:
+            local(params[name].data).copy_(self._cache[name])
 
     def _probe_read(self, k: int, loss: float) -> None:
         """Probe `k` was applied at the end of the last step: record its loss, restore, apply the next probe."""
@@ -360,19 +345,7 @@ class CRIC(HESSO):
 
     def _bottom(self, scores: torch.Tensor) -> torch.Tensor:
         """Bool per group: the global bottom-K of `scores` under the target (every block keeps its minimum)."""
-        if self.target_group_sparsity is not None:
-            budget = float(round(self._target_total))
-
-            def removed(mask: torch.Tensor) -> float:
-                return float(mask.sum())
-
-        else:
-            budget = self._target_total
-            removed = self._counter.count
-        none = torch.zeros(len(self.groups), dtype=torch.bool)
-        return select_redundant(
-            scores.cpu().double(), none, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
-        )
+        return self.budget_mask(scores)
 
     def estimate(self) -> torch.Tensor:
         """Current score estimate per group: mean over the collected steps plus the block-sensitivity penalty."""
@@ -391,31 +364,20 @@ class CRIC(HESSO):
         m = self.sampling_steps
         if t == 0:
             self._candidates = self._bottom(self.estimate())
-            scores = self._step_and_score().cpu().double()
-            self._accumulate(scores)
-            self._candidate_scores = scores
+            scores = self.score_step()
+            usable = self._accumulate(scores, n)
+            # Unusable scores (a bad batch): the candidates keep their current estimate as their reference.
+            self._candidate_scores = scores if usable else self.estimate()
             self._violating = torch.zeros_like(self._history)
         else:
-            scores = self._step_and_score().cpu().double()
+            scores = self.score_step()
             outside = ~self._candidates
-            self._accumulate(scores, outside)
-            ranked = torch.where(self._candidates, self._candidate_scores, scores)
-            self._violating |= self._bottom(ranked) & outside
-            self._fade_set(self._candidates, (m - t - 1) / (m - t))
+            if self._accumulate(scores, n, outside):
+                ranked = torch.where(self._candidates, self._candidate_scores, scores)
+                self._violating |= self._bottom(ranked) & outside
+            self.fade(self._candidates, (m - t - 1) / (m - t))
         if t == m - 1:
             self._end_cycle(n)
-
-    def _fade_set(self, mask: torch.Tensor, factor: float) -> None:
-        """Multiply every slice of the groups in `mask` by `factor`, through the Block/Slice views."""
-        for block in self.groups.blocks:
-            part = mask[block.offset : block.offset + block.n]
-            if not bool(part.any()):
-                continue
-            for s in block.slices:
-                p = self._params[s.param]
-                ops = self._ops[s]
-                scale = part.to(device=local(p).device, dtype=p.dtype) * (factor - 1) + 1
-                ops.target(p.data).mul_(ops.factor(scale))
 
     def _end_cycle(self, n: int) -> None:
         new = self._violating & ~self._history
@@ -439,13 +401,12 @@ class CRIC(HESSO):
         self._cache = None
         self._candidates = torch.zeros_like(self._history)
         # HESSO's single period starts at the next step.
-        self.start_pruning_step = n
+        self.begin_projection(n)
 
-    def _step_and_select(self, period: int) -> None:
-        """The projection period's first step: base step, then select the bottom-K of CRIC's final scores."""
-        self.optimizer.step()
-        self.last_scores = self._final_scores.clone()
-        self.select(self.last_scores, period)
+    def selection_scores(self, period: int, n: int) -> torch.Tensor:
+        """The projection period's first step: base step, then CRIC's final scores (HESSO selects their bottom-K)."""
+        self.base_step()
+        return self._final_scores.clone()
 
     def _info(self, message: str) -> None:
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -495,34 +456,58 @@ class CRIC(HESSO):
                 f"{list(ours['settings'])} and trial_ratios {list(ours['trial_ratios'])}, but this optimizer has "
                 f"{settings} and {list(self.trial_ratios)}. Rebuild it with the settings of the run you resume."
             )
+        # Every field is checked (shape, type, range) before anything is changed.
+        num = len(self.groups)
+        probes = (len(self.groups.blocks), len(self.trial_ratios))
+
+        def vector(field: str, dtype: torch.dtype, shape: tuple[int, ...] = (num,)) -> torch.Tensor:
+            return restored_tensor(ours, field, shape, dtype, entry="CRIC")
+
+        probe_losses = vector("probe_losses", torch.float64, probes)
+        score_sum, score_count = vector("score_sum", torch.float64), vector("score_count", torch.float64)
+        history, candidates = vector("history", torch.bool), vector("candidates", torch.bool)
+        candidate_scores, violating = vector("candidate_scores", torch.float64), vector("violating", torch.bool)
+        cycles = restored_int(ours, "cycles", entry="CRIC")
+        if not 0 <= cycles <= self.max_cycles:
+            raise state_error("cycles", f"is {cycles}, outside 0 ... `max_cycles`={self.max_cycles}", "CRIC")
+        final = None if ours.get("final_scores") is None else vector("final_scores", torch.float64)
+        done = bool(ours["done"])
+        if done and final is None:
+            raise state_error("final_scores", "is missing although the search is done", "CRIC")
+        start = restored_int(ours, "start_pruning_step", entry="CRIC")
+        if start < self._probe_end or start > self._worst_start:
+            raise state_error(
+                "start_pruning_step",
+                f"is {start}, but the projection starts between the end of probing ({self._probe_end}) and the "
+                f"worst case ({self._worst_start})",
+                "CRIC",
+            )
+        cache = ours.get("cache")
+        params = self.grouped_parameters
+        if cache is not None:
+            for name, p in params.items():
+                if name not in cache or tuple(torch.as_tensor(cache[name]).shape) != tuple(local(p).shape):
+                    raise state_error("cache", f"has no tensor shaped like {name!r} {tuple(local(p).shape)}", "CRIC")
+
         # The projection period's start is only known once the cycles end: restore it before HESSO checks it.
-        self.start_pruning_step = int(ours["start_pruning_step"])
+        self.begin_projection(start)
         super().load_state_dict(state_dict)
-
-        def tensor(value, dtype):
-            return torch.as_tensor(value).detach().to("cpu", dtype).clone()
-
-        self._done = bool(ours["done"])
+        self._done = done
         self._ref_loss = None if ours["ref_loss"] is None else float(ours["ref_loss"])
-        self._probe_losses = tensor(ours["probe_losses"], torch.float64)
-        self._score_sum = tensor(ours["score_sum"], torch.float64)
-        self._score_count = tensor(ours["score_count"], torch.float64)
-        self._history = tensor(ours["history"], torch.bool)
-        self._candidates = tensor(ours["candidates"], torch.bool)
-        self._candidate_scores = tensor(ours["candidate_scores"], torch.float64)
-        self._violating = tensor(ours["violating"], torch.bool)
-        self._cycles = int(ours["cycles"])
+        self._probe_losses, self._score_sum, self._score_count = probe_losses, score_sum, score_count
+        self._history, self._candidates, self._violating = history, candidates, violating
+        self._candidate_scores = candidate_scores
+        self._cycles = cycles
         self._cycle_log = [[int(v) for v in e] for e in ours["cycle_log"]]
-        final = ours["final_scores"]
-        self._final_scores = None if final is None else tensor(final, torch.float64)
-        cache = ours["cache"]
+        self._final_scores = final
         if cache is None:
             self._cache = None
         else:
-            self._cache = {}
-            for name, p in self._params.items():
-                # Same dtype and shape as the live (local) parameter; stays on the CPU.
-                self._cache[name] = torch.as_tensor(cache[name]).detach().to("cpu", local(p).dtype).clone()
+            # Same dtype and shape as the live (local) parameter; stays on the CPU.
+            self._cache = {
+                name: torch.as_tensor(cache[name]).detach().to("cpu", local(p).dtype).clone()
+                for name, p in params.items()
+            }
         self._observed = None
 
     # ---- Metrics ----

@@ -15,25 +15,31 @@ The per-step passes multiply each affected slice by a per-group vector (0 pruned
 once per period: measured on CPU, one vectorised multiply over the slice beats `index_fill_`/`index_copy_` on the
 affected rows and columns by 2-3x. Persistent extra state is O(number of groups): the step counter, the period that
 selected each group and the latest scores.
+
+The work is split across `hf_hesso.optim`: `schedule` (step arithmetic and every settings check, shared with
+`HESSOConfig`), `scoring` (base step, direction, saliency of a step, the saliency window), `selection` (global
+ranking under a budget), `masking` (fading, masking and zeroing passes), `state` (checkpoint entry and its
+validation), `facade` (the `Optimizer` that delegates to the base optimizer). This module ties them together.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
-from ..groups.peft import adapter_parameters, effective_weights
-from .distributed import SliceOps, check_supported, group_squared_norms, local
-from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
-from .selection import ParamCounter, block_capacity, select_redundant
+from ..groups import KINDS, GroupSet
+from .distributed import check_supported, group_squared_norms
+from .facade import WrappedOptimizer, check_base_optimizer
+from .masking import GroupMasks
+from .schedule import Schedule, check_pruning_settings
+from .scoring import SaliencyWindow, Scorer, score_problem
+from .selection import ParamCounter, block_capacity, reachable_groups, select_redundant
+from .state import STATE_KEY, PruningState, pack_state, unpack_state
 
-_STATE_KEY = "hesso"
 _FIXED_POINT_OPTIMIZERS = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -49,59 +55,14 @@ _FIXED_POINT_OPTIMIZERS = (
 )
 
 
-def _group_shape(s: Slice, p: torch.Tensor) -> list[int]:
-    """Shape that broadcasts a per-group vector over `s.view(p)`."""
-    shape = [1] * (p.dim() + 2)
-    shape[s.dim + 1] = s.n
-    return shape
+def frozen_parameters(groups: GroupSet, params: dict[str, torch.Tensor]) -> list[str]:
+    """Names of grouped parameters with `requires_grad=False` that are not a LoRA model's frozen base."""
+    if groups.adapters:
+        return []  # peft freezes the whole base model; its slices are faded through the adapter groups
+    return [name for name, p in params.items() if not p.requires_grad]
 
 
-def check_target(target_group_sparsity: float | None, target_param_sparsity: float | None) -> tuple[str, float]:
-    """Check that exactly one target is set, in (0, 1); returns `(name, value)` of the one given."""
-    given = {
-        name: value
-        for name, value in (
-            ("target_group_sparsity", target_group_sparsity),
-            ("target_param_sparsity", target_param_sparsity),
-        )
-        if value is not None
-    }
-    if len(given) != 1:
-        raise ValueError(
-            "Set exactly one of `target_group_sparsity` and `target_param_sparsity`, got "
-            f"target_group_sparsity={target_group_sparsity}, target_param_sparsity={target_param_sparsity}. Use "
-            "`target_group_sparsity` for a fraction of the groups (the paper's knob) or `target_param_sparsity` for "
-            "a fraction of the prunable parameters."
-        )
-    ((name, value),) = given.items()
-    if not 0 < value < 1:
-        raise ValueError(f"`{name}` must lie in (0, 1), got {value}. Pass a fraction such as 0.4 (remove 40%).")
-    return name, value
-
-
-def check_saliency_steps(
-    saliency_steps: int, start_pruning_step: int, pruning_steps: int, pruning_periods: int
-) -> None:
-    """Check that the `saliency_steps` window of every selection fits the schedule (see [`HESSO`])."""
-    k = saliency_steps
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"`saliency_steps` must be an integer >= 1, got {k!r}.")
-    if k > start_pruning_step + 1:
-        raise ValueError(
-            f"`saliency_steps`={k} averages the first selection over its step and the {k - 1} steps before it, but "
-            f"`start_pruning_step`={start_pruning_step} leaves only {start_pruning_step} warm-up steps. Raise "
-            f"`start_pruning_step` to at least {k - 1} or lower `saliency_steps` to at most {start_pruning_step + 1}."
-        )
-    period = pruning_steps // pruning_periods
-    if pruning_periods > 1 and k > period:
-        raise ValueError(
-            f"`saliency_steps`={k} is longer than a pruning period ({period} steps = `pruning_steps` // "
-            "`pruning_periods`), so the windows of two selections would overlap. Lower `saliency_steps` or lengthen "
-            "the periods."
-        )
-
-
-class HESSO(Optimizer):
+class HESSO(WrappedOptimizer):
     r"""
     HESSO (Hybrid Efficient Structured Sparse Optimizer): wraps a torch optimizer and, over a schedule of optimizer
     steps, drives the least salient groups (MLP channels, attention heads, key/value groups, query slots) to exactly
@@ -133,8 +94,9 @@ class HESSO(Optimizer):
             Optimizer steps of plain training before the first selection.
         pruning_periods (`int`, *optional*, defaults to `1`):
             Number of periods; each selects `1 / pruning_periods` of the target.
-        pruning_steps (`int`, *optional*, defaults to `1`):
+        pruning_steps (`int`):
             Optimizer steps over which pruning happens; `pruning_steps // pruning_periods` must be at least 2.
+            Required (keyword-only), as in `HESSOConfig`.
         importance_criteria (`dict[str, float]`, *optional*):
             Weights of the saliency criteria: the paper's `magnitude`, `avg_magnitude`, `cosine_similarity`,
             `taylor_first_order`, `taylor_second_order`, and `taylor_elementwise` (`sum |x * d|` over a group's
@@ -166,6 +128,20 @@ class HESSO(Optimizer):
             adds a term on the weights whose gradient at zero is not zero. Optimizers that are not torch built-ins
             get their pruned weights re-zeroed after every step either way.
 
+    All settings are checked by `hf_hesso.optim.schedule` (the same checks as `HESSOConfig`): a value of the wrong
+    type raises `TypeError`, a value out of range `ValueError`. With `group_divisible > 1` a target that the kept
+    multiples cannot reach exactly warns with the reachable figure. Groups that slice frozen parameters
+    (`requires_grad=False`, outside a LoRA model's base) are refused unless built with `prune_frozen=True`.
+
+    Interface for schedules built on HESSO (used by [`CRIC`], documented in `docs/optimizer.md`):
+    `schedule` ([`Schedule`]), `num_steps`, `groups`, `grouped_parameters`, `base_step()`, `score_step()`,
+    `budget_mask(scores, selected, fraction)`, `select(scores, period)`, `zero_groups(mask)`, `fade(mask, factor)`,
+    `begin_projection(step)`, and the two hooks `pruning_step(n)` and `selection_scores(period, n)`.
+
+    Robustness: a selection whose scores are NaN, infinite or all zero never falls back to index order (the
+    window's other batches are used with a warning, or the step raises); stepping after the model's parameters
+    were replaced (e.g. by `slim_model`) raises; a restored state is validated field by field.
+
     Example:
 
     ```python
@@ -188,53 +164,33 @@ class HESSO(Optimizer):
         target_param_sparsity: float | None = None,
         start_pruning_step: int = 0,
         pruning_periods: int = 1,
-        pruning_steps: int = 1,
+        pruning_steps: int,
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
         hold_zeros: str = "auto",
         saliency_direction: str = "update",
         saliency_steps: int = 1,
     ):
-        if not isinstance(optimizer, Optimizer):
-            raise ValueError(
-                f"`optimizer` must be a `torch.optim.Optimizer` instance, got {type(optimizer).__name__}. Build the "
-                "base optimizer first, e.g. `HESSO(torch.optim.AdamW(model.parameters(), lr=1e-4), groups, ...)`."
-            )
+        check_base_optimizer(optimizer)
         if not isinstance(groups, GroupSet):
-            raise ValueError(f"`groups` must be a `GroupSet` from `build_groups(model)`, got {type(groups).__name__}.")
+            raise TypeError(f"`groups` must be a `GroupSet` from `build_groups(model)`, got {type(groups).__name__}.")
         if len(groups) == 0:
             raise ValueError("`groups` is empty: the model has no prunable groups. Build them with more kinds/layers.")
-        target_name, target = check_target(target_group_sparsity, target_param_sparsity)
-        for name, value, low in (
-            ("start_pruning_step", start_pruning_step, 0),
-            ("pruning_periods", pruning_periods, 1),
-            ("group_divisible", group_divisible, 1),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-        if not isinstance(pruning_steps, int) or pruning_steps // pruning_periods < 2:
-            raise ValueError(
-                f"`pruning_steps` ({pruning_steps}) // `pruning_periods` ({pruning_periods}) must be at least 2 "
-                "optimizer steps per period (T >= 2), so that a group can fade before it reaches zero. Raise "
-                f"`pruning_steps` to at least {2 * pruning_periods} or lower `pruning_periods`."
-            )
-        check_saliency_steps(saliency_steps, start_pruning_step, pruning_steps, pruning_periods)
-        if hold_zeros not in ("auto", "always"):
-            raise ValueError(f"`hold_zeros` must be 'auto' or 'always', got {hold_zeros!r}.")
-        if saliency_direction not in ("update", "gradient"):
-            raise ValueError(
-                f"`saliency_direction` must be 'update' (the base optimizer's step, the paper's) or 'gradient' (the "
-                f"raw gradient), got {saliency_direction!r}."
-            )
+        target_name, target, weights = check_pruning_settings(
+            target_group_sparsity=target_group_sparsity,
+            target_param_sparsity=target_param_sparsity,
+            importance_criteria=importance_criteria,
+            group_divisible=group_divisible,
+            hold_zeros=hold_zeros,
+            saliency_direction=saliency_direction,
+        )
+        schedule = Schedule(start_pruning_step, pruning_periods, pruning_steps, saliency_steps)
         if saliency_direction == "gradient" and groups.adapters:
             raise ValueError(
                 "`saliency_direction='gradient'` needs the gradient of every scored weight, but a LoRA model's "
                 "projections are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed. "
                 "Use `saliency_direction='update'` with LoRA."
             )
-        self.saliency_direction = saliency_direction
-        self.saliency_steps = saliency_steps
-        self.weights = check_criteria(importance_criteria)
 
         # Resolve the live parameters once and check that the base optimizer updates every one of them.
         # FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions hide the rows and columns that the groups cut.
@@ -244,13 +200,19 @@ class HESSO(Optimizer):
             for j, p in enumerate(g["params"])
         }
         check_supported(base, {})
-        self._params = groups.parameters()
-        check_supported(self._params, groups.param_shapes)
-        # Per-slice operations on the (local shard of the) parameter; under FSDP2 they map local rows to groups.
-        self._ops = {s: SliceOps(s, self._params[s.param]) for b in groups.blocks for s in b.slices}
+        params = groups.parameters()
+        check_supported(params, groups.param_shapes)
+        frozen = frozen_parameters(groups, params)
+        if frozen and not getattr(groups, "prune_frozen", False):
+            raise ValueError(
+                f"`groups` slice parameters with `requires_grad=False`, e.g. {frozen[:3]} ({len(frozen)} in all): "
+                "HESSO never prunes what you froze unless asked. Build the groups after freezing, "
+                "`build_groups(model)` leaves the groups of frozen parameters out, or pass "
+                "`build_groups(model, prune_frozen=True)` to prune (change) frozen parameters on purpose."
+            )
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        # Frozen parameters (`requires_grad=False`: a LoRA model's base weights) are faded and zeroed, never stepped.
-        foreign = [name for name, p in self._params.items() if id(p) not in owned and p.requires_grad]
+        # Frozen parameters (a LoRA model's base weights) are faded and zeroed, never stepped.
+        foreign = [name for name, p in params.items() if id(p) not in owned and p.requires_grad]
         if foreign:
             raise ValueError(
                 f"`groups` slice parameters that `optimizer` does not update, e.g. {foreign[:3]} ({len(foreign)} in "
@@ -258,132 +220,161 @@ class HESSO(Optimizer):
                 "groups from that model (`build_groups(model)`)."
             )
 
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.groups = groups
-        # Where the first grouped parameter sits in the optimizer: `_sync_params` notices when it is swapped.
-        self._probe = self._probe_position(next(n for n, p in self._params.items() if id(p) in owned))
+        self.schedule = schedule
         self.target_group_sparsity = target_group_sparsity
         self.target_param_sparsity = target_param_sparsity
-        self.start_pruning_step = start_pruning_step
-        self.pruning_periods = pruning_periods
-        self.pruning_steps = pruning_steps
-        self.period_length = pruning_steps // pruning_periods
         self.group_divisible = group_divisible
         self.hold_zeros = hold_zeros
+        self.saliency_direction = saliency_direction
+        self.weights = weights
 
         self._counter = ParamCounter(groups)
         self._kinds = torch.tensor([KINDS.index(k) for k in groups.kinds()], dtype=torch.long)
         self._layers = groups.layers()
-        capacity = block_capacity(groups, group_divisible)
+        self._init_budget(target_name, target)
+
+        # Persistent state (see `state.py`): the step counter and, per group, the period that selected it.
+        fresh = PruningState.fresh(len(groups))
+        self._num_steps = fresh.num_steps
+        self._selection_period = fresh.selection_period
+        self.last_scores = fresh.last_scores  # saliency at the latest selection
+        self._window = SaliencyWindow(len(groups))
+        kinds = self._kinds if target_param_sparsity is not None else None
+        self._scorer = Scorer(groups, weights, saliency_direction, kinds=kinds)
+        # Zero gradient + zero state keeps a zero weight exactly zero in these optimizers; any other optimizer also
+        # gets its pruned weights re-zeroed after every step.
+        self._masks = GroupMasks(groups, hold_zeros, fixed_point=type(optimizer) in _FIXED_POINT_OPTIMIZERS)
+        self._bind(params)
+        # After `load_state_dict`, the next step checks that the groups the state calls pruned are zero.
+        self._verify_restored = False
+
+    def _init_budget(self, target_name: str, target: float) -> None:
+        groups, div = self.groups, self.group_divisible
+        capacity = block_capacity(groups, div)
         most = torch.zeros(len(groups), dtype=torch.bool)
         for block, cap in zip(groups.blocks, capacity.tolist(), strict=True):
             most[block.offset : block.offset + cap] = True
-        if target_group_sparsity is not None:
+        if self.target_group_sparsity is not None:
             self._cost = torch.ones(len(groups), dtype=torch.float64)
-            self._target_total = float(round(target_group_sparsity * len(groups)))
-            limit, unit = float(most.sum()), "groups"
+            self._target_total = float(round(target * len(groups)))
+            limit, unit, total = float(most.sum()), "groups", len(groups)
         else:
             self._cost = groups.numel.double()
-            self._target_total = target_param_sparsity * self._counter.total
-            limit, unit = self._counter.count(most), "parameters"
+            self._target_total = target * self._counter.total
+            limit, unit, total = self._counter.count(most), "parameters", self._counter.total
         if self._target_total < 1:
             raise ValueError(f"`{target_name}`={target} removes nothing from {len(groups)} groups. Raise it.")
         if self._target_total > limit:
             raise ValueError(
                 f"`{target_name}`={target} asks to remove {self._target_total:.0f} {unit}, but at most {limit:.0f} can "
-                f"go while every block keeps {group_divisible} group(s) (`group_divisible`={group_divisible}). Lower "
-                f"`{target_name}` to at most {limit / (len(groups) if unit == 'groups' else self._counter.total):.3f}."
+                f"go while every block keeps {div} group(s) (`group_divisible`={div}). Lower "
+                f"`{target_name}` to at most {limit / total:.3f}."
             )
+        if div > 1:
+            # Kept counts are multiples of `group_divisible`: the removable counts per block are steps of it.
+            if self.target_group_sparsity is not None:
+                reachable = float(reachable_groups(groups, div, int(self._target_total)))
+            else:
+                scores = torch.zeros(len(groups), dtype=torch.float64)
+                none = torch.zeros(len(groups), dtype=torch.bool)
+                chosen = select_redundant(
+                    scores, none, groups, self._cost, self._target_total, self._counter.count, group_divisible=div
+                )
+                reachable = self._counter.count(chosen)
+            if reachable < 1:
+                raise ValueError(
+                    f"`{target_name}`={target} with `group_divisible`={div} can remove nothing: no block can lose a "
+                    f"multiple of {div} groups within the target. Raise `{target_name}` or lower `group_divisible`."
+                )
+            # A parameter budget is met to within a chunk's size anyway: warn about a real shortfall only.
+            short = self._target_total - (
+                1e-9 if self.target_group_sparsity is not None else 0.01 * self._target_total
+            )
+            if reachable < short:
+                warnings.warn(
+                    f"HESSO: `{target_name}`={target} asks to remove {self._target_total:.0f} {unit}, but with "
+                    f"`group_divisible`={div} (every block keeps a multiple of {div} groups) at most {reachable:.0f} "
+                    f"can go: the run will end at about {reachable / total:.3f} instead of {target}. Lower "
+                    "`group_divisible` to reach the target.",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
-        # Persistent state: the step counter and, per group, the period that selected it (-1: never).
-        self._num_steps = 0
-        self._selection_period = torch.full((len(groups),), -1, dtype=torch.long)
-        self.last_scores = torch.zeros(len(groups), dtype=torch.float64)  # saliency at the latest selection
-        # Sum of the scores of the steps of the current `saliency_steps` window before its selection step.
-        self._saliency_sum = torch.zeros(len(groups), dtype=torch.float64)
-        self._pruned_index: list[tuple[Block, torch.Tensor]] = []
-        self._pruned_slices: list[tuple[Slice, torch.Tensor]] = []
-        self._guarded_slices: list[tuple[Slice, torch.Tensor]] = []
-        # (parameter name, view shape, exponent) per parameter dimension that fading groups cut: see `_fade`.
-        self._fading: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
-        # Zero gradient + zero state keeps a zero weight exactly zero in these optimizers; any other optimizer also
-        # gets its pruned weights re-zeroed after every step.
-        self._fixed_point = type(optimizer) in _FIXED_POINT_OPTIMIZERS
+    def _bind(self, params: dict[str, torch.Tensor]) -> None:
+        self._params = params
+        # (owning module, attribute, parameter): the per-step check that the model still holds these parameters
+        # costs one dict lookup per grouped parameter in `nn.Module._parameters` (where `register_parameter` and
+        # `setattr` put parameters; resolving dotted names with `get_parameter` every step costs ~100x more).
+        model = self.groups.model
+        self._owners = [
+            (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], p) for name, p in params.items()
+        ]
+        self._masks.bind(params)
+        self._refresh(self._num_steps)
 
-        # What `torch.optim.Optimizer.__init__` sets up for step hooks and profiling; its parameter handling is
-        # skipped on purpose, as `param_groups` belongs to the base optimizer.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+    # ---- The model behind the groups ----
 
-    def _probe_position(self, name: str) -> tuple[int, int, str]:
-        p = self._params[name]
-        for i, group in enumerate(self.optimizer.param_groups):
-            for j, q in enumerate(group["params"]):
-                if q is p:
-                    return i, j, name
-        raise ValueError(f"`optimizer` does not update {name!r}; build it from `model.parameters()`.")
-
-    def _sync_params(self) -> None:
-        """Re-resolve the parameters when they were replaced after construction (O(1) when they were not).
+    def _check_model(self) -> None:
+        """Re-resolve the parameters when the model's were replaced after construction; raise when they no longer
+        match the groups.
 
         Accelerate shards the model with FSDP2 *after* the Trainer built the optimizer, and swaps the optimizer's
-        parameters for the sharded `DTensor` ones: the cached parameters and per-slice operations are then stale.
+        parameters for the sharded `DTensor` ones: the cached parameters and per-slice operations are then re-bound.
+        `slim_model` instead gives the sliced projections new, smaller parameters that the base optimizer does not
+        hold: the groups and the optimizer must then be rebuilt, and the step raises.
         """
-        i, j, name = self._probe
-        groups = self.optimizer.param_groups
-        if i < len(groups) and j < len(groups[i]["params"]) and groups[i]["params"][j] is self._params[name]:
+        if all(module._parameters.get(attr) is p for module, attr, p in self._owners):
             return
-        self._params = self.groups.parameters()
-        check_supported(self._params, self.groups.param_shapes)
-        owned = {id(p) for group in groups for p in group["params"]}
-        foreign = [n for n, p in self._params.items() if id(p) not in owned and p.requires_grad]
-        if foreign:
-            raise ValueError(
-                f"The model's parameters {foreign[:3]} are no longer the ones `optimizer` updates. Shard or wrap the "
-                "model before building the optimizer and `HESSO`."
+        try:
+            params = self.groups.parameters()
+        except ValueError:
+            params = None
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        foreign = [] if params is None else [n for n, p in params.items() if id(p) not in owned and p.requires_grad]
+        shapes = (
+            []
+            if params is None
+            else [
+                n
+                for n, p in params.items()
+                if tuple(p.shape) != tuple(self.groups.param_shapes[n]) and not hasattr(p, "device_mesh")
+            ]
+        )
+        if params is None or foreign or shapes:
+            example = (foreign or shapes or ["(parameters missing)"])[:3]
+            raise RuntimeError(
+                f"The model's parameters {example} are no longer the ones this HESSO optimizer and its groups were "
+                "built for (`slim_model` replaces the pruned projections, and wrapping or sharding the model after "
+                "building the optimizer replaces parameters too). Rebuild the groups and the optimizer from the "
+                "model as it is now: `groups = build_groups(model)`, then "
+                "`HESSO(torch.optim.AdamW(model.parameters(), ...), groups, ...)`."
             )
-        self._probe = self._probe_position(name)
-        self._ops = {s: SliceOps(s, self._params[s.param]) for b in self.groups.blocks for s in b.slices}
-        self._refresh_indices()
-
-    # ---- Delegation to the base optimizer (never cache its param_groups: Accelerate and schedulers edit them) ----
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        check_supported(params, self.groups.param_shapes)
+        self._bind(params)
 
     # ---- Schedule ----
+
+    @property
+    def start_pruning_step(self) -> int:
+        return self.schedule.start_pruning_step
+
+    @property
+    def pruning_periods(self) -> int:
+        return self.schedule.pruning_periods
+
+    @property
+    def pruning_steps(self) -> int:
+        return self.schedule.pruning_steps
+
+    @property
+    def period_length(self) -> int:
+        return self.schedule.period_length
+
+    @property
+    def saliency_steps(self) -> int:
+        return self.schedule.saliency_steps
 
     @property
     def num_steps(self) -> int:
@@ -393,38 +384,27 @@ class HESSO(Optimizer):
     @property
     def pruning_end_step(self) -> int:
         """The step at which the last period ends: `start_pruning_step + pruning_steps`."""
-        return self.start_pruning_step + self.pruning_steps
+        return self.schedule.end_step
 
     @property
     def current_period(self) -> int:
         """-1 during warm-up, the period of the last step taken while pruning, `pruning_periods` after."""
-        n = self._num_steps
-        if n <= self.start_pruning_step:
-            return -1
-        if n >= self.pruning_end_step:
-            return self.pruning_periods
-        return min((n - self.start_pruning_step - 1) // self.period_length, self.pruning_periods - 1)
+        return self.schedule.current_period(self._num_steps)
 
-    def _period_length(self, period: int) -> int:
-        if period < self.pruning_periods - 1:
-            return self.period_length
-        return self.pruning_steps - (self.pruning_periods - 1) * self.period_length
-
-    def _period_end(self, period: int) -> int:
-        return self.start_pruning_step + period * self.period_length + self._period_length(period)
-
-    def _phase(self, n: int) -> tuple[int, int, int] | None:
-        """`(period, t, period length)` of step `n` (t = 0 at the period's first step), or None outside pruning."""
-        i = n - self.start_pruning_step - 1
-        if not 0 <= i < self.pruning_steps:
-            return None
-        period = min(i // self.period_length, self.pruning_periods - 1)
-        return period, i - period * self.period_length, self._period_length(period)
-
-    def _pruned_mask(self) -> torch.Tensor:
+    def _pruned_mask(self, n: int | None = None) -> torch.Tensor:
+        """Bool per group: selected in a period that has ended by step `n` (default: the steps taken)."""
+        n = self._num_steps if n is None else n
         sel = self._selection_period
-        ends = torch.tensor([self._period_end(p) for p in range(self.pruning_periods)], dtype=torch.long)
-        return (sel >= 0) & (ends[sel.clamp_min(0)] <= self._num_steps)
+        return (sel >= 0) & (self.schedule.period_ends()[sel.clamp_min(0)] <= n)
+
+    def _refresh(self, n: int) -> None:
+        pruned = self._pruned_mask(n)
+        self._masks.refresh(pruned, (self._selection_period >= 0) & ~pruned)
+
+    @property
+    def selection_period(self) -> torch.Tensor:
+        """Long per group: the period that selected it, -1 if none did (a copy)."""
+        return self._selection_period.clone()
 
     @property
     def selected_mask(self) -> torch.Tensor:
@@ -455,116 +435,82 @@ class HESSO(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"]):
+        if not self.has_gradients():
             # Nothing to update: the base step is a no-op and the schedule must not move.
             self.optimizer.step()
             return loss
-        self._sync_params()
+        self._check_model()
+        if self._verify_restored:
+            self._verify_restored_zeros()
         n = self._num_steps + 1
-        phase = self._phase(n)
-        # Zero gradients of pruned groups keep their (already zero) weights and moments at zero through the base step.
-        self._mask_pruned(grads=True)
-        if phase is not None and phase[1] == 0:
-            self._step_and_select(phase[0])
-        elif self._in_saliency_window(n):
-            self._saliency_sum += self._step_and_score().cpu().double()
-        else:
-            self.optimizer.step()
+        self.pruning_step(n)
         self._num_steps = n
-        if phase is not None and phase[1] >= 1:
-            period, t, length = phase
-            self._fade((length - t - 1) / (length - t))
-            if t == length - 1:
-                # The fading groups are exactly zero now: clear their base-optimizer state and hold them there.
-                self._refresh_indices()
-                self._fill(self._pruned_index, weights=True, state=True)
-                return loss
-        if not self._fixed_point:
-            self._mask_pruned(weights=True)
         return loss
 
-    def _in_saliency_window(self, n: int) -> bool:
-        """Whether step `n` is one of the `saliency_steps - 1` steps just before a selection step."""
-        if self.saliency_steps == 1:
-            return False
-        i = n - self.start_pruning_step - 1  # selection steps are at i = period * period_length
-        if i < 0:
-            distance = -i
+    def pruning_step(self, n: int) -> None:
+        """Optimizer step `n` of the schedule, base step included (the counter moves to `n` after it returns).
+
+        The hook a subclass overrides to run another schedule before HESSO's (see [`CRIC`]).
+        """
+        phase = self.schedule.phase(n)
+        # Zero gradients of pruned groups keep their (already zero) weights and moments at zero through the base step.
+        self._masks.mask_pruned(grads=True)
+        if phase is not None and phase[1] == 0:
+            self.last_scores = self.selection_scores(phase[0], n)
+            self.select(self.last_scores, phase[0])
+        elif self.schedule.in_saliency_window(n):
+            self._window.add(self.score_step(), n)
         else:
-            upcoming = i // self.period_length + 1
-            if upcoming >= self.pruning_periods:
-                return False
-            distance = upcoming * self.period_length - i
-        return distance <= self.saliency_steps - 1
+            self.base_step()
+        if phase is not None and phase[1] >= 1:
+            period, t, length = phase
+            self._masks.fade((length - t - 1) / (length - t))
+            if t == length - 1:
+                # The fading groups are exactly zero now: clear their base-optimizer state and hold them there.
+                self._refresh(n)
+                self._masks.fill_pruned(self.optimizer.state)
+                return
+        if not self._masks.fixed_point:
+            self._masks.mask_pruned(weights=True)
 
-    def _step_and_select(self, period: int) -> None:
-        """Base step, then score every group (averaged over the `saliency_steps` window) and select."""
-        scores = self._saliency_sum + self._step_and_score().cpu().double()
-        self._saliency_sum.zero_()
-        self.last_scores = scores / self.saliency_steps
-        self.select(self.last_scores, period)
+    def selection_scores(self, period: int, n: int) -> torch.Tensor:
+        """At the selection step `n` of `period`: base step, then the scores to select on.
 
-    def _step_and_score(self) -> torch.Tensor:
-        """Base step; returns the saliency of every group with direction `d = (p_before - p_after) / lr`."""
-        if self.saliency_direction == "gradient":
-            return self._step_and_score_gradient()
-        # LoRA: projections are scored on the effective weight `W0 + s * B @ A` (under the base weight's name, whose
-        # slices cover the same rows/columns); the adapter slices then add nothing on their own.
-        adapters = self.groups.adapters
-        skip = {n for ads in adapters.values() for ad in ads for n in (ad.a, ad.b, ad.b_bias) if n is not None}
-        before = {
-            name: p.detach().clone()
-            for name, p in self._params.items()
-            if name not in skip and name not in adapters and p.requires_grad
-        }
-        # The adapters' `A`/`B` of every LoRA projection, also those no group slices (`A` of a row-only projection).
-        lora_params = {**adapter_parameters(self.groups), **self._params} if adapters else {}
-        eff_before = effective_weights(adapters, lora_params) if adapters else {}
-        lrs = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
+        HESSO's: this step's scores averaged over the `saliency_steps` window (batches whose scores are NaN,
+        infinite or all zero are left out with a warning; none usable raises). [`CRIC`] overrides it.
+        """
+        first = n - self.saliency_steps + 1
+        return self._window.average(self.score_step(), n, period, first)
+
+    # ---- The interface CRIC (and other schedules) build on ----
+
+    def base_step(self) -> None:
+        """The base optimizer's step alone."""
         self.optimizer.step()
-        device = next(iter(self._params.values())).device
-        acc = SaliencyAccumulator(self.groups, device=device)
-        for name, x in effective_weights(adapters, lora_params).items() if adapters else ():
-            lr = float(lrs[id(lora_params[adapters[name][0].b])])
-            d = eff_before.pop(name).sub_(x)
-            acc.add(name, x, d.div_(lr) if lr != 0 else d)
-        for name, p in self._params.items():
-            if name in skip or name in adapters:
-                continue
-            if not p.requires_grad:
-                # A frozen parameter does not move: direction zero.
-                acc.add(name, p.detach(), torch.zeros_like(p))
-                continue
-            lr = float(lrs[id(p)])
-            x = before.pop(name)
-            if lr != 0:
-                d = x.float().sub_(p.float()).div_(lr)
-            elif p.grad is not None:
-                d = p.grad  # no step was taken: fall back to the raw gradient
-            else:
-                d = torch.zeros_like(p)
-            acc.add(name, p.detach(), d)
-        return self._scores(acc)
 
-    def _step_and_score_gradient(self) -> torch.Tensor:
-        """Base step; returns the saliency of every group with the raw gradient as direction (`x` after the step)."""
-        self.optimizer.step()
-        device = next(iter(self._params.values())).device
-        acc = SaliencyAccumulator(self.groups, device=device)
-        for name, p in self._params.items():
-            acc.add(name, p.detach(), p.grad if p.grad is not None else torch.zeros_like(p))
-        return self._scores(acc)
+    def score_step(self) -> torch.Tensor:
+        """The base optimizer's step, then the saliency of every group on it (CPU float64, high = important)."""
+        return self._scorer.step_and_score(self.optimizer, self._params)
 
-    def _scores(self, acc: SaliencyAccumulator) -> torch.Tensor:
-        """The weighted criteria of the accumulated statistics (one all-reduce under FSDP2)."""
-        # A parameter budget ranks groups of different kinds against each other: see `saliency_scores(kinds=)`.
-        kinds = self._kinds if self.target_param_sparsity is not None else None
-        return saliency_scores(acc.finish(), self.weights, kinds=kinds)
+    def budget_mask(
+        self, scores: torch.Tensor, selected: torch.Tensor | None = None, fraction: float = 1.0
+    ) -> torch.Tensor:
+        """Bool per group: the least salient groups outside `selected` that bring the removal to `fraction` of the
+        target (one global ranking; every block keeps `group_divisible`, kept counts stay multiples of it).
 
-    def select(self, scores: torch.Tensor, period: int) -> torch.Tensor:
-        """Add the least salient groups to the redundant set for `period`; returns their indices."""
-        selected = self._selection_period >= 0
-        fraction = (period + 1) / self.pruning_periods
+        With `target_param_sparsity` groups are ranked by saliency per parameter relative to their kind's mean.
+        Raises `RuntimeError` when `scores` are NaN, infinite or all zero (the ranking would follow group indices).
+        """
+        scores = scores.detach().cpu().double()
+        problem = score_problem(scores)
+        if problem is not None:
+            raise RuntimeError(
+                f"HESSO cannot rank the groups at optimizer step {self._num_steps + 1}: their scores are {problem}, "
+                "and a selection on them would remove groups in index order. Check the loss and the gradients "
+                "(NaN or infinite loss, fp16 overflow, a learning rate so high that the weights diverged)."
+            )
+        if selected is None:
+            selected = torch.zeros(len(self.groups), dtype=torch.bool)
         if self.target_group_sparsity is not None:
             budget = float(round(self._target_total * fraction))
 
@@ -574,15 +520,31 @@ class HESSO(Optimizer):
         else:
             budget = self._target_total * fraction
             removed = self._counter.count
-        scores = scores.cpu().double()
-        if self.target_param_sparsity is not None:
             scores = self._kind_relative(scores / self._cost) * self._cost  # ranked by `scores / cost` below
-        new = select_redundant(
+        return select_redundant(
             scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
         )
+
+    def select(self, scores: torch.Tensor, period: int) -> torch.Tensor:
+        """Add the least salient groups to the redundant set for `period`; returns their indices."""
+        new = self.budget_mask(scores, self._selection_period >= 0, (period + 1) / self.pruning_periods)
         self._selection_period[new] = period
-        self._refresh_indices()
+        self._refresh(self._num_steps)
         return new.nonzero().squeeze(1)
+
+    def zero_groups(self, mask: torch.Tensor) -> None:
+        """Set the weights of the groups in `mask` (bool per group) to exactly zero (not their optimizer state)."""
+        self._masks.zero_groups(mask)
+
+    def fade(self, mask: torch.Tensor, factor: float) -> None:
+        """Multiply every slice of the groups in `mask` (bool per group) by `factor`."""
+        self._masks.fade_groups(mask, factor)
+
+    def begin_projection(self, step: int) -> None:
+        """Start HESSO's pruning periods right after optimizer step `step`: for a schedule that decides late, as CRIC
+        does once its cycles end (and when it restores such a state). Call it before the first selection."""
+        self.schedule = Schedule(step, self.schedule.pruning_periods, self.schedule.pruning_steps, 1)
+        self._refresh(self._num_steps)
 
     def _kind_relative(self, per_param: torch.Tensor) -> torch.Tensor:
         """`per_param` divided by its mean over the groups of the same kind (see `target_param_sparsity`)."""
@@ -590,89 +552,6 @@ class HESSO(Optimizer):
         counts = torch.bincount(self._kinds, minlength=len(KINDS)).clamp_min(1).double()
         means = (sums / counts)[self._kinds]
         return per_param / torch.where(means > 0, means, torch.ones_like(means))
-
-    # ---- Index operations on the affected rows/columns only ----
-
-    def _refresh_indices(self) -> None:
-        """Per-block indices and per-slice multipliers of pruned and fading groups; rebuilt when they change."""
-        pruned = self._pruned_mask()
-        fading = (self._selection_period >= 0) & ~pruned
-        self._pruned_index = self._block_indices(pruned)
-        self._pruned_slices = []
-        self._guarded_slices = []
-        minimal = self.hold_zeros == "auto" and self._fixed_point
-        for block, idx in self._pruned_index:
-            p = self._params[block.slices[0].param]
-            keep = torch.ones(block.n, dtype=p.dtype, device=p.device).index_fill_(0, idx, 0)
-            for s in block.slices:
-                entry = (s, self._ops[s].factor(keep))
-                self._pruned_slices.append(entry)
-                # See `hold_zeros`: only a pruned query slot's output columns (dim 1) can still get gradient.
-                if not minimal or (block.kind == QUERY_SLOT and s.dim == 1):
-                    self._guarded_slices.append(entry)
-        self._refresh_fading(self._block_indices(fading))
-
-    def _refresh_fading(self, index: list[tuple[Block, torch.Tensor]]) -> None:
-        """Merge the fading groups' slices per (parameter, dimension) into one exponent vector each.
-
-        A fading step multiplies every affected tensor once, by `factor ** exponent` with one exponent per `unit`
-        consecutive indices along the dimension (the number of fading groups that cover them: 0, 1, or 2 where a
-        fading kv-group and a fading query slot share a head's rows), so its cost is one pass per tensor, whatever
-        the number of kinds that cut it. The vectors hold one value per group-sized unit (per local row of a
-        row-sharded parameter), not per element.
-        """
-        slices: dict[tuple[str, int], list[tuple[SliceOps, torch.Tensor]]] = {}
-        for block, idx in index:
-            for s in block.slices:
-                slices.setdefault((s.param, s.dim), []).append((self._ops[s], idx))
-        self._fading = []
-        for (name, dim), entries in slices.items():
-            t = local(self._params[name].data)
-            unit = 1 if entries[0][0].rows is not None else math.gcd(*(ops.slice.inner for ops, _ in entries))
-            exponent = torch.zeros(t.shape[dim] // unit, dtype=t.dtype, device=t.device)
-            for ops, idx in entries:
-                member = torch.zeros(ops.slice.n, dtype=t.dtype, device=t.device).index_fill_(0, idx, 1)
-                exponent += ops.expand(member, unit)
-            shape = (*t.shape[:dim], t.shape[dim] // unit, unit, *t.shape[dim + 1 :])
-            self._fading.append((name, shape, exponent.view([-1 if i == dim else 1 for i in range(len(shape))])))
-
-    def _block_indices(self, mask: torch.Tensor) -> list[tuple[Block, torch.Tensor]]:
-        out = []
-        for block in self.groups.blocks:
-            idx = mask[block.offset : block.offset + block.n].nonzero().squeeze(1)
-            if idx.numel():
-                out.append((block, idx.to(self._params[block.slices[0].param].device)))
-        return out
-
-    # The per-step passes multiply whole slices by a per-group vector: measured on CPU, 2-3x faster than
-    # index_fill_/index_copy_ on the affected rows and columns (and scattered columns touch every cache line anyway).
-    def _mask_pruned(self, grads: bool = False, weights: bool = False) -> None:
-        """Multiply the gradients (of the guarded slices, see `hold_zeros`) and/or weights of pruned groups by zero."""
-        for s, keep in self._guarded_slices if grads else self._pruned_slices:
-            p = self._params[s.param]
-            for t in (p.grad if grads else None, p.data if weights else None):
-                if t is not None:
-                    self._ops[s].target(t).mul_(keep if keep.dtype == t.dtype else keep.to(t.dtype))
-
-    def _fade(self, factor: float) -> None:
-        """Multiply the weights of this period's redundant groups by `factor` (one pass per affected tensor)."""
-        for name, shape, exponent in self._fading:
-            local(self._params[name].data).view(shape).mul_(torch.pow(factor, exponent))
-
-    def _fill(self, index: list[tuple[Block, torch.Tensor]], weights: bool = False, state: bool = False) -> None:
-        """Set the given groups to exactly zero in the weights and/or every parameter-shaped base state tensor."""
-        for block, idx in index:
-            for s in block.slices:
-                p = self._params[s.param]
-                targets = [p.data] if weights else []
-                if state:
-                    targets.extend(
-                        v
-                        for v in self.optimizer.state.get(p, {}).values()
-                        if isinstance(v, torch.Tensor) and v.shape == p.shape
-                    )
-                for t in targets:
-                    self._ops[s].fill_(t, idx)
 
     def settings(self) -> dict[str, Any]:
         """The target, schedule and saliency settings, as the model card records them."""
@@ -690,49 +569,52 @@ class HESSO(Optimizer):
 
     # ---- Checkpointing ----
 
+    def _pruning_state(self) -> PruningState:
+        return PruningState(
+            self._num_steps, self._selection_period, self.last_scores, self._window.sum, self._window.count
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus a `"hesso"` entry (tensors and plain values only)."""
         out = dict(self.optimizer.state_dict())
-        out[_STATE_KEY] = {
-            "num_steps": self._num_steps,
-            "selection_period": self._selection_period.clone(),
-            "last_scores": self.last_scores.clone(),
-            "num_groups": len(self.groups),
-            "schedule": self._schedule(),
-            "saliency_sum": self._saliency_sum.clone(),
-        }
+        out[STATE_KEY] = pack_state(self._pruning_state(), self.schedule)
         return out
 
-    def _schedule(self) -> list[int]:
-        return [self.start_pruning_step, self.pruning_periods, self.pruning_steps, self.saliency_steps]
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if _STATE_KEY not in state_dict:
+        """Restore a `state_dict()`; its `"hesso"` entry is validated field by field (see `state.py`)."""
+        if STATE_KEY not in state_dict:
             raise ValueError(
                 "`state_dict` has no 'hesso' entry: it was saved from a plain optimizer, not from `HESSO`. Load it "
                 "into the base optimizer before wrapping (`HESSO(base, ...)` after `base.load_state_dict(...)`)."
             )
         state_dict = dict(state_dict)
-        ours = state_dict.pop(_STATE_KEY)
-        schedule = self._schedule()
-        saved = [int(v) for v in ours["schedule"]]
-        saved += [1] * (len(schedule) - len(saved))  # saved before `saliency_steps` existed: it was 1
-        if int(ours["num_groups"]) != len(self.groups) or saved != schedule:
-            raise ValueError(
-                f"`state_dict` was saved for {ours['num_groups']} groups and schedule (start_pruning_step, "
-                f"pruning_periods, pruning_steps, saliency_steps) = {saved}, but this optimizer has "
-                f"{len(self.groups)} groups and {schedule}. Rebuild the optimizer with the settings of the run you "
-                "resume."
-            )
+        restored = unpack_state(state_dict.pop(STATE_KEY), self.schedule, len(self.groups))
         self.optimizer.load_state_dict(state_dict)
-        self._num_steps = int(ours["num_steps"])
-        self._selection_period = torch.as_tensor(ours["selection_period"]).detach().to("cpu", torch.long).clone()
-        self.last_scores = torch.as_tensor(ours["last_scores"]).detach().to("cpu", torch.float64).clone()
-        if "saliency_sum" in ours:
-            self._saliency_sum = torch.as_tensor(ours["saliency_sum"]).detach().to("cpu", torch.float64).clone()
-        else:
-            self._saliency_sum.zero_()
-        self._refresh_indices()
+        self._num_steps = restored.num_steps
+        self._selection_period = restored.selection_period
+        self.last_scores = restored.last_scores
+        self._window.sum = restored.saliency_sum
+        self._window.count = restored.saliency_count
+        self._refresh(self._num_steps)
+        self._verify_restored = True
+
+    def _verify_restored_zeros(self) -> None:
+        """The groups a restored state calls pruned must be exactly zero in the model (checked at the next step,
+        when the model's weights are surely loaded too)."""
+        self._verify_restored = False
+        pruned = self._pruned_mask()
+        if not bool(pruned.any()):
+            return
+        params = {name: p.detach() for name, p in self._params.items()}
+        squares = group_squared_norms(self.groups, params, self._masks.ops)
+        alive = pruned & (squares > 0)
+        if bool(alive.any()):
+            raise ValueError(
+                f"The restored HESSO state (`num_steps`={self._num_steps}, `selection_period`) says "
+                f"{int(pruned.sum())} groups are pruned, but {int(alive.sum())} of them are not zero in the model. "
+                "The optimizer state does not belong to these weights (or was edited): resume the model and the "
+                "optimizer from the same checkpoint, and load the model's weights before stepping."
+            )
 
     # ---- Metrics ----
 
@@ -759,7 +641,7 @@ class HESSO(Optimizer):
         for layer in torch.unique(self._layers).tolist():
             out[f"hesso/pruned_groups/layer_{layer}"] = float((pruned & (self._layers == layer)).sum())
         params = {name: p.detach() for name, p in self._params.items()}
-        squares = group_squared_norms(self.groups, params, self._ops)
+        squares = group_squared_norms(self.groups, params, self._masks.ops)
         out["hesso/norm_important"] = float(squares[~selected].sum().sqrt())
         out["hesso/norm_redundant"] = float(squares[selected].sum().sqrt())
         return out

@@ -82,29 +82,6 @@ CRITERIA: dict[str, Callable[[GroupStatistics], torch.Tensor]] = {
     "taylor_elementwise": taylor_elementwise,
 }
 PAPER_CRITERIA = ("magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order")
-DEFAULT_WEIGHT = 0.2
-
-
-def check_criteria(importance_criteria: dict[str, float] | None) -> dict[str, float]:
-    """Validate the user's weights; missing criteria weigh 0, `None` gives the paper's five `DEFAULT_WEIGHT` each."""
-    if importance_criteria is None:
-        return {name: DEFAULT_WEIGHT if name in PAPER_CRITERIA else 0.0 for name in CRITERIA}
-    if not isinstance(importance_criteria, dict):
-        raise ValueError(
-            f"`importance_criteria` must be a dict of criterion name -> weight, got {importance_criteria!r}. "
-            f"Pass e.g. {{'magnitude': 1.0}}; criteria: {list(CRITERIA)}."
-        )
-    unknown = [name for name in importance_criteria if name not in CRITERIA]
-    if unknown:
-        raise ValueError(f"`importance_criteria` names unknown criteria {unknown}. Choose among {list(CRITERIA)}.")
-    weights = {name: float(importance_criteria.get(name, 0.0)) for name in CRITERIA}
-    negative = {k: v for k, v in weights.items() if v < 0 or v != v}
-    if negative or not any(weights.values()):
-        raise ValueError(
-            f"`importance_criteria` weights must be >= 0 with at least one > 0, got {importance_criteria}. Set e.g. "
-            "{'magnitude': 1.0} to rank by group norm only."
-        )
-    return weights
 
 
 def saliency_scores(

@@ -125,3 +125,28 @@ def select_redundant(
         taken[fit_idx[take]] = True
         new[candidates[taken[inverse]]] = True
     return new
+
+
+def reachable_groups(groups: GroupSet, group_divisible: int, target: int) -> int:
+    """The largest number of groups, at most `target`, that can be removed when every block keeps a multiple of
+    `group_divisible` groups (at least `group_divisible`).
+
+    A subset sum over the blocks, on the bits of one integer (bit `r` set: `r` groups can go): a block of `n` groups
+    can lose `n % div + j * div` groups for `j < n // div`, an arithmetic progression OR-ed in by doubling, so a
+    block costs O(log(n / div)) shifts.
+    """
+    div = group_divisible
+    limit = (1 << (target + 1)) - 1
+    reachable = 1
+    for block in groups.blocks:
+        count = block.n // div  # the removable counts n % div + j * div, j < count (kept >= div)
+        union, acc, cover, offset = 0, (reachable << (block.n % div)) & limit, 1, 0
+        while count:
+            if count & 1:
+                union |= acc << (offset * div)
+                offset += cover
+            acc = (acc | (acc << (cover * div))) & limit
+            cover *= 2
+            count >>= 1
+        reachable = (reachable | union) & limit
+    return reachable.bit_length() - 1
