@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .distill import check_distill_settings
 from .groups import KINDS
 from .optim.cric import check_cric_settings
 from .optim.hesso import check_saliency_steps, check_target
@@ -97,6 +98,18 @@ class HESSOConfig(TrainingArguments):
             Fractions of every block that the probes zero, each in `(0, 1)`.
         cric_loss_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the block-sensitivity penalty from the probes' loss ratios, `>= 0`.
+        distill (`bool`, *optional*, defaults to `False`):
+            Distil from a frozen teacher while training and pruning: the training loss becomes
+            `distill_alpha * distill_temperature**2 * KL(teacher || student) + (1 - distill_alpha) * task loss`. The
+            teacher is a frozen copy of the model as it was when the trainer was built, or `HESSOTrainer(...,
+            teacher_model=...)`. See `docs/distillation.md`.
+        distill_alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the KL term, in `[0, 1]` (1: KL only, as Minitron; 0: the task loss only).
+        distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature `T` of both distributions, `> 0`.
+        distill_top_k (`int`, *optional*):
+            Compare the two distributions renormalised over the teacher's `k` largest logits of each position, which
+            bounds the softmax tensors on large vocabularies. Default: the full distributions.
     """
 
     target_group_sparsity: float | None = field(
@@ -173,6 +186,15 @@ class HESSOConfig(TrainingArguments):
     )
     cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
 
+    distill: bool = field(
+        default=False, metadata={"help": "Distil from a frozen teacher (default: the model as it was at the start)."}
+    )
+    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
+    distill_top_k: int | None = field(
+        default=None, metadata={"help": "KL on the teacher's top-k logits (renormalised). Default: all logits."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         check_target(self.target_group_sparsity, self.target_param_sparsity)
@@ -219,6 +241,7 @@ class HESSOConfig(TrainingArguments):
                 f"`group_divisible` must be >= 1, got {self.group_divisible}. Use 1 for no rounding of kept counts."
             )
         self._check_cric()
+        check_distill_settings(self.distill_alpha, self.distill_temperature, self.distill_top_k)
 
     def _check_saliency_steps(self) -> None:
         k = self.saliency_steps

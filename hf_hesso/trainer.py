@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import HESSOConfig
+from .distill import DistillationMixin, frozen_copy, load_teacher
 from .export import MODEL_CARD_NAME, PruningReport, render_model_card, save_slim
 from .export.save import upload_folder
 from .groups import GroupSet, build_groups
@@ -61,7 +62,7 @@ class _PruningProgressCallback(TrainerCallback):
         )
 
 
-class HESSOTrainer(Trainer):
+class HESSOTrainer(DistillationMixin, Trainer):
     r"""
     A [`~transformers.Trainer`] that trains and structurally prunes the model in one run (HESSO).
 
@@ -84,6 +85,10 @@ class HESSOTrainer(Trainer):
             `lora_B` rows / `lora_A` columns, the frozen base slices are faded and zeroed with them, and
             `save_model()` writes the merged slim model (or, with `save_adapters_separately`, the slim base and
             the sliced adapter in `adapter/`).
+        teacher_model (`nn.Module` or `str`, *optional*): with `args.distill=True`, the teacher to distil from: a
+            model (frozen here, never stepped; it must not share parameters with `model`) or a path loaded with the
+            student's class. Default: a frozen copy of `model` as it is when the trainer is built (with LoRA, the
+            copy has the adapters merged). See `docs/distillation.md`.
         The other arguments are those of [`~transformers.Trainer`].
     """
 
@@ -104,6 +109,7 @@ class HESSOTrainer(Trainer):
         preprocess_logits_for_metrics=None,
         groups: GroupSet | None = None,
         peft_config=None,
+        teacher_model: nn.Module | str | os.PathLike | None = None,
     ):
         if not isinstance(args, HESSOConfig):
             raise ValueError(
@@ -111,6 +117,13 @@ class HESSOTrainer(Trainer):
                 f"{type(args).__name__}. Build it as `HESSOConfig(output_dir=..., target_group_sparsity=..., "
                 "pruning_steps=..., ...)`."
             )
+        if teacher_model is not None and not args.distill:
+            raise ValueError(
+                "`teacher_model` was given but `args.distill` is False, so it would be ignored. Set `distill=True` in "
+                "the `HESSOConfig`, or drop `teacher_model`."
+            )
+        # The teacher is the model before the adapters are added: a plain copy, nothing to merge.
+        teacher = frozen_copy(model) if args.distill and teacher_model is None and model is not None else None
         if peft_config is not None:
             if is_peft_model(model):
                 raise ValueError(
@@ -139,6 +152,15 @@ class HESSOTrainer(Trainer):
         self.groups = groups
         self._report: PruningReport | None = None
         self.add_callback(_PruningProgressCallback())
+        if args.distill:
+            if teacher is None:
+                if teacher_model is None:
+                    raise ValueError(
+                        "`distill=True` with `model_init` has no model to copy as the teacher. Pass `teacher_model=` "
+                        "(a model or a path)."
+                    )
+                teacher = load_teacher(teacher_model, self.model)
+            self.setup_distillation(teacher, args.distill_alpha, args.distill_temperature, args.distill_top_k)
 
     # ---- Optimizer ----
 
