@@ -309,7 +309,9 @@ class DistillationMixin:
         terms = self.distiller.terms(
             logits, teacher_logits, task, mask, num_items_in_batch if scaled_by_items else None, scale
         )
-        self.distiller.record(terms, 1.0 if ga_scaled else float(self.current_gradient_accumulation_steps))
+        # Set by the training loop (the last cycle of an epoch may be shorter); a call outside it divides by the setting.
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self.distiller.record(terms, 1.0 if ga_scaled else float(accumulation))
         return (terms.loss, outputs) if return_outputs else terms.loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
