@@ -20,6 +20,7 @@ from .export.save import upload_folder
 from .groups import GroupSet, build_groups
 from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
+from .optim.presets import resolve_saliency
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
 from .slim import gather_full_model
 
@@ -195,7 +196,8 @@ class HESSOTrainer(DistillationMixin, Trainer):
             target_group_sparsity=args.target_group_sparsity,
             target_param_sparsity=args.target_param_sparsity,
             pruning_steps=args.pruning_steps,
-            importance_criteria=args.importance_criteria,
+            saliency=args.saliency,
+            importance_criteria=args.explicit_importance,
             group_divisible=args.group_divisible,
             saliency_direction=args.saliency_direction,
         )
@@ -285,9 +287,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
             "start_pruning_step": args.start_pruning_step,
             "pruning_periods": args.pruning_periods,
             "pruning_steps": args.pruning_steps,
-            "importance_criteria": args.importance_criteria,
-            "saliency_direction": args.saliency_direction,
-            "saliency_steps": args.saliency_steps,
+            **self._saliency_settings(),
             "prune_kinds": args.prune_kinds or "all",
             "group_divisible": args.group_divisible,
             "prunable_groups": num_groups,
@@ -303,6 +303,24 @@ class HESSOTrainer(DistillationMixin, Trainer):
                 cric_loss_weight=args.cric_loss_weight,
             )
         return settings
+
+    def _saliency_settings(self) -> dict[str, Any]:
+        """The saliency the run scores with: the preset, its weights and direction as resolved (LoRA included)."""
+        hesso = self.hesso_optimizer
+        if hesso is not None:
+            settings = hesso.settings()
+            names = ("saliency", "importance_criteria", "saliency_direction", "saliency_steps")
+            return {name: settings[name] for name in names}
+        args = self.args
+        preset, weights, direction = resolve_saliency(
+            args.saliency, args.explicit_importance, args.saliency_direction, lora=self._is_lora()
+        )
+        return {
+            "saliency": preset,
+            "importance_criteria": {k: v for k, v in weights.items() if v},
+            "saliency_direction": direction,
+            "saliency_steps": args.saliency_steps,
+        }
 
     def _card_training(self) -> dict[str, Any]:
         args = self.args

@@ -19,6 +19,7 @@ selected each group and the latest scores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +30,9 @@ from torch.optim import Optimizer
 
 from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
 from ..groups.peft import adapter_parameters, effective_weights
+from .activation import ActivationRecorder
 from .distributed import SliceOps, check_supported, group_squared_norms, local
+from .presets import default_saliency_steps, resolve_saliency
 from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
 from .selection import ParamCounter, block_capacity, select_redundant
 
@@ -192,8 +195,9 @@ class HESSO(Optimizer):
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
         hold_zeros: str = "auto",
-        saliency_direction: str = "update",
-        saliency_steps: int = 1,
+        saliency_direction: str | None = None,
+        saliency_steps: int | None = None,
+        saliency: str | None = None,
     ):
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
@@ -218,7 +222,12 @@ class HESSO(Optimizer):
                 "optimizer steps per period (T >= 2), so that a group can fade before it reaches zero. Raise "
                 f"`pruning_steps` to at least {2 * pruning_periods} or lower `pruning_periods`."
             )
+        if saliency_steps is None:
+            saliency_steps = default_saliency_steps(start_pruning_step, pruning_steps, pruning_periods)
         check_saliency_steps(saliency_steps, start_pruning_step, pruning_steps, pruning_periods)
+        self.saliency, importance_criteria, saliency_direction = resolve_saliency(
+            saliency, importance_criteria, saliency_direction, lora=bool(groups.adapters)
+        )
         if hold_zeros not in ("auto", "always"):
             raise ValueError(f"`hold_zeros` must be 'auto' or 'always', got {hold_zeros!r}.")
         if saliency_direction not in ("update", "gradient"):
@@ -235,6 +244,8 @@ class HESSO(Optimizer):
         self.saliency_direction = saliency_direction
         self.saliency_steps = saliency_steps
         self.weights = check_criteria(importance_criteria)
+        # The activation criterion reads the groups' outputs through forward hooks, on the scoring steps only.
+        self._activation = ActivationRecorder(groups) if self.weights["activation"] else None
 
         # Resolve the live parameters once and check that the base optimizer updates every one of them.
         # FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions hide the rows and columns that the groups cut.
@@ -319,6 +330,8 @@ class HESSO(Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+        if self._activation is not None:
+            self._activation.enabled = self._is_scoring_step(1)
 
     def _probe_position(self, name: str) -> tuple[int, int, str]:
         p = self._params[name]
@@ -471,6 +484,8 @@ class HESSO(Optimizer):
         else:
             self.optimizer.step()
         self._num_steps = n
+        if self._activation is not None:
+            self._activation.enabled = self._is_scoring_step(n + 1)
         if phase is not None and phase[1] >= 1:
             period, t, length = phase
             self._fade((length - t - 1) / (length - t))
@@ -482,6 +497,11 @@ class HESSO(Optimizer):
         if not self._fixed_point:
             self._mask_pruned(weights=True)
         return loss
+
+    def _is_scoring_step(self, n: int) -> bool:
+        """Whether step `n` scores the groups (a selection step or a step of its `saliency_steps` window)."""
+        phase = self._phase(n)
+        return (phase is not None and phase[1] == 0) or self._in_saliency_window(n)
 
     def _in_saliency_window(self, n: int) -> bool:
         """Whether step `n` is one of the `saliency_steps - 1` steps just before a selection step."""
@@ -559,7 +579,10 @@ class HESSO(Optimizer):
         """The weighted criteria of the accumulated statistics (one all-reduce under FSDP2)."""
         # A parameter budget ranks groups of different kinds against each other: see `saliency_scores(kinds=)`.
         kinds = self._kinds if self.target_param_sparsity is not None else None
-        return saliency_scores(acc.finish(), self.weights, kinds=kinds)
+        stats = acc.finish()
+        if self._activation is not None:
+            stats = dataclasses.replace(stats, act=self._activation.pop())
+        return saliency_scores(stats, self.weights, kinds=kinds)
 
     def select(self, scores: torch.Tensor, period: int) -> torch.Tensor:
         """Add the least salient groups to the redundant set for `period`; returns their indices."""
@@ -682,6 +705,7 @@ class HESSO(Optimizer):
             "start_pruning_step": self.start_pruning_step,
             "pruning_periods": self.pruning_periods,
             "pruning_steps": self.pruning_steps,
+            "saliency": self.saliency,
             "importance_criteria": {k: v for k, v in self.weights.items() if v},
             "saliency_direction": self.saliency_direction,
             "saliency_steps": self.saliency_steps,
