@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import HESSOConfig
+from .diagnostics import SelectionDiagnostics
 from .distill import DistillationMixin, frozen_copy, load_teacher
 from .export import MODEL_CARD_NAME, PruningReport, render_model_card, save_slim
 from .export.save import upload_folder
@@ -153,6 +154,8 @@ class HESSOTrainer(DistillationMixin, Trainer):
         self.groups = groups
         self._report: PruningReport | None = None
         self.add_callback(_PruningProgressCallback())
+        self.selection_diagnostics = SelectionDiagnostics()
+        self.add_callback(self.selection_diagnostics)
         if args.distill:
             if teacher is None:
                 if teacher_model is None:
@@ -241,6 +244,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
         values; it is averaged across processes so that every rank takes the same decisions.
         """
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.selection_diagnostics.observe_loss(loss)
         cric = self.hesso_optimizer
         if isinstance(cric, CRIC) and cric.needs_loss:
             value = loss.detach().float().reshape(())
@@ -256,7 +260,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
         hesso = self.hesso_optimizer
         if hesso is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
             # Every rank scores the same all-reduced gradients, so the metrics agree without a gather.
-            logs = {**logs, **hesso.metrics()}
+            logs = {**logs, **hesso.metrics(), **self.selection_diagnostics.pop_metrics()}
         super().log(logs, start_time)
 
     # ---- Saving ----
