@@ -61,6 +61,16 @@ import time
 
 import torch
 from common import machine, magnitude_scores, removed_fraction, select_budget
+from resources import (
+    accuracy,
+    classification_features,
+    lm_blocks,
+    load_bbc_news,
+    load_minilm,
+    load_shakespeare,
+    load_smollm2,
+    perplexity,
+)
 from transformers import (
     DataCollatorWithPadding,
     Trainer,
@@ -73,16 +83,6 @@ from transformers import (
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
 from hf_hesso.distill import DistillationMixin
 from hf_hesso.groups import GroupSet
-from resources import (
-    accuracy,
-    classification_features,
-    lm_blocks,
-    load_bbc_news,
-    load_minilm,
-    load_shakespeare,
-    load_smollm2,
-    perplexity,
-)
 
 METHODS = (
     "dense",

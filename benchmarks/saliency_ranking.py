@@ -30,13 +30,13 @@ import time
 
 import torch
 from common import machine, select_budget
+from resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
 from transformers import default_data_collator
 
 from hf_hesso import build_groups
 from hf_hesso.groups import KINDS
 from hf_hesso.optim.activation import ActivationRecorder
 from hf_hesso.optim.saliency import PAPER_CRITERIA, SaliencyAccumulator, saliency_scores
-from resources import lm_blocks, load_bbc_news, load_smollm2, perplexity
 
 SETTINGS = {
     "paper mix (0.2 x 5)": dict.fromkeys(PAPER_CRITERIA, 0.2),
@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| criteria | direction | " + " | ".join(f"{s:.0%} removed" for s in opts.sparsities) + " |")
     print("|---|---|" + "---|" * len(opts.sparsities))
     for name, weights in ((n, SETTINGS[n]) for n in opts.settings):
-        directions = (("update", update), ("gradient", gradient)) if name != "activation" else (("(forward)", gradient),)
+        directions = (
+            (("update", update), ("gradient", gradient)) if name != "activation" else (("(forward)", gradient),)
+        )
         for direction, d in directions:
             acc = SaliencyAccumulator(groups)
             for n, p in params.items():

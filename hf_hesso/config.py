@@ -140,13 +140,17 @@ class HESSOConfig(TrainingArguments):
         metadata={"help": "Optimizer steps over which pruning happens (each period lasts at least 2 steps)."},
     )
     importance_magnitude: float | None = field(default=None, metadata={"help": "Weight of the group-norm criterion."})
-    importance_avg_magnitude: float | None = field(default=None, metadata={"help": "Weight of the group-norm-per-element criterion."}
+    importance_avg_magnitude: float | None = field(
+        default=None, metadata={"help": "Weight of the group-norm-per-element criterion."}
     )
-    importance_cosine_similarity: float | None = field(default=None, metadata={"help": "Weight of the cosine(weight, update direction) criterion."}
+    importance_cosine_similarity: float | None = field(
+        default=None, metadata={"help": "Weight of the cosine(weight, update direction) criterion."}
     )
-    importance_taylor_first_order: float | None = field(default=None, metadata={"help": "Weight of the first-order Taylor criterion."}
+    importance_taylor_first_order: float | None = field(
+        default=None, metadata={"help": "Weight of the first-order Taylor criterion."}
     )
-    importance_taylor_second_order: float | None = field(default=None, metadata={"help": "Weight of the second-order Taylor criterion."}
+    importance_taylor_second_order: float | None = field(
+        default=None, metadata={"help": "Weight of the second-order Taylor criterion."}
     )
     importance_taylor_elementwise: float | None = field(
         default=None, metadata={"help": "Weight of the elementwise Taylor criterion sum |x * d| (not in the paper)."}
@@ -281,7 +285,9 @@ class HESSOConfig(TrainingArguments):
     def _check_saliency_steps(self) -> None:
         if self.saliency_steps is None:
             self.saliency_steps = (
-                1 if self.cric else default_saliency_steps(self.start_pruning_step, self.pruning_steps, self.pruning_periods)
+                1
+                if self.cric
+                else default_saliency_steps(self.start_pruning_step, self.pruning_steps, self.pruning_periods)
             )
         k = self.saliency_steps
         check_saliency_steps(k, self.start_pruning_step, self.pruning_steps, self.pruning_periods)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.logging import get_logger
 from safetensors.torch import load_model, save_model
 from torch import nn
-from accelerate.logging import get_logger
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -317,7 +317,9 @@ class DistillationMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; a resumed run reloads the teacher stored in the checkpoint."""
         if self.distiller is not None and resume_from_checkpoint not in (None, False):
-            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            path = (
+                get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            )
             if path is not None and not self.distiller.load(path):
                 logger.warning(
                     f"The checkpoint {path} holds no distillation teacher ({TEACHER_WEIGHTS_NAME}): the run distils "

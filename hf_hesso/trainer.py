@@ -21,8 +21,8 @@ from .export.save import upload_folder
 from .groups import GroupSet, build_groups
 from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
-from .optim.presets import resolve_saliency
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
+from .optim.presets import resolve_saliency
 from .slim import gather_full_model
 
 logger = get_logger(__name__)

@@ -29,11 +29,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, default_data_collator, set_seed
-
-from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import parse_script_args
-from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
 from resources import (
     lm_blocks,
     load_bbc_news,
@@ -42,6 +37,11 @@ from resources import (
     perplexity,
     tiny_llama,
 )
+from transformers import AutoModelForCausalLM, default_data_collator, set_seed
+
+from hf_hesso import HESSOConfig, HESSOTrainer
+from hf_hesso.config import parse_script_args
+from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

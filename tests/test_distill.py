@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from dist_train_worker import cls_dataset, hesso_args, lm_dataset, tiny_model
 
 from hf_hesso import HESSOConfig, HESSOTrainer
@@ -77,7 +76,9 @@ def test_training_loss_is_the_hand_computed_formula(name, tmp_path):
 
     with torch.no_grad():
         out = model(**batch)
-        teacher_logits = trainer.distiller.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        teacher_logits = trainer.distiller.teacher(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
         s, t = out.logits, teacher_logits.logits
         if name == "llama":
             valid = batch["labels"][:, 1:] != -100
@@ -92,7 +93,9 @@ def test_alpha_zero_trains_exactly_like_no_distillation(tmp_path):
     runs = []
     for extra in ({}, dict(distill=True, distill_alpha=0.0)):
         trainer = HESSOTrainer(
-            model=tiny_model("llama"), args=hesso_args(str(tmp_path / str(len(runs))), **extra), train_dataset=lm_dataset()
+            model=tiny_model("llama"),
+            args=hesso_args(str(tmp_path / str(len(runs))), **extra),
+            train_dataset=lm_dataset(),
         )
         trainer.train()
         runs.append(trainer)
@@ -133,7 +136,9 @@ def test_resumed_run_distils_from_the_same_teacher(tmp_path):
     """Resume from step 7 of 14 equals the uninterrupted run, even when the resumed trainer starts from another
     model: the teacher comes back from the checkpoint."""
     extra = dict(distill=True, distill_alpha=0.6, distill_temperature=2.0, save_strategy="steps", save_steps=7)
-    full = HESSOTrainer(model=tiny_model("llama"), args=hesso_args(str(tmp_path / "a"), **extra), train_dataset=lm_dataset())
+    full = HESSOTrainer(
+        model=tiny_model("llama"), args=hesso_args(str(tmp_path / "a"), **extra), train_dataset=lm_dataset()
+    )
     full.train()
     checkpoint = tmp_path / "a" / "checkpoint-7"
     assert (checkpoint / TEACHER_WEIGHTS_NAME).is_file()
@@ -187,7 +192,10 @@ def test_teacher_model_argument(tmp_path):
     teacher = tiny_model("llama", seed=3)
     expected = _state(teacher)
     trainer = HESSOTrainer(
-        model=student, args=hesso_args(str(tmp_path / "a"), distill=True), train_dataset=lm_dataset(), teacher_model=teacher
+        model=student,
+        args=hesso_args(str(tmp_path / "a"), distill=True),
+        train_dataset=lm_dataset(),
+        teacher_model=teacher,
     )
     assert trainer.distiller.teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
     trainer.train()

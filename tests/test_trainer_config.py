@@ -123,7 +123,10 @@ def test_hf_argument_parser(tmp_path):
             ),
             r"importance weights must be >= 0 with at least one > 0",
         ),
-        (dict(saliency="best"), r"`saliency` must be one of \['activation', 'paper', 'taylor', 'custom'\], got 'best'"),
+        (
+            dict(saliency="best"),
+            r"`saliency` must be one of \['activation', 'paper', 'taylor', 'custom'\], got 'best'",
+        ),
         (
             dict(saliency="paper", importance_magnitude=1.0),
             r"`saliency='paper'` sets the criteria weights itself, but weights were also given",

@@ -140,18 +140,27 @@ class HESSO(Optimizer):
             Optimizer steps over which pruning happens; `pruning_steps // pruning_periods` must be at least 2.
         importance_criteria (`dict[str, float]`, *optional*):
             Weights of the saliency criteria: the paper's `magnitude`, `avg_magnitude`, `cosine_similarity`,
-            `taylor_first_order`, `taylor_second_order`, and `taylor_elementwise` (`sum |x * d|` over a group's
-            elements; not in the paper). Missing ones weigh 0. Defaults to the paper's: 0.2 for each of its five.
-        saliency_steps (`int`, *optional*, defaults to `1`):
-            Number of optimizer steps whose scores every selection averages: the period's first step and the
+            `taylor_first_order`, `taylor_second_order`, `taylor_elementwise` (`sum |x * d|` over a group's
+            elements; not in the paper) and `activation` (the norm of the group's output on the scoring batches,
+            forward-only; `hf_hesso/optim/activation.py`). Missing ones weigh 0; giving weights means
+            `saliency="custom"`. Default: the `saliency` preset's.
+        saliency (`str`, *optional*):
+            Saliency preset (`hf_hesso/optim/presets.py`, `docs/saliency.md`): `"taylor"` (the default without
+            `importance_criteria`: `taylor_elementwise` on the raw gradient, measured best for full fine-tuning; with
+            LoRA `taylor_first_order` on the update direction), `"paper"` (0.2 each of the paper's five, update
+            direction), `"activation"`, or `"custom"` (the `importance_criteria` given).
+        saliency_steps (`int`, *optional*):
+            Number of optimizer steps whose scores every selection averages (default: `min(4, start_pruning_step + 1,
+            pruning_steps // pruning_periods)`, the period cap only with several periods): the period's first step and the
             `saliency_steps - 1` steps just before it (the end of the warm-up for the first period, the end of the
             previous period for the others), each scored on its own batch, as the Taylor calibration of one-shot
             pruners sums over several batches. At most `start_pruning_step + 1` and, with several periods, at most
             the period length `pruning_steps // pruning_periods`. Every step in a window costs what a scoring step
             costs (one pass over the grouped weights; one O(groups) all-reduce under FSDP2); the running sum is
             O(groups) of state. Not used by [`CRIC`], which accumulates its own scores over its cycles.
-        saliency_direction (`str`, *optional*, defaults to `"update"`):
-            The direction `d` of the criteria. `"update"` (the paper's): the base optimizer's processed step,
+        saliency_direction (`str`, *optional*):
+            The direction `d` of the criteria; default: the preset's (`"gradient"` for `"taylor"` and `"activation"`,
+            `"update"` for `"paper"`, `"custom"` and with LoRA). `"update"` (the paper's): the base optimizer's processed step,
             `d = (p_before - p_after) / lr` at the scoring step (for Adam a preconditioned, almost sign-like
             vector). `"gradient"`: the raw gradient of the scoring step, which makes the Taylor criteria estimates
             of the loss change; it also skips the transient copy of the grouped parameters the update direction
