@@ -296,6 +296,13 @@ class HESSOTrainer(DistillationMixin, Trainer):
             "group_divisible": args.group_divisible,
             "prunable_groups": num_groups,
         }
+        if args.distill:
+            settings.update(
+                distill=True,
+                distill_alpha=args.distill_alpha,
+                distill_temperature=args.distill_temperature,
+                distill_top_k=args.distill_top_k,
+            )
         if args.cric:
             settings.update(
                 cric=True,

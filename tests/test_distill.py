@@ -127,8 +127,10 @@ def test_teacher_is_frozen_unchanged_and_apart_from_the_student(name, tmp_path):
         assert entry["distill/kl"] >= 0
         expected = 0.7 * entry["distill/kl"] + 0.3 * entry["distill/task"]
         assert math.isclose(entry["loss"], expected, rel_tol=1e-4, abs_tol=1e-6), entry
-    # The slim model holds no teacher weights: same parameter names as a slim save without distillation.
+    # The slim model holds no teacher weights; its card records the distillation.
     trainer.save_model(str(tmp_path / "slim"))
+    card = (tmp_path / "slim" / "README.md").read_text()
+    assert "| `distill_alpha` | `0.7` |" in card and "| `saliency` | `taylor` |" in card
     assert not any("teacher" in f for f in os.listdir(tmp_path / "slim"))
 
 
