@@ -6,7 +6,9 @@ taken the way HESSO takes its scoring step: the gradient `g` of that batch and t
 `u = (p_before - p_after) / lr` are both recorded (the weights are put back). Each saliency setting scores every
 group from `g` or `u` with HESSO's own code (`SaliencyAccumulator`, `saliency_scores`), the parameter budget is
 selected with HESSO's own selection (`HESSO.select`), the selected groups are zeroed in a copy of the model and the
-held-out perplexity is measured, with no fine-tuning. The baseline, measured in the same process: the dense model's
+held-out perplexity is measured, with no fine-tuning. The activation criterion (Minitron: the magnitude of each
+group's output, forward-only) is recorded by HESSO's own hooks (`ActivationRecorder`) on the forward pass of the
+same scoring batch; it has no direction. The baseline, measured in the same process: the dense model's
 perplexity after the same warm-up. Lower is better; it isolates the ranking from the training that HESSO does while
 groups fade.
 
@@ -23,6 +25,7 @@ _sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "recipes"))
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -32,12 +35,14 @@ from transformers import default_data_collator
 
 from hf_hesso import build_groups
 from hf_hesso.groups import KINDS
+from hf_hesso.optim.activation import ActivationRecorder
 from hf_hesso.optim.saliency import PAPER_CRITERIA, SaliencyAccumulator, saliency_scores
 
 SETTINGS = {
     "paper mix (0.2 x 5)": dict.fromkeys(PAPER_CRITERIA, 0.2),
     "taylor_first_order": {"taylor_first_order": 1.0},
     "taylor_elementwise": {"taylor_elementwise": 1.0},
+    "activation": {"activation": 1.0},
 }
 
 
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--eval_blocks", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     opts = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -71,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad()
     groups = build_groups(model)
     params = groups.parameters()
+    recorder = ActivationRecorder(groups)  # records the forward pass of the scoring batch only
     model(**batch(opts.warmup)).loss.backward()
+    activations = recorder.pop()
+    recorder.remove()
     gradient = {n: p.grad.detach().clone() for n, p in params.items()}
     before = {n: p.detach().clone() for n, p in params.items()}
     opt.step()
@@ -88,12 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nSmolLM2-135M after {opts.warmup} AdamW steps: dense held-out perplexity {dense:.2f} (the baseline)")
     print("\n| criteria | direction | " + " | ".join(f"{s:.0%} removed" for s in opts.sparsities) + " |")
     print("|---|---|" + "---|" * len(opts.sparsities))
-    for name, weights in SETTINGS.items():
-        for direction, d in (("update", update), ("gradient", gradient)):
+    for name, weights in ((n, SETTINGS[n]) for n in opts.settings):
+        directions = (
+            (("update", update), ("gradient", gradient)) if name != "activation" else (("(forward)", gradient),)
+        )
+        for direction, d in directions:
             acc = SaliencyAccumulator(groups)
             for n, p in params.items():
                 acc.add(n, p.detach(), d[n])
-            scores = saliency_scores(acc.finish(), weights, kinds=kinds)
+            stats = dataclasses.replace(acc.finish(), act=activations)
+            scores = saliency_scores(stats, weights, kinds=kinds)
             cells = []
             for sparsity in opts.sparsities:
                 pruned = copy.deepcopy(model)

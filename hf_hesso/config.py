@@ -9,17 +9,19 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from .distill import check_distill_settings
 from .groups import KINDS
+from .optim.presets import SALIENCY_CHOICES, default_saliency_steps, resolve_saliency
 from .optim.saliency import CRITERIA
 from .optim.schedule import Schedule, check_cric_settings, check_pruning_settings
 
-# Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`); `HESSOConfig` has one
-# `importance_<name>` weight each.
+# Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`, `activation`); `HESSOConfig`
+# has one `importance_<name>` weight each.
 IMPORTANCE_CRITERIA = tuple(CRITERIA)
 
 
-# `HESSOConfig` settings that score groups with the elementwise Taylor criterion on the raw gradient: measured to
-# rank an LLM's groups far better than the paper's mix (README, *Quality*). Not with LoRA (see `saliency_direction`).
+# `HESSOConfig` settings that spell out the default `saliency="taylor"` as custom weights (the elementwise Taylor
+# criterion on the raw gradient; not with LoRA, where the preset falls back to the update direction).
 GRADIENT_SALIENCY: dict[str, Any] = {
     **{f"importance_{name}": 0.0 for name in IMPORTANCE_CRITERIA},
     "importance_taylor_elementwise": 1.0,
@@ -51,28 +53,30 @@ class HESSOConfig(TrainingArguments):
             Optimizer steps over which pruning happens, starting at `start_pruning_step`; each period lasts
             `pruning_steps // pruning_periods` steps, which must be at least 2. Required: pruning must end at or
             before the last planned optimizer step.
-        importance_magnitude (`float`, *optional*, defaults to `0.2`):
-            Weight of the saliency criterion `||x_g||` (group norm).
-        importance_avg_magnitude (`float`, *optional*, defaults to `0.2`):
+        importance_magnitude (`float`, *optional*):
+            Weight of the saliency criterion `||x_g||` (group norm). Setting any `importance_*` weight scores with
+            your own weights (`saliency="custom"`; the weights not set count 0).
+        importance_avg_magnitude (`float`, *optional*):
             Weight of the saliency criterion `||x_g|| / n_g` (group norm per element).
-        importance_cosine_similarity (`float`, *optional*, defaults to `0.2`):
+        importance_cosine_similarity (`float`, *optional*):
             Weight of the saliency criterion `cos(x_g, d_g) + 1` (alignment of the group with its update direction).
-        importance_taylor_first_order (`float`, *optional*, defaults to `0.2`):
+        importance_taylor_first_order (`float`, *optional*):
             Weight of the saliency criterion `|<x_g, d_g>|` (first-order Taylor estimate of the loss change).
-        importance_taylor_second_order (`float`, *optional*, defaults to `0.2`):
+        importance_taylor_second_order (`float`, *optional*):
             Weight of the saliency criterion `0.5 * <x_g, d_g>^2`.
-        importance_taylor_elementwise (`float`, *optional*, defaults to `0.0`):
+        importance_taylor_elementwise (`float`, *optional*):
             Weight of the criterion `sum_i |x_i * d_i|` over a group's elements (not in the paper; LLM-Pruner's
-            element-wise importance). With `saliency_direction="gradient"` it ranks LLM groups far better than the
-            paper's mix (README, *Quality*); the LLaMA recipe uses that pair.
-        saliency_direction (`str`, *optional*, defaults to `"update"`):
+            element-wise importance): the default preset `saliency="taylor"` (see `docs/saliency.md`).
+        saliency_direction (`str`, *optional*):
             Direction `d_g` of the criteria: `"update"`, the base optimizer's processed step (the paper's), or
             `"gradient"`, the raw gradient of the scoring step (no transient copy of the grouped weights; not with
-            LoRA). See [`HESSO`].
-        saliency_steps (`int`, *optional*, defaults to `1`):
+            LoRA). Default: the preset's (`"gradient"` for `"taylor"`, `"update"` for `"paper"`, for `"custom"` and,
+            with LoRA, for every preset). See [`HESSO`].
+        saliency_steps (`int`, *optional*):
             Number of optimizer steps (each on its own batch) whose scores every selection averages: the period's
             first step and the `saliency_steps - 1` steps before it. At most `start_pruning_step + 1` and, with
-            several periods, at most the period length. Not with `cric` (CRIC accumulates its own scores over its
+            several periods, at most the period length. Default: `min(4, start_pruning_step + 1, period length)` (4
+            measured better than 1, README *Quality*); 1 with `cric` (CRIC accumulates its own scores over its
             cycles). See [`HESSO`].
         prune_kinds (`list[str]`, *optional*):
             Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"` and `"query_slot"`.
@@ -115,6 +119,26 @@ class HESSOConfig(TrainingArguments):
             Fractions of every block that the probes zero, each in `(0, 1)`.
         cric_loss_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the block-sensitivity penalty from the probes' loss ratios, `>= 0`.
+        distill (`bool`, *optional*, defaults to `False`):
+            Distil from a frozen teacher while training and pruning: the training loss becomes
+            `distill_alpha * distill_temperature**2 * KL(teacher || student) + (1 - distill_alpha) * task loss`. The
+            teacher is a frozen copy of the model as it was when the trainer was built, or `HESSOTrainer(...,
+            teacher_model=...)`. See `docs/distillation.md`.
+        distill_alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the KL term, in `[0, 1]` (1: KL only, as Minitron; 0: the task loss only).
+        distill_temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature `T` of both distributions, `> 0`.
+        distill_top_k (`int`, *optional*):
+            Compare the two distributions renormalised over the teacher's `k` largest logits of each position, which
+            bounds the softmax tensors on large vocabularies. Default: the full distributions.
+        importance_activation (`float`, *optional*):
+            Weight of the activation criterion `||a_g||`, the magnitude of the group's output on the scoring batches
+            (Minitron; forward-only, through forward hooks). Not with `cric`.
+        saliency (`str`, *optional*):
+            Saliency preset: `"taylor"` (the default: elementwise Taylor on the raw gradient; with LoRA,
+            `taylor_first_order` on the update), `"paper"` (HESSO's mix, 0.2 each of its five criteria, update
+            direction), `"activation"` (the activation criterion) or `"custom"` (the `importance_*` weights you set).
+            Default: `"custom"` when any `importance_*` weight is set, else `"taylor"`. See `docs/saliency.md`.
     """
 
     target_group_sparsity: float | None = field(
@@ -133,31 +157,31 @@ class HESSOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Optimizer steps over which pruning happens (each period lasts at least 2 steps)."},
     )
-    importance_magnitude: float = field(default=0.2, metadata={"help": "Weight of the group-norm criterion."})
-    importance_avg_magnitude: float = field(
-        default=0.2, metadata={"help": "Weight of the group-norm-per-element criterion."}
+    importance_magnitude: float | None = field(default=None, metadata={"help": "Weight of the group-norm criterion."})
+    importance_avg_magnitude: float | None = field(
+        default=None, metadata={"help": "Weight of the group-norm-per-element criterion."}
     )
-    importance_cosine_similarity: float = field(
-        default=0.2, metadata={"help": "Weight of the cosine(weight, update direction) criterion."}
+    importance_cosine_similarity: float | None = field(
+        default=None, metadata={"help": "Weight of the cosine(weight, update direction) criterion."}
     )
-    importance_taylor_first_order: float = field(
-        default=0.2, metadata={"help": "Weight of the first-order Taylor criterion."}
+    importance_taylor_first_order: float | None = field(
+        default=None, metadata={"help": "Weight of the first-order Taylor criterion."}
     )
-    importance_taylor_second_order: float = field(
-        default=0.2, metadata={"help": "Weight of the second-order Taylor criterion."}
+    importance_taylor_second_order: float | None = field(
+        default=None, metadata={"help": "Weight of the second-order Taylor criterion."}
     )
-    importance_taylor_elementwise: float = field(
-        default=0.0, metadata={"help": "Weight of the elementwise Taylor criterion sum |x * d| (not in the paper)."}
+    importance_taylor_elementwise: float | None = field(
+        default=None, metadata={"help": "Weight of the elementwise Taylor criterion sum |x * d| (not in the paper)."}
     )
-    saliency_direction: str = field(
-        default="update",
+    saliency_direction: str | None = field(
+        default=None,
         metadata={
             "help": "Direction of the saliency criteria: 'update' (base optimizer step, the paper's) or 'gradient'.",
             "choices": ["update", "gradient"],
         },
     )
-    saliency_steps: int = field(
-        default=1,
+    saliency_steps: int | None = field(
+        default=None,
         metadata={"help": "Optimizer steps (batches) whose scores every selection averages (the last is its first)."},
     )
     prune_kinds: list[str] | None = field(
@@ -209,18 +233,47 @@ class HESSOConfig(TrainingArguments):
     )
     cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
 
+    distill: bool = field(
+        default=False, metadata={"help": "Distil from a frozen teacher (default: the model as it was at the start)."}
+    )
+    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
+    distill_top_k: int | None = field(
+        default=None, metadata={"help": "KL on the teacher's top-k logits (renormalised). Default: all logits."}
+    )
+    importance_activation: float | None = field(
+        default=None, metadata={"help": "Weight of the activation criterion ||a_g|| (group output, forward-only)."}
+    )
+    saliency: str | None = field(
+        default=None,
+        metadata={
+            "help": "Saliency preset: 'taylor' (default), 'paper', 'activation', or 'custom' (your importance_* "
+            "weights; the default when any is set).",
+            "choices": list(SALIENCY_CHOICES),
+        },
+    )
+
     def __post_init__(self):
         if self.dataloader_pin_memory is None:
             # Pinned memory only helps a copy to an accelerator; on a CPU-only run the DataLoader warns about it.
             self.dataloader_pin_memory = not self.use_cpu and _accelerator_available()
         super().__post_init__()
+        if self.saliency_direction is not None and self.saliency_direction not in ("update", "gradient"):
+            raise ValueError(
+                f"`saliency_direction` must be 'update' (the paper's) or 'gradient', got {self.saliency_direction!r}."
+            )
+        self._check_saliency()
+        self._default_saliency_steps()
         # The same checks, with the same messages, as `HESSO` and `CRIC` (`hf_hesso.optim.schedule`).
+        _, _, direction = resolve_saliency(
+            self.saliency, self.explicit_importance, self.saliency_direction, lora=False
+        )
         check_pruning_settings(
             target_group_sparsity=self.target_group_sparsity,
             target_param_sparsity=self.target_param_sparsity,
             importance_criteria=self.importance_criteria,
             group_divisible=self.group_divisible,
-            saliency_direction=self.saliency_direction,
+            saliency_direction=direction,
         )
         Schedule(self.start_pruning_step, self.pruning_periods, self.pruning_steps, self.saliency_steps)
         if self.max_steps > 0:
@@ -240,6 +293,40 @@ class HESSOConfig(TrainingArguments):
                     "Leave it unset to prune every kind the architecture supports."
                 )
         self._check_cric()
+        check_distill_settings(self.distill_alpha, self.distill_temperature, self.distill_top_k)
+
+    @property
+    def explicit_importance(self) -> dict[str, float] | None:
+        """The `importance_*` weights that were set (the others count 0), or None when none was."""
+        given = {name: getattr(self, f"importance_{name}") for name in IMPORTANCE_CRITERIA}
+        if all(v is None for v in given.values()):
+            return None
+        return {name: 0.0 if v is None else float(v) for name, v in given.items()}
+
+    def _check_saliency(self) -> None:
+        explicit = self.explicit_importance
+        self.saliency, weights, _ = resolve_saliency(self.saliency, explicit, self.saliency_direction, lora=False)
+        negative = {k: v for k, v in weights.items() if v < 0}
+        if negative or not any(weights.values()):
+            raise ValueError(
+                f"The importance weights must be >= 0 with at least one > 0, got {weights}. Set e.g. "
+                "`importance_magnitude=1.0` and the others to 0 to rank by group norm only."
+            )
+        if self.cric and weights.get("activation"):
+            raise ValueError(
+                "The activation criterion records the groups' outputs on HESSO's scoring steps, which CRIC does not "
+                "use. With `cric=True` choose `saliency='taylor'` or 'paper'."
+            )
+
+    def _default_saliency_steps(self) -> None:
+        """`saliency_steps=None`: 1 with CRIC, else `default_saliency_steps` of the schedule (see `optim.presets`)."""
+        if self.saliency_steps is not None:
+            return
+        schedule = (self.start_pruning_step, self.pruning_steps, self.pruning_periods)
+        if self.cric or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in schedule[1:]):
+            self.saliency_steps = 1  # a bad schedule is reported by `Schedule` with its own message
+        else:
+            self.saliency_steps = default_saliency_steps(*schedule)
 
     def _check_cric(self) -> None:
         ratios = check_cric_settings(
@@ -270,8 +357,9 @@ class HESSOConfig(TrainingArguments):
 
     @property
     def importance_criteria(self) -> dict[str, float]:
-        """The saliency weights as the `importance_criteria` dict of [`HESSO`]."""
-        return {name: getattr(self, f"importance_{name}") for name in IMPORTANCE_CRITERIA}
+        """The saliency weights of every criterion (the `saliency` preset's without LoRA, or the `importance_*`)."""
+        _, weights, _ = resolve_saliency(self.saliency, self.explicit_importance, self.saliency_direction, lora=False)
+        return {name: float(weights.get(name, 0.0)) for name in IMPORTANCE_CRITERIA}
 
     def check_schedule_fits(self, planned_steps: int) -> None:
         """Raise a `ValueError` when pruning does not end by `planned_steps`, the number of optimizer steps."""

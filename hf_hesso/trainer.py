@@ -16,12 +16,15 @@ from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_N
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import HESSOConfig
+from .diagnostics import SelectionDiagnostics
+from .distill import DistillationMixin, frozen_copy, load_teacher
 from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_save, render_model_card, save_slim
 from .export.save import upload_folder
 from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
+from .optim.presets import resolve_saliency
 from .slim import gather_full_model
 
 logger = get_logger(__name__)
@@ -119,7 +122,7 @@ class _HESSOPrinterCallback(PrinterCallback):
         return super().on_log(args, state, control, logs=logs, **kwargs)
 
 
-class HESSOTrainer(Trainer):
+class HESSOTrainer(DistillationMixin, Trainer):
     r"""
     A [`~transformers.Trainer`] that trains and structurally prunes the model in one run (HESSO).
 
@@ -142,6 +145,10 @@ class HESSOTrainer(Trainer):
             `lora_B` rows / `lora_A` columns, the frozen base slices are faded and zeroed with them, and
             `save_model()` writes the merged slim model (or, with `save_adapters_separately`, the slim base and
             the sliced adapter in `adapter/`).
+        teacher_model (`nn.Module` or `str`, *optional*): with `args.distill=True`, the teacher to distil from: a
+            model (frozen here, never stepped; it must not share parameters with `model`) or a path loaded with the
+            student's class. Default: a frozen copy of `model` as it is when the trainer is built (with LoRA, the
+            copy has the adapters merged). See `docs/distillation.md`.
         The other arguments are those of [`~transformers.Trainer`].
     """
 
@@ -162,6 +169,7 @@ class HESSOTrainer(Trainer):
         preprocess_logits_for_metrics=None,
         groups: GroupSet | None = None,
         peft_config=None,
+        teacher_model: nn.Module | str | os.PathLike | None = None,
     ):
         if not isinstance(args, HESSOConfig):
             raise ValueError(
@@ -169,6 +177,13 @@ class HESSOTrainer(Trainer):
                 f"{type(args).__name__}. Build it as `HESSOConfig(output_dir=..., target_group_sparsity=..., "
                 "pruning_steps=..., ...)`."
             )
+        if teacher_model is not None and not args.distill:
+            raise ValueError(
+                "`teacher_model` was given but `args.distill` is False, so it would be ignored. Set `distill=True` in "
+                "the `HESSOConfig`, or drop `teacher_model`."
+            )
+        # The teacher is the model before the adapters are added: a plain copy, nothing to merge.
+        teacher = frozen_copy(model) if args.distill and teacher_model is None and model is not None else None
         if peft_config is not None:
             if is_peft_model(model):
                 raise ValueError(
@@ -197,6 +212,17 @@ class HESSOTrainer(Trainer):
         self.groups = groups
         self._report: PruningReport | None = None
         self.add_callback(_PruningProgressCallback())
+        self.selection_diagnostics = SelectionDiagnostics()
+        self.add_callback(self.selection_diagnostics)
+        if args.distill:
+            if teacher is None:
+                if teacher_model is None:
+                    raise ValueError(
+                        "`distill=True` with `model_init` has no model to copy as the teacher. Pass `teacher_model=` "
+                        "(a model or a path)."
+                    )
+                teacher = load_teacher(teacher_model, self.model)
+            self.setup_distillation(teacher, args.distill_alpha, args.distill_temperature, args.distill_top_k)
         self._quiet_console()
 
     def _quiet_console(self) -> None:
@@ -249,7 +275,8 @@ class HESSOTrainer(Trainer):
             target_group_sparsity=args.target_group_sparsity,
             target_param_sparsity=args.target_param_sparsity,
             pruning_steps=args.pruning_steps,
-            importance_criteria=args.importance_criteria,
+            saliency=args.saliency,
+            importance_criteria=args.explicit_importance,
             group_divisible=args.group_divisible,
             saliency_direction=args.saliency_direction,
         )
@@ -293,6 +320,7 @@ class HESSOTrainer(Trainer):
         values; it is averaged across processes so that every rank takes the same decisions.
         """
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.selection_diagnostics.observe_loss(loss)
         cric = self.hesso_optimizer
         if isinstance(cric, CRIC) and cric.needs_loss:
             value = loss.detach().float().reshape(())
@@ -308,7 +336,7 @@ class HESSOTrainer(Trainer):
         hesso = self.hesso_optimizer
         if hesso is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
             # Every rank scores the same all-reduced gradients, so the metrics agree without a gather.
-            logs = {**logs, **hesso.metrics()}
+            logs = {**logs, **hesso.metrics(), **self.selection_diagnostics.pop_metrics()}
         super().log(logs, start_time)
 
     # ---- Saving ----
@@ -339,13 +367,18 @@ class HESSOTrainer(Trainer):
             "start_pruning_step": args.start_pruning_step,
             "pruning_periods": args.pruning_periods,
             "pruning_steps": args.pruning_steps,
-            "importance_criteria": args.importance_criteria,
-            "saliency_direction": args.saliency_direction,
-            "saliency_steps": args.saliency_steps,
+            **self._saliency_settings(),
             "prune_kinds": args.prune_kinds or "all",
             "group_divisible": args.group_divisible,
             "prunable_groups": num_groups,
         }
+        if args.distill:
+            settings.update(
+                distill=True,
+                distill_alpha=args.distill_alpha,
+                distill_temperature=args.distill_temperature,
+                distill_top_k=args.distill_top_k,
+            )
         if args.cric:
             settings.update(
                 cric=True,
@@ -357,6 +390,24 @@ class HESSOTrainer(Trainer):
                 cric_loss_weight=args.cric_loss_weight,
             )
         return settings
+
+    def _saliency_settings(self) -> dict[str, Any]:
+        """The saliency the run scores with: the preset, its weights and direction as resolved (LoRA included)."""
+        hesso = self.hesso_optimizer
+        if hesso is not None:
+            settings = hesso.settings()
+            names = ("saliency", "importance_criteria", "saliency_direction", "saliency_steps")
+            return {name: settings[name] for name in names}
+        args = self.args
+        preset, weights, direction = resolve_saliency(
+            args.saliency, args.explicit_importance, args.saliency_direction, lora=self._is_lora()
+        )
+        return {
+            "saliency": preset,
+            "importance_criteria": {k: v for k, v in weights.items() if v},
+            "saliency_direction": direction,
+            "saliency_steps": args.saliency_steps,
+        }
 
     def _card_training(self) -> dict[str, Any]:
         args = self.args

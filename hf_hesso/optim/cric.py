@@ -129,7 +129,8 @@ class CRIC(HESSO):
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
         hold_zeros: str = "auto",
-        saliency_direction: str = "update",
+        saliency_direction: str | None = None,
+        saliency: str | None = None,
     ):
         ratios = check_cric_settings(start_step, sampling_steps, max_cycles, tolerance, trial_ratios, loss_weight)
         num_blocks = len(groups.blocks) if isinstance(groups, GroupSet) else 0
@@ -147,6 +148,8 @@ class CRIC(HESSO):
             group_divisible=group_divisible,
             hold_zeros=hold_zeros,
             saliency_direction=saliency_direction,
+            saliency_steps=1,
+            saliency=saliency,
         )
         self.cric_start_step = start_step
         self.sampling_steps = sampling_steps

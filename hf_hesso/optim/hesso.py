@@ -32,9 +32,11 @@ import torch
 from torch.optim import Optimizer
 
 from ..groups import KINDS, GroupSet
+from .activation import ActivationRecorder
 from .distributed import check_supported, group_squared_norms
 from .facade import WrappedOptimizer, check_base_optimizer
 from .masking import GroupMasks
+from .presets import default_saliency_steps, resolve_saliency
 from .schedule import Schedule, check_pruning_settings
 from .scoring import SaliencyWindow, Scorer, score_problem
 from .selection import ParamCounter, block_capacity, reachable_groups, select_redundant
@@ -168,14 +170,27 @@ class HESSO(WrappedOptimizer):
         importance_criteria: dict[str, float] | None = None,
         group_divisible: int = 1,
         hold_zeros: str = "auto",
-        saliency_direction: str = "update",
-        saliency_steps: int = 1,
+        saliency_direction: str | None = None,
+        saliency_steps: int | None = None,
+        saliency: str | None = None,
     ):
         check_base_optimizer(optimizer)
         if not isinstance(groups, GroupSet):
             raise TypeError(f"`groups` must be a `GroupSet` from `build_groups(model)`, got {type(groups).__name__}.")
         if len(groups) == 0:
             raise ValueError("`groups` is empty: the model has no prunable groups. Build them with more kinds/layers.")
+        if saliency_steps is None:
+            saliency_steps = (
+                default_saliency_steps(start_pruning_step, pruning_steps, pruning_periods)
+                if all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (pruning_steps, pruning_periods)
+                )
+                and isinstance(start_pruning_step, int)
+                else 1  # a bad schedule is reported by `Schedule` with its own message
+            )
+        saliency, importance_criteria, saliency_direction = resolve_saliency(
+            saliency, importance_criteria, saliency_direction, lora=bool(groups.adapters)
+        )
         target_name, target, weights = check_pruning_settings(
             target_group_sparsity=target_group_sparsity,
             target_param_sparsity=target_param_sparsity,
@@ -227,8 +242,11 @@ class HESSO(WrappedOptimizer):
         self.target_param_sparsity = target_param_sparsity
         self.group_divisible = group_divisible
         self.hold_zeros = hold_zeros
+        self.saliency = saliency
         self.saliency_direction = saliency_direction
         self.weights = weights
+        # The activation criterion reads the groups' outputs through forward hooks, on the scoring steps only.
+        self._activation = ActivationRecorder(groups) if weights.get("activation") else None
 
         self._counter = ParamCounter(groups)
         self._kinds = torch.tensor([KINDS.index(k) for k in groups.kinds()], dtype=torch.long)
@@ -242,13 +260,15 @@ class HESSO(WrappedOptimizer):
         self.last_scores = fresh.last_scores  # saliency at the latest selection
         self._window = SaliencyWindow(len(groups))
         kinds = self._kinds if target_param_sparsity is not None else None
-        self._scorer = Scorer(groups, weights, saliency_direction, kinds=kinds)
+        self._scorer = Scorer(groups, weights, saliency_direction, kinds=kinds, activation=self._activation)
         # Zero gradient + zero state keeps a zero weight exactly zero in these optimizers; any other optimizer also
         # gets its pruned weights re-zeroed after every step.
         self._masks = GroupMasks(groups, hold_zeros, fixed_point=type(optimizer) in _FIXED_POINT_OPTIMIZERS)
         self._bind(params)
         # After `load_state_dict`, the next step checks that the groups the state calls pruned are zero.
         self._verify_restored = False
+        if self._activation is not None:
+            self._activation.enabled = self.is_scoring_step(1)
 
     def _init_budget(self, target_name: str, target: float) -> None:
         groups, div = self.groups, self.group_divisible
@@ -445,7 +465,14 @@ class HESSO(WrappedOptimizer):
         n = self._num_steps + 1
         self.pruning_step(n)
         self._num_steps = n
+        if self._activation is not None:
+            self._activation.enabled = self.is_scoring_step(n + 1)
         return loss
+
+    def is_scoring_step(self, n: int) -> bool:
+        """Whether step `n` scores the groups (a selection step or a step of its `saliency_steps` window)."""
+        phase = self.schedule.phase(n)
+        return (phase is not None and phase[1] == 0) or self.schedule.in_saliency_window(n)
 
     def pruning_step(self, n: int) -> None:
         """Optimizer step `n` of the schedule, base step included (the counter moves to `n` after it returns).
@@ -562,6 +589,7 @@ class HESSO(WrappedOptimizer):
             "pruning_periods": self.pruning_periods,
             "pruning_steps": self.pruning_steps,
             "importance_criteria": {k: v for k, v in self.weights.items() if v},
+            "saliency": self.saliency,
             "saliency_direction": self.saliency_direction,
             "saliency_steps": self.saliency_steps,
             "group_divisible": self.group_divisible,

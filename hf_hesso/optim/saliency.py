@@ -32,6 +32,7 @@ class GroupStatistics:
     xd: torch.Tensor  # <x_g, d_g>
     axd: torch.Tensor  # sum_i |x_i * d_i| over the group's elements
     numel: torch.Tensor  # n_g, as float
+    act: torch.Tensor | None = None  # ||a_g||: the group's output over the scoring batches (`ActivationRecorder`)
 
 
 def magnitude(stats: GroupStatistics) -> torch.Tensor:
@@ -72,7 +73,21 @@ def taylor_elementwise(stats: GroupStatistics) -> torch.Tensor:
     return stats.axd
 
 
-# name -> criterion: the paper's five in its order, then `taylor_elementwise`.
+def activation(stats: GroupStatistics) -> torch.Tensor:
+    """`||a_g||`: the magnitude of the group's output on the scoring batches (Minitron's activation criterion).
+
+    Forward-only, from the hooks of `hf_hesso.optim.activation.ActivationRecorder`, which `HESSO` installs when this
+    criterion has a weight.
+    """
+    if stats.act is None:
+        raise ValueError(
+            "The `activation` criterion needs the activations recorded on the scoring batches; `HESSO` records them "
+            "when `importance_criteria` gives `activation` a weight (or `saliency='activation'`)."
+        )
+    return stats.act
+
+
+# name -> criterion: the paper's five in its order, then `taylor_elementwise`, then `activation`.
 CRITERIA: dict[str, Callable[[GroupStatistics], torch.Tensor]] = {
     "magnitude": magnitude,
     "avg_magnitude": avg_magnitude,
@@ -80,6 +95,7 @@ CRITERIA: dict[str, Callable[[GroupStatistics], torch.Tensor]] = {
     "taylor_first_order": taylor_first_order,
     "taylor_second_order": taylor_second_order,
     "taylor_elementwise": taylor_elementwise,
+    "activation": activation,
 }
 PAPER_CRITERIA = ("magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order")
 

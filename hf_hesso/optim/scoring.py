@@ -9,6 +9,7 @@ rank the groups by their index.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -16,6 +17,7 @@ from torch.optim import Optimizer
 
 from ..groups import GroupSet
 from ..groups.peft import adapter_parameters, effective_weights
+from .activation import ActivationRecorder
 from .saliency import SaliencyAccumulator, saliency_scores
 
 _ADVICE = (
@@ -43,13 +45,22 @@ class Scorer:
         direction (`str`): `"update"` or `"gradient"`.
         kinds (`torch.Tensor`, *optional*): kind id per group; when given, each criterion is normalised per kind
             (the scale of a parameter budget, see `saliency_scores`).
+        activation (`ActivationRecorder`, *optional*): the forward hooks of the `activation` criterion.
     """
 
-    def __init__(self, groups: GroupSet, weights: dict[str, float], direction: str, kinds: torch.Tensor | None = None):
+    def __init__(
+        self,
+        groups: GroupSet,
+        weights: dict[str, float],
+        direction: str,
+        kinds: torch.Tensor | None = None,
+        activation: ActivationRecorder | None = None,
+    ):
         self.groups = groups
         self.weights = weights
         self.direction = direction
         self.kinds = kinds
+        self.activation = activation
 
     def step_and_score(self, optimizer: Optimizer, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Base step; returns the saliency of every group (CPU, float64)."""
@@ -101,7 +112,11 @@ class Scorer:
 
     def _finish(self, acc: SaliencyAccumulator) -> torch.Tensor:
         """The weighted criteria of the accumulated statistics (one all-reduce under FSDP2)."""
-        return saliency_scores(acc.finish(), self.weights, kinds=self.kinds).cpu().double()
+        stats = acc.finish()
+        if self.activation is not None:
+            # The groups' output norms recorded by forward hooks on this step's batch (the `activation` criterion).
+            stats = dataclasses.replace(stats, act=self.activation.pop())
+        return saliency_scores(stats, self.weights, kinds=self.kinds).cpu().double()
 
 
 class SaliencyWindow:
