@@ -258,10 +258,6 @@ class HESSOConfig(TrainingArguments):
             # Pinned memory only helps a copy to an accelerator; on a CPU-only run the DataLoader warns about it.
             self.dataloader_pin_memory = not self.use_cpu and _accelerator_available()
         super().__post_init__()
-        if self.saliency_direction is not None and self.saliency_direction not in ("update", "gradient"):
-            raise ValueError(
-                f"`saliency_direction` must be 'update' (the paper's) or 'gradient', got {self.saliency_direction!r}."
-            )
         self._check_saliency()
         self._default_saliency_steps()
         # The same checks, with the same messages, as `HESSO` and `CRIC` (`hf_hesso.optim.schedule`).
@@ -305,13 +301,8 @@ class HESSOConfig(TrainingArguments):
 
     def _check_saliency(self) -> None:
         explicit = self.explicit_importance
+        # The weights and the direction are checked with HESSO's own messages (`check_pruning_settings`).
         self.saliency, weights, _ = resolve_saliency(self.saliency, explicit, self.saliency_direction, lora=False)
-        negative = {k: v for k, v in weights.items() if v < 0}
-        if negative or not any(weights.values()):
-            raise ValueError(
-                f"The importance weights must be >= 0 with at least one > 0, got {weights}. Set e.g. "
-                "`importance_magnitude=1.0` and the others to 0 to rank by group norm only."
-            )
         if self.cric and weights.get("activation"):
             raise ValueError(
                 "The activation criterion records the groups' outputs on HESSO's scoring steps, which CRIC does not "

@@ -67,7 +67,8 @@ def resolve_saliency(
                 "`importance_*` fields of `HESSOConfig`), e.g. `importance_magnitude=1.0`. Or choose a preset: "
                 f"{sorted(SALIENCY_PRESETS)}."
             )
-        return saliency, dict(weights), direction or "update"
+        # A non-dict is passed on as it is: `check_criteria` rejects it with its `TypeError`.
+        return saliency, dict(weights) if isinstance(weights, dict) else weights, direction or "update"
     if weights is not None:
         raise ValueError(
             f"`saliency={saliency!r}` sets the criteria weights itself, but weights were also given: {weights}. Drop "
