@@ -106,6 +106,8 @@ class ArchLayout:
         kv_heads_field (`str`, *optional*): the config field of the key/value head count (`None`: one per query head).
         stock_rule (`str`, *optional*): a rule of the stock config that `to_stock` cannot always meet, as text.
         notes (`str`): what the family brings, for the documentation.
+        excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
+            whose numerical check failed for that kind).
     """
 
     name: str
@@ -118,6 +120,7 @@ class ArchLayout:
     kv_heads_field: str | None = "num_key_value_heads"
     stock_rule: str | None = None
     notes: str = ""
+    excluded: tuple[tuple[str, str], ...] = ()
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
