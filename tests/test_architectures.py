@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from conftest import tiny_batch
 from test_save_load import run_fresh
 from test_slim import check_runtime_attributes, expected_param_count, expected_shapes, zero_random_groups
@@ -329,3 +331,40 @@ def test_docs_table_is_generated_from_the_layout_table():
     assert text[start:end] == architecture_table(), "regenerate the table in docs/architectures.md"
     for model_type in ARCHITECTURES:
         assert f"| `{model_type}` |" in text
+
+
+def test_moe_with_dense_layers(tmp_path):
+    # Qwen2-MoE `mlp_only_layers`: layer 1 is a dense gated MLP (mlp_channel groups), layer 0 sparse.
+    config = FAMILIES["qwen2_moe"][0]()
+    config.mlp_only_layers = [1]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    groups = build_groups(model)
+    assert {b.kind for b in groups.blocks if b.layer == 1} == GQA | {MLP_CHANNEL}
+    zero_random_groups(model, groups, seed=4)
+    batch = batch_for("qwen2_moe")
+    ref = logits(model, batch)
+    summary = slim_model(model, groups)
+    assert summary.layers[1].shared_intermediate_size is None and summary.layers[1].intermediate_size < 96
+    assert (logits(model, batch) - ref).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(loaded, batch) - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r"its layers (have 2 different shapes|mix MLP kinds)"):
+        to_stock(loaded)
+
+
+def test_missing_expert_tensor_is_named(slimmed, tmp_path):
+    e = slimmed[1]["mixtral"]
+    e["model"].save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.experts.down_proj"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer 1: tensor `model\.layers\.1\.mlp\.experts\.down_proj` is missing"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_lora_on_conv1d_is_refused():
+    model = get_peft_model(make("gpt2"), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(ValueError, match=r"LoRA layer around a Conv1D; hf_hesso groups LoRA adapters on `nn.Linear`"):
+        build_groups(model)

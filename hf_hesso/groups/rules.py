@@ -49,7 +49,7 @@ from .group import (
     GroupSet,
     Slice,
 )
-from .peft import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
+from .peft import LoraAdapter, is_lora_layer, is_lora_linear, lora_adapters, unwrap_peft
 
 # A kind's partition of an index space: group `g` owns `o * n * inner + g * inner + j` (see `Slice`).
 Partition = tuple[int, int, int]
@@ -174,6 +174,7 @@ def build_groups(
     for i in layer_ids:
         layer = layer_list[i]
         where = f"{prefix}{layout.layers}.{i}"
+        _refuse_lora_on_non_linear(layer, layout, where)
         sizes = space_sizes(layer, layout)
         heads, kv_heads = sizes[Q] // hd, sizes[KV] // hd
         if heads * hd != sizes[Q] or kv_heads * hd != sizes[KV] or heads % kv_heads:
@@ -222,6 +223,22 @@ def build_groups(
             offset = sum(b.n for b in blocks)
             blocks.append(Block(i, kind, n, tuple(slices), numel, offset))
     return GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters)
+
+
+def _refuse_lora_on_non_linear(layer: nn.Module, layout: ArchLayout, where: str) -> None:
+    for sub in layout.sublayers:
+        for proj in sub.projections:
+            parent_path, _, name = proj.path.rpartition(".")
+            try:
+                module = getattr(get_submodule(layer, parent_path), name, None)
+            except AttributeError:
+                continue
+            if module is not None and is_lora_layer(module) and not is_lora_linear(module):
+                raise ValueError(
+                    f"`{where}.{proj.path}` is a peft LoRA layer around a {type(module.base_layer).__name__}; hf_hesso "
+                    "groups LoRA adapters on `nn.Linear` projections only. Merge the adapters first "
+                    "(`model = model.merge_and_unload()`), or target other modules with `LoraConfig(target_modules=...)`."
+                )
 
 
 def _tensor_entries(layer: nn.Module, proj: Proj, where: str, adapters: dict):

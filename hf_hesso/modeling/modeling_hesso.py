@@ -298,7 +298,7 @@ class HessoModelMixin:
         prunable = {f".{p.path}." for sub in layout.sublayers for p in sub.projections}
         for key in sorted(loading_info.missing_keys):
             match = _LAYER_INDEX.search("." + key)
-            if match and any(p in "." + key for p in prunable):
+            if match and any(p in f".{key}." for p in prunable):
                 problems.append(f"layer {match.group(1)}: tensor `{key}` is missing from the checkpoint")
         if problems:
             # Cleared so that transformers' own report does not replace this error with a less precise one.
