@@ -126,6 +126,43 @@ class ArchLayout:
     def sublayers(self) -> tuple[Sublayer, ...]:
         return (self.attention, *self.mlps)
 
+    # Paths of separate projections, for code that handles only the Llama/BERT shape of layer (GGUF export).
+    def _path(self, projections: tuple[Proj, ...], rows: tuple[str, ...] = (), cols: str | None = None) -> str:
+        found = [p.path for p in projections if p.rows == rows and p.cols == cols and not p.optional]
+        if not found:
+            raise ValueError(f"{self.name} has no separate projection with rows {rows} and columns {cols}.")
+        return found[0]
+
+    @property
+    def q(self) -> str:
+        return self._path(self.attention.projections, rows=(Q,))
+
+    def _kv(self) -> list[str]:
+        found = [p.path for p in self.attention.projections if p.rows == (KV,) and not p.optional]
+        if len(found) != 2:
+            raise ValueError(f"{self.name} has no separate key and value projections (they are fused).")
+        return found
+
+    @property
+    def k(self) -> str:
+        return self._kv()[0]
+
+    @property
+    def v(self) -> str:
+        return self._kv()[1]
+
+    @property
+    def o(self) -> str:
+        return self._path(self.attention.projections, cols=Q)
+
+    @property
+    def mlp_in(self) -> tuple[str, ...]:
+        return tuple(p.path for p in self.mlps[0].projections if p.rows == (MLP,))
+
+    @property
+    def mlp_out(self) -> str:
+        return self._path(self.mlps[0].projections, cols=MLP)
+
 
 def _decoder_classes(prefix: str, model: str | None = None, causal: str | None = None) -> tuple:
     return (
