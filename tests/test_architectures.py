@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import tiny_batch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from conftest import tiny_batch
 from test_save_load import run_fresh
 from test_slim import check_runtime_attributes, expected_param_count, expected_shapes, zero_random_groups
 
@@ -57,7 +57,11 @@ FAMILIES = {
     # head_dim 32 with hidden 64 and 4 heads: the head size is independent of hidden / heads.
     "gemma2": (
         lambda: transformers.Gemma2Config(
-            **_DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=4, attn_logit_softcapping=5.0,
+            **_DECODER,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
             final_logit_softcapping=3.0,
         ),
         "AutoModelForCausalLM",
@@ -81,15 +85,24 @@ FAMILIES = {
     "gpt_neox": (
         lambda: transformers.GPTNeoXConfig(
             **{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"},
-            rotary_pct=0.5, use_parallel_residual=True, attention_bias=True,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+            attention_bias=True,
         ),
         "AutoModelForCausalLM",
         {HEAD, MLP_CHANNEL},
     ),
     "gpt2": (
         lambda: transformers.GPT2Config(
-            vocab_size=128, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=64, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2,
+            vocab_size=128,
+            n_embd=64,
+            n_head=4,
+            n_layer=2,
+            n_inner=96,
+            n_positions=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         "AutoModelForCausalLM",
         {HEAD, MLP_CHANNEL},
@@ -111,17 +124,33 @@ FAMILIES = {
     ),
     "deberta-v2": (
         lambda: transformers.DebertaV2Config(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, pad_token_id=0, relative_attention=True, pos_att_type=["c2p", "p2c"],
-            share_att_key=False, position_buckets=8,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            share_att_key=False,
+            position_buckets=8,
         ),
         "AutoModelForMaskedLM",
         {HEAD, MLP_CHANNEL},
     ),
     "modernbert": (
         lambda: transformers.ModernBertConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, pad_token_id=0, local_attention=8, attention_bias=True, mlp_bias=True,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            local_attention=8,
+            attention_bias=True,
+            mlp_bias=True,
         ),
         "AutoModelForMaskedLM",
         {HEAD, MLP_CHANNEL},

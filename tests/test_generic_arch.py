@@ -5,6 +5,7 @@ check; an inexact kind is excluded with the reason; an unknown structure gets an
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import transformers

@@ -1,4 +1,4 @@
-from .group import (
+from ..modeling.architectures import (
     EXPERT_CHANNEL,
     HEAD,
     KINDS,
@@ -6,6 +6,8 @@ from .group import (
     MLP_CHANNEL,
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
+)
+from .group import (
     Block,
     Group,
     GroupSet,

@@ -17,16 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# The kinds of groups the rules produce (defined beside the layout data, which names them).
-from ..modeling.architectures import (
-    EXPERT_CHANNEL,
-    HEAD,
-    KINDS,
-    KV_GROUP,
-    MLP_CHANNEL,
-    QUERY_SLOT,
-    SHARED_EXPERT_CHANNEL,
-)
+# The kinds of groups (defined beside the layout data, which names them; re-exported by `hf_hesso.groups`).
+from ..modeling.architectures import KINDS
 
 
 @dataclass(frozen=True)

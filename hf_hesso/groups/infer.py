@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..modeling.architectures import KV, MLP, Q, ArchLayout, Proj, Sublayer
+from ..modeling.architectures import KV, MLP, ArchLayout, Proj, Q, Sublayer
 
 ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "q")
 ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "k")

@@ -25,26 +25,26 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..modeling.architectures import (
+    EXPERT_CHANNEL,
     EXPERT_CHANNEL_UNIT,
+    HEAD,
+    KINDS,
     KV,
+    KV_GROUP,
     MLP,
-    Q,
+    MLP_CHANNEL,
+    QUERY_SLOT,
     SHARED,
+    SHARED_EXPERT_CHANNEL,
     ArchLayout,
     Proj,
+    Q,
     get_layout,
     get_submodule,
     normalize_config,
 )
 from ..modeling.modeling_hesso import layer_sublayers, projection_tensors, space_sizes
 from .group import (
-    EXPERT_CHANNEL,
-    HEAD,
-    KINDS,
-    KV_GROUP,
-    MLP_CHANNEL,
-    QUERY_SLOT,
-    SHARED_EXPERT_CHANNEL,
     Block,
     GroupSet,
     Slice,

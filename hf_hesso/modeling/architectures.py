@@ -196,7 +196,11 @@ def _llama_attention(o: str = "o_proj", module: str = "self_attn") -> Sublayer:
 
 GATED_MLP = Sublayer(
     module="mlp",
-    projections=(Proj("mlp.gate_proj", rows=(MLP,)), Proj("mlp.up_proj", rows=(MLP,)), Proj("mlp.down_proj", cols=MLP)),
+    projections=(
+        Proj("mlp.gate_proj", rows=(MLP,)),
+        Proj("mlp.up_proj", rows=(MLP,)),
+        Proj("mlp.down_proj", cols=MLP),
+    ),
     attributes=(("mlp.intermediate_size", "mlp"),),
     width_field="intermediate_size",
 )
@@ -369,8 +373,11 @@ MODERNBERT_LAYOUT = ArchLayout(
         projections=(Proj("attn.Wqkv", rows=(Q, KV, KV)), Proj("attn.Wo", cols=Q)),
     ),
     mlps=(
-        Sublayer(module="mlp", projections=(Proj("mlp.Wi", rows=(MLP, MLP)), Proj("mlp.Wo", cols=MLP)),
-                 width_field="intermediate_size"),
+        Sublayer(
+            module="mlp",
+            projections=(Proj("mlp.Wi", rows=(MLP, MLP)), Proj("mlp.Wo", cols=MLP)),
+            width_field="intermediate_size",
+        ),
     ),  # fmt: skip
     config_class="ModernBertConfig",
     model_classes=_encoder_classes("ModernBert"),
@@ -390,26 +397,63 @@ PHI_LAYOUT = _llama_like(
     "`qk_layernorm=True` it cannot express removed heads",
 )
 
+GEMMA2_LAYOUT = _llama_like(
+    "Gemma-2",
+    "Gemma2",
+    "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention.",
+)
+GEMMA3_TEXT_LAYOUT = _llama_like(
+    "Gemma-3 (text)",
+    "Gemma3Text",
+    "Per-head q/k RMSNorm (shared over head_dim), sandwich norms, local/global attention.",
+    model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM"),
+)
+MIXTRAL_LAYOUT = _llama_like(
+    "Mixtral",
+    "Mixtral",
+    "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.",
+    mlps=(_experts("intermediate_size"),),
+)
+QWEN2_MOE_LAYOUT = _llama_like(
+    "Qwen2-MoE",
+    "Qwen2Moe",
+    "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` "
+    "says.",
+    mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP),
+)
+QWEN3_MOE_LAYOUT = _llama_like(
+    "Qwen3-MoE",
+    "Qwen3Moe",
+    "Routed experts in fused 3-D tensors, per-head q/k RMSNorm.",
+    mlps=(_experts("moe_intermediate_size"), GATED_MLP),
+)
+STARCODER2_LAYOUT = _llama_like(
+    "Starcoder2",
+    "Starcoder2",
+    "Biases on every projection, plain MLP `c_fc`/`c_proj`.",
+    mlps=(_plain_mlp("c_fc", "c_proj"),),
+)
+
 # model_type -> layout. One entry per line, sorted.
 ARCHITECTURES: dict[str, ArchLayout] = {
     "bert": BERT_LAYOUT,
     "deberta-v2": DEBERTA_V2_LAYOUT,
-    "gemma2": _llama_like("Gemma-2", "Gemma2", "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention."),  # noqa: E501
-    "gemma3_text": _llama_like("Gemma-3 (text)", "Gemma3Text", "Per-head q/k RMSNorm (shared over head_dim), sandwich norms, local/global attention.", model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM")),  # noqa: E501
+    "gemma2": GEMMA2_LAYOUT,
+    "gemma3_text": GEMMA3_TEXT_LAYOUT,
     "gpt2": GPT2_LAYOUT,
     "gpt_neox": GPT_NEOX_LAYOUT,
     "llama": LLAMA_LAYOUT,
     "mistral": _llama_like("Mistral", "Mistral", "Llama layout with sliding-window attention."),
-    "mixtral": _llama_like("Mixtral", "Mixtral", "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.", mlps=(_experts("intermediate_size"),)),  # noqa: E501
+    "mixtral": MIXTRAL_LAYOUT,
     "modernbert": MODERNBERT_LAYOUT,
     "phi": PHI_LAYOUT,
     "qwen2": _llama_like("Qwen2", "Qwen2", "Llama layout with q/k/v biases."),
-    "qwen2_moe": _llama_like("Qwen2-MoE", "Qwen2Moe", "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` says.", mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP)),  # noqa: E501
+    "qwen2_moe": QWEN2_MOE_LAYOUT,
     "qwen3": _llama_like("Qwen3", "Qwen3", "Per-head q/k RMSNorm (shared over head_dim)."),
-    "qwen3_moe": _llama_like("Qwen3-MoE", "Qwen3Moe", "Routed experts in fused 3-D tensors, per-head q/k RMSNorm.", mlps=(_experts("moe_intermediate_size"), GATED_MLP)),  # noqa: E501
+    "qwen3_moe": QWEN3_MOE_LAYOUT,
     "roberta": _bert_like("RoBERTa", "Roberta"),
     "smollm3": _llama_like("SmolLM3", "SmolLM3", "Llama layout; some layers without rotary embeddings."),
-    "starcoder2": _llama_like("Starcoder2", "Starcoder2", "Biases on every projection, plain MLP `c_fc`/`c_proj`.", mlps=(_plain_mlp("c_fc", "c_proj"),)),  # noqa: E501
+    "starcoder2": STARCODER2_LAYOUT,
 }
 
 # The config key under which a slim model records its per-layer sizes.
@@ -501,7 +545,7 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
     layout = layout or get_layout(model_type)
     heads = config.num_attention_heads
     kv_heads = (getattr(config, layout.kv_heads_field, None) if layout.kv_heads_field else None) or heads
-    head_dim = (getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None)
+    head_dim = getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None
     return NormalizedConfig(
         model_type=model_type,
         num_layers=config.num_hidden_layers,
