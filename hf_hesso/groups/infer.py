@@ -213,6 +213,7 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
                 head_dim_field="head_dim" if getattr(config, "head_dim", None) else None,
                 kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
                 notes="Inferred from the module tree.",
+                inferred=True,
             )
         )
     return layouts

@@ -108,6 +108,7 @@ class ArchLayout:
         notes (`str`): what the family brings, for the documentation.
         excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
             whose numerical check failed for that kind).
+        inferred (`bool`): inferred from a module tree (`check_architecture`), not written in this table.
     """
 
     name: str
@@ -121,6 +122,7 @@ class ArchLayout:
     stock_rule: str | None = None
     notes: str = ""
     excluded: tuple[tuple[str, str], ...] = ()
+    inferred: bool = False
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
