@@ -20,7 +20,7 @@ averages the scores of up to 4 steps (`--saliency_steps`; fewer when the warm-up
 `--lora_r` the preset falls back to `taylor_first_order` on the update direction; `--saliency paper` scores with the
 paper's mix, `--distill true` distils from the unpruned model (`docs/distillation.md`). The model and data come from
 the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny random LLaMA with the real tokenizer for
-smoke tests.
+smoke tests. `--model_name_or_path` takes any supported causal LM instead of SmolLM2.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from resources import (
     perplexity,
     tiny_llama,
 )
-from transformers import AutoModelForCausalLM, default_data_collator, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.config import parse_script_args
+from hf_hesso.modeling.architectures import get_layout
 from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +68,14 @@ class ScriptArguments:
     )
     tiny: bool = field(
         default=False, metadata={"help": "Use a tiny random LLaMA (real tokenizer) instead of SmolLM2: smoke tests."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A directory or Hub id of any supported causal LM (Llama, Mistral, Qwen2/3, Gemma-2/3, SmolLM3, Phi, "
+            "GPT-2, GPT-NeoX, Starcoder2, Mixtral, Qwen-MoE; see docs/architectures.md). With LoRA, set "
+            "`--lora_target_modules` to its projection names. Default: the offline SmolLM2-135M-Instruct."
+        },
     )
     lora_r: int = field(
         default=0,
@@ -107,15 +116,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOCon
     return parse_script_args(ScriptArguments, dict(DEFAULTS), argv)
 
 
+def load_model(script: ScriptArguments):
+    """The causal LM and its tokenizer."""
+    if script.model_name_or_path:
+        # Fail before loading any weights when the architecture is not supported.
+        get_layout(AutoConfig.from_pretrained(script.model_name_or_path).model_type)
+        tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return AutoModelForCausalLM.from_pretrained(script.model_name_or_path), tokenizer
+    if script.tiny:
+        tokenizer = load_smollm2_tokenizer(script.cache_dir)
+        return tiny_llama(vocab_size=len(tokenizer)), tokenizer
+    return load_smollm2(script.cache_dir)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     script, args = parse_args(argv)
     set_seed(args.seed)
     start = time.perf_counter()
-    if script.tiny:
-        tokenizer = load_smollm2_tokenizer(script.cache_dir)
-        model = tiny_llama(vocab_size=len(tokenizer))
-    else:
-        model, tokenizer = load_smollm2(script.cache_dir)
+    model, tokenizer = load_model(script)
     bbc = load_bbc_news(seed=script.data_seed_split)
     train = lm_blocks(bbc["train"], tokenizer, script.seq_len, max_blocks=script.train_blocks)
     held_out = lm_blocks(bbc["test"], tokenizer, script.seq_len, max_blocks=script.eval_blocks)

@@ -19,14 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+# The kinds of groups (defined beside the layout data, which names them; re-exported by `hf_hesso.groups`).
+from ..modeling.architectures import KINDS
 
-# The kinds of groups the rules produce.
-MLP_CHANNEL = "mlp_channel"
-HEAD = "head"
-KV_GROUP = "kv_group"
-QUERY_SLOT = "query_slot"
-KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
