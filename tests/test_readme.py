@@ -46,3 +46,10 @@ def test_quick_start_runs(index, expect, tmp_path):
         assert expect in out.stdout
     written = next((tmp_path / "out").iterdir())
     assert (written / "config.json").exists() and (written / "README.md").exists()
+
+
+def test_readme_architecture_table_is_the_layout_table():
+    from hf_hesso.groups.table import README_END, README_START, readme_table
+
+    start = README.index(README_START) + len(README_START) + 1
+    assert README[start : README.index(README_END)] == readme_table(), "regenerate the README table"
