@@ -5,7 +5,7 @@ Layers, each importing only those below it: `modeling` <- `groups` <- `optim`, `
 """
 
 from .config import HESSOConfig
-from .export import SavedSlim, save_slim
+from .export import GgufExport, SavedSlim, export_gguf, save_slim
 from .groups import Group, GroupSet, build_groups
 from .modeling import register_auto_classes
 from .optim import CRIC, HESSO
@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 __all__ = [
     "CRIC",
     "HESSO",
+    "GgufExport",
     "Group",
     "GroupSet",
     "HESSOConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "SlimSummary",
     "__version__",
     "build_groups",
+    "export_gguf",
     "save_slim",
     "slim_copy",
     "slim_model",

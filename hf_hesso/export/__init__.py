@@ -1,8 +1,19 @@
 """Writing slim models: `save_slim` (slim copy off the training device, shipped code, model card, atomic write,
-optional push), usable from a hand-written loop as from `HESSOTrainer`."""
+optional push), usable from a hand-written loop as from `HESSOTrainer`; `export_gguf` writes a llama.cpp / Ollama
+file (needs the optional `gguf` package, imported inside `try` so that this package imports without it)."""
 
 from .atomic import atomic_directory
 from .card import MODEL_CARD_NAME, PruningReport, render_model_card
+from .gguf import GgufExport, export_gguf
 from .save import SavedSlim, save_slim
 
-__all__ = ["MODEL_CARD_NAME", "PruningReport", "SavedSlim", "atomic_directory", "render_model_card", "save_slim"]
+__all__ = [
+    "MODEL_CARD_NAME",
+    "GgufExport",
+    "PruningReport",
+    "SavedSlim",
+    "atomic_directory",
+    "export_gguf",
+    "render_model_card",
+    "save_slim",
+]
