@@ -27,8 +27,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from hf_hesso import export_gguf, slim_model
+from hf_hesso.export.card import PruningReport, render_model_card
 from hf_hesso.export.gguf import GgufLayer, _permute_rope_rows, gguf_plan
 from hf_hesso.groups import build_groups
+from hf_hesso.modeling.architectures import LayerShape
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs `pip install hf_hesso[gguf]`")
 
@@ -119,9 +121,7 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
-        )
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
     return out[0, len(ids) :].tolist()
 
 
@@ -129,9 +129,7 @@ def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True):
     from llama_cpp import Llama  # noqa: PLC0415 - optional test dependency, guarded by `needs_llama_cpp`
 
     kwargs = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 keys/values: no f16 rounding
-    return Llama(
-        model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0, **kwargs
-    )
+    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0, **kwargs)
 
 
 def cpp_logits(llm, ids: list[int]) -> np.ndarray:
@@ -329,7 +327,15 @@ def test_command_line_exports_a_saved_slim_folder(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "slim")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
-        [sys.executable, "-m", "hf_hesso.export.gguf", str(tmp_path / "slim"), str(tmp_path / "o.gguf"), "--dtype", "f32"],
+        [
+            sys.executable,
+            "-m",
+            "hf_hesso.export.gguf",
+            str(tmp_path / "slim"),
+            str(tmp_path / "o.gguf"),
+            "--dtype",
+            "f32",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -358,7 +364,9 @@ ROUND_TRIPS = [
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("name, shapes, arch", ROUND_TRIPS, ids=[f"{n}-{a}-{'slim' if s else 'stock'}" for n, s, a in ROUND_TRIPS])
+@pytest.mark.parametrize(
+    "name, shapes, arch", ROUND_TRIPS, ids=[f"{n}-{a}-{'slim' if s else 'stock'}" for n, s, a in ROUND_TRIPS]
+)
 def test_llama_cpp_matches_transformers_f32(tmp_path, name, shapes, arch):
     model = tiny_model(name, shapes)
     result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tiny_tokenizer())
@@ -387,7 +395,10 @@ def test_llama_cpp_tokenizes_like_transformers(tmp_path):
     result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f32", tokenizer=tok)
     llm = llama_cpp_model(result.path)
     for text in ["the cat sat", "Hello there, in the sun!", "a  b"]:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)["input_ids"]
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=False)
+            == tok(text, add_special_tokens=False)["input_ids"]
+        )
     assert llm.token_bos() == 1 and llm.token_eos() == 2
 
 
@@ -395,3 +406,12 @@ def test_json_of_result_is_plain(tmp_path):
     result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
     assert json.loads(json.dumps(result.tensor_types)) == result.tensor_types
     assert result.tensor_types["F16"] == 2 * 7 + 1  # 7 projections per layer + token_embd (tied: no output)
+
+
+def test_model_card_shows_the_export_command_for_llama_family_only():
+    report = PruningReport("base", "m", 10, 8, [LayerShape(4, 2, 8)], [LayerShape(2, 1, 8)], model_type="hesso_llama")
+    card = render_model_card(report)
+    assert "hf-hesso-gguf <this folder> model.gguf --dtype f16" in card and "llama.cpp" in card
+    assert "to_stock" in card
+    report.model_type = "hesso_bert"
+    assert "hf-hesso-gguf" not in render_model_card(report)

@@ -62,7 +62,10 @@ try:  # optional dependency: `pip install hf_hesso[gguf]`
 except ImportError:  # pragma: no cover - exercised only without the extra
     gguf = None
 
-__all__ = ["DTYPES", "GgufExport", "GgufLayer", "export_gguf", "gguf_plan", "main"]
+__all__ = ["DTYPES", "GGUF_MODEL_TYPES", "GgufExport", "GgufLayer", "export_gguf", "gguf_plan", "main"]
+
+# The transformers model types (stock or `hesso_*`) that `export_gguf` writes.
+GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # dtype name -> (GGML type of the 2-D weights, llama.cpp file type).
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -70,9 +73,7 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 Q8_0_BLOCK = 32
 
 # llama.cpp's pre-tokenizer names (`src/llama-vocab.cpp`) for the byte-level BPE pre-tokenizers of tokenizer.json.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -157,7 +158,7 @@ def gguf_plan(model_type: str, layers: list[GgufLayer], hidden_size: int, head_d
         head_dim (`int`): the size of one head.
     """
     family = base_model_type(model_type)
-    supported = ("llama", "mistral", "qwen2", "qwen3")
+    supported = GGUF_MODEL_TYPES
     if family not in supported:
         raise ValueError(
             f"GGUF export supports the model types {', '.join(supported)} (and their slim `hesso_*` forms); got "
@@ -219,14 +220,18 @@ def _rope_freq_factors(model: nn.Module, head_dim: int) -> tuple[float, torch.Te
     rotary = getattr(model.base_model, "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):
         if rope_type != "default":
-            raise ValueError(f"Cannot read the rotary frequencies of a {type(model).__name__} with RoPE {rope_type!r}.")
+            raise ValueError(
+                f"Cannot read the rotary frequencies of a {type(model).__name__} with RoPE {rope_type!r}."
+            )
         return theta, None
     if abs(float(getattr(rotary, "attention_scaling", 1.0)) - 1.0) > 1e-6:
         raise ValueError("The RoPE scaling changes the attention scale, which llama.cpp's llama graph does not.")
     base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     inv = rotary.inv_freq.detach().float().cpu()
     if inv.shape != base.shape:
-        raise ValueError(f"The rotary embedding has {inv.numel()} frequencies; expected head_dim / 2 = {base.numel()}.")
+        raise ValueError(
+            f"The rotary embedding has {inv.numel()} frequencies; expected head_dim / 2 = {base.numel()}."
+        )
     factors = base / inv
     if torch.allclose(factors, torch.ones_like(factors), rtol=1e-6, atol=0):
         return theta, None
