@@ -154,9 +154,7 @@ def save_slim(
             write_extra(tmp)
         with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
             f.write(render_model_card(report))
-    logger.info(
-        f"Saved the slim model ({summary.params_after:,} of {summary.params_before:,} parameters) to {output_dir}"
-    )
+    logger.info(f"Saved the slim model ({summary.params_after:,} of {summary.params_before:,} parameters) to {output_dir}")
     saved = SavedSlim(os.fspath(output_dir), summary, report)
     if push_to_hub:
         saved.url = upload_folder(output_dir, hub_model_id, token=hub_token, private=private, message=commit_message)
