@@ -120,9 +120,12 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax decoding (no logits processors: EOS may be chosen like any token, as llama.cpp's argmax)."""
+    seq = list(ids)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
-    return out[0, len(ids) :].tolist()
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
 
 
 def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True):

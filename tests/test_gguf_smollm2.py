@@ -63,9 +63,9 @@ def _prune(model, fraction_of_layer) -> float:
     return summary.params_removed / summary.params_before
 
 
-@pytest.fixture(scope="module")
-def uneven(smollm2):
-    model = copy.deepcopy(smollm2[0])
+def make_uneven(dense):
+    """A slim copy of `dense` with ~20% of the parameters removed, layers of different widths."""
+    model = copy.deepcopy(dense)
     rates = torch.rand(model.config.num_hidden_layers, generator=torch.Generator().manual_seed(1)) * 0.5
 
     def fraction(layer, kind, n):
@@ -80,9 +80,9 @@ def uneven(smollm2):
     return model.eval(), removed
 
 
-@pytest.fixture(scope="module")
-def uniform(smollm2):
-    model = copy.deepcopy(smollm2[0])
+def make_uniform(dense):
+    """A stock copy of `dense` with ~19% of the parameters removed alike in every layer."""
+    model = copy.deepcopy(dense)
 
     def fraction(layer, kind, n):
         return {"mlp_channel": 320, "kv_group": 1}.get(kind, 0)
@@ -91,6 +91,16 @@ def uniform(smollm2):
     to_stock(model)  # every layer alike: the stock LlamaConfig (6 heads of 64, 2 kv heads, MLP 1216)
     assert model.config.model_type == "llama"
     return model.eval(), removed
+
+
+@pytest.fixture(scope="module")
+def uneven(smollm2):
+    return make_uneven(smollm2[0])
+
+
+@pytest.fixture(scope="module")
+def uniform(smollm2):
+    return make_uniform(smollm2[0])
 
 
 def _ids(tokenizer) -> list[list[int]]:
