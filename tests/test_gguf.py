@@ -4,9 +4,9 @@ Fast tests on tiny random models (uneven -> `deci`, uniform -> the family's own 
 llama.cpp round trips need `llama-cpp-python` (`pip install hf_hesso[llamacpp]`, which `.ci/run` installs) and are
 skipped, with that reason, only when it is missing. The real SmolLM2 round trips are in `test_gguf_smollm2.py`.
 
-Tolerances (max |logit difference| over all positions, logits of size ~1-30): f32 export 2e-3 for the tiny models
-(llama.cpp sums in another order, with float32 KV cache); f16 export 5e-2 for the tiny models (weights rounded to
-half precision, KV cache in f16 as llama.cpp's default).
+Tolerances (max |logit difference| over all positions of three prompts; the tiny models' logits are of size ~2):
+f32 export with a float32 KV cache 1e-4 (measured 0.8-1.3e-6 for every family: llama.cpp sums in another order);
+f16 export with llama.cpp's default f16 KV cache 2e-2 (measured 1.6-2.7e-3: weights rounded to half precision).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ needs_llama_cpp = pytest.mark.skipif(
     not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (`pip install hf_hesso[llamacpp]`; .ci/run does)"
 )
 ROOT = Path(__file__).resolve().parents[1]
-F32_ATOL = 2e-3
-F16_ATOL = 5e-2
+F32_ATOL = 1e-4
+F16_ATOL = 2e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +378,8 @@ def test_llama_cpp_matches_transformers_f32(tmp_path, name, shapes, arch):
     for ids in PROMPTS:
         diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
         assert diff < F32_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
-    assert cpp_greedy(llm, PROMPTS[0], 12) == hf_greedy(model, PROMPTS[0], 12)
+    # 8 prompt + 8 new tokens: within the tiny Mistral sliding window of 16 positions.
+    assert cpp_greedy(llm, PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
 
 
 @needs_llama_cpp

