@@ -66,8 +66,17 @@ def measure(
         path = os.path.join(workdir, name.replace(" ", "_").replace("%", "") + f".{dtype}.gguf")
         result = export_gguf(model, path, dtype, tokenizer=tokenizer)
         files[name] = (result.architecture, os.path.getsize(path) / 2**20)
+        # `logits_all` keeps llama-cpp-python's `scores` filled (one vocabulary row copied per decoded token, the same
+        # small cost for every model), so decoding really follows the argmax.
         llms[name] = Llama(
-            model_path=path, n_ctx=len(prompt) + steps + 8, n_threads=threads, n_batch=512, verbose=False, seed=0
+            model_path=path,
+            n_ctx=len(prompt) + steps + 8,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            logits_all=True,
+            verbose=False,
+            seed=0,
         )
     timings: dict[str, list[float]] = {name: [] for name in models}
     for rep in range(reps + 1):  # the first round is a warm-up and is discarded
