@@ -353,8 +353,13 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim: int):
-    """Yield `(gguf name, float32 tensor)` in llama.cpp's layout (weights as (out, in), as PyTorch stores them)."""
+def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim: int, ffn_multiple: int = 1):
+    """Yield `(gguf name, float32 tensor)` in llama.cpp's layout (weights as (out, in), as PyTorch stores them).
+
+    `ffn_multiple` > 1 pads every MLP with all-zero channels up to a multiple of it (zero gate and up rows, zero
+    down columns: silu(0) * 0 = 0, so the output is exactly unchanged), which lets Q8_0 quantize `ffn_down`, whose
+    rows hold the MLP width.
+    """
     config = model.config
     layout = get_layout(config.model_type)
     base = model.base_model
@@ -392,10 +397,18 @@ def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim
             yield p + "ffn_norm.weight", t(layer.post_attention_layernorm.weight)
             gate, up = (get_submodule(layer, path) for path in layout.mlp_in)
             down = get_submodule(layer, layout.mlp_out)
+            pad = -shape.ffn % ffn_multiple
             for name, lin in (("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)):
-                yield p + name + ".weight", t(lin.weight)
-                if lin.bias is not None:
-                    yield p + name + ".bias", t(lin.bias)
+                w = t(lin.weight)
+                b = t(lin.bias) if lin.bias is not None else None
+                if pad and name == "ffn_down":
+                    w = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
+                elif pad:
+                    w = torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
+                    b = torch.cat([b, b.new_zeros(pad)]) if b is not None else None
+                yield p + name + ".weight", w
+                if b is not None:
+                    yield p + name + ".bias", b
         elif arch == "deci" and shape.heads:
             # deci skips the residual update of a layer without MLP, dropping its attention output: an MLP of width
             # 1 whose weights are all zero adds exactly nothing and keeps the attention.
@@ -475,8 +488,9 @@ def export_gguf(
             (`save_pretrained` / `save_slim`); the folder's tokenizer is used.
         path (`str` or `os.PathLike`): the GGUF file to write (written under a temporary name, then renamed).
         dtype (`str`, *optional*, defaults to `"f16"`): `"f32"`, `"f16"`, `"bf16"` or `"q8_0"` for the 2-D weights;
-            norms and biases stay float32. With `"q8_0"`, weights whose rows are not a multiple of 32 values are
-            written as F16 (reported in `notes`).
+            norms and biases stay float32. With `"q8_0"`, MLP widths are padded with all-zero channels to a
+            multiple of 32 (the outputs stay exactly the same), and any other weight whose rows are not a multiple of
+            32 values is written as F16 (both reported in `notes`).
         tokenizer (*optional*): the tokenizer; required with a model object.
         pre_tokenizer (`str`, *optional*): llama.cpp's pre-tokenizer name, when it cannot be recognised from
             tokenizer.json (recognised: `gpt-2`, `smollm`, `llama-bpe`, `qwen2`).
@@ -510,11 +524,21 @@ def export_gguf(
             f"{model.get_input_embeddings().weight.shape[0]} rows; llama.cpp needs one token per row."
         )
 
+    # Q8_0 quantizes rows in blocks of 32 values: MLP widths are padded with exactly-zero channels to a multiple.
+    ffn_multiple = Q8_0_BLOCK if dtype == "q8_0" else 1
     written = [
-        GgufLayer(s.heads, s.kv_heads, 1 if arch == "deci" and s.heads and not s.ffn else s.ffn) for s in layers
+        GgufLayer(
+            s.heads,
+            s.kv_heads,
+            1 if arch == "deci" and s.heads and not s.ffn else s.ffn + (-s.ffn % ffn_multiple),
+        )
+        for s in layers
     ]
-    if any(s.ffn != w.ffn for s, w in zip(layers, written, strict=True)):
+    if any(not s.ffn and w.ffn for s, w in zip(layers, written, strict=True)):
         notes.append("layers without MLP but with attention are written with a width-1 all-zero MLP (deci)")
+    padded = sum(w.ffn - s.ffn for s, w in zip(layers, written, strict=True) if s.ffn)
+    if padded:
+        notes.append(f"MLP widths padded with {padded} all-zero channels in all to multiples of {ffn_multiple} (Q8_0)")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -575,7 +599,7 @@ def export_gguf(
         if rope_factors is not None:
             add("rope_freqs.weight", rope_factors)
         with torch.no_grad():
-            for tensor_name, tensor in _tensor_names(model, arch, layers, norm.head_dim):
+            for tensor_name, tensor in _tensor_names(model, arch, layers, norm.head_dim, ffn_multiple):
                 add(tensor_name, tensor)
 
         writer.write_header_to_file()
