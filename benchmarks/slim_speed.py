@@ -19,6 +19,10 @@ The realised fraction is measured speed-up / ideal speed-up.
 
     python benchmarks/slim_speed.py
     python benchmarks/slim_speed.py --sparsities 0.2 0.5 --reps 5 --threads 2
+    python benchmarks/slim_speed.py --llama_cpp --gguf_dtype f16   # adds the llama.cpp decode column
+
+With `--llama_cpp` the same dense and slim models are also exported to GGUF and decoded by llama.cpp
+(`benchmarks/gguf_speed.py`, needs `pip install hf_hesso[gguf,llamacpp]`), same threads, in this process.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ _sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "recipes"))
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 
 import torch
@@ -107,11 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3, help="Timed repetitions per model (median), after a warm-up.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--llama_cpp", action="store_true", help="Add the llama.cpp decode column (GGUF export).")
+    parser.add_argument("--gguf_dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    dense, _ = load_smollm2()
+    dense, tokenizer = load_smollm2()
     models = {"dense": (dense, 0.0, 0.0)}
     for s in args.sparsities:
         models[f"slim {s:.0%}"] = build_slim(dense, s)
@@ -163,6 +170,26 @@ def main(argv: list[str] | None = None) -> None:
         "All decode timings (ms/token): "
         + "; ".join(f"{n}: {', '.join(f'{t * 1e3:.1f}' for t in v)}" for n, v in dec.items())
     )
+    if args.llama_cpp:
+        # llama-cpp-python is optional: imported only when its column is asked for.
+        import gguf_speed  # noqa: PLC0415
+
+        slim = {name: model for name, (model, _, _) in models.items()}
+        threads = args.threads or torch.get_num_threads()
+        prompt_ids = prompt[0].tolist()
+        ideal = {n: df0 / decode_flops(m, args.decode_prompt, args.decode_tokens) for n, m in slim.items()}
+        with tempfile.TemporaryDirectory() as workdir:
+            timings, files = gguf_speed.measure(
+                slim,
+                tokenizer,
+                dtype=args.gguf_dtype,
+                threads=threads,
+                prompt=prompt_ids,
+                steps=args.decode_tokens,
+                reps=args.reps,
+                workdir=workdir,
+            )
+        gguf_speed.print_table(slim, timings, files, ideal, dtype=args.gguf_dtype, threads=threads)
     print(f"Run time: {time.perf_counter() - start:.0f} s")
 
 

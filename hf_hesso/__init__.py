@@ -5,7 +5,7 @@ Layers, each importing only those below it: `modeling` <- `groups` <- `optim`, `
 """
 
 from .config import HESSOConfig
-from .export import SavedSlim, save_slim
+from .export import GgufExport, SavedSlim, export_gguf, save_slim
 from .groups import Group, GroupSet, build_groups
 from .modeling import register_auto_classes
 from .optim import CRIC, HESSO
@@ -22,6 +22,7 @@ __all__ = [
     "ArchitectureReport",
     "CRIC",
     "HESSO",
+    "GgufExport",
     "Group",
     "GroupSet",
     "HESSOConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "__version__",
     "build_groups",
     "check_architecture",
+    "export_gguf",
     "save_slim",
     "slim_copy",
     "slim_model",

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from ..modeling.architectures import LayerShape
+from ..modeling.architectures import LayerShape, base_model_type
+from .gguf import GGUF_MODEL_TYPES
 
 # The file name of the model card beside a saved model (what the Hub shows).
 MODEL_CARD_NAME = "README.md"
@@ -29,6 +30,8 @@ class PruningReport:
         settings (`dict[str, Any]`): the HESSO settings (targets, schedule, criteria weights, kinds).
         training (`dict[str, Any]`): the training data and steps.
         metadata (`dict[str, Any]`): extra card metadata (language, license, tags, datasets, ...).
+        model_type (`str`): the saved model's `config.model_type`; when set to a family llama.cpp cannot run, the
+            card leaves out the GGUF export line.
     """
 
     base_model: str
@@ -40,11 +43,35 @@ class PruningReport:
     settings: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    model_type: str = ""
 
 
 def _is_hub_id(name: str) -> bool:
     # The Hub validates `base_model` against existing repos: a local path must not go there.
     return bool(name) and not os.path.isabs(name) and not os.path.exists(name) and name.count("/") <= 1
+
+
+def _runtimes(model_type: str) -> list[str]:
+    """Card lines: which runtime loads the model, and the commands (GGUF only for the llama family)."""
+    lines = [
+        "| Runtime | How |",
+        "|---|---|",
+        "| transformers | `trust_remote_code=True` (the model code ships with the weights), or `import hf_hesso` first |",
+        "| transformers, stock classes | when every layer kept the same shape: `hf_hesso.to_stock(model)` then "
+        "`save_pretrained` |",
+    ]
+    gguf = not model_type or base_model_type(model_type) in GGUF_MODEL_TYPES
+    if gguf:
+        lines += [
+            "| llama.cpp, Ollama, LM Studio | GGUF: `hf-hesso-gguf <this folder> model.gguf --dtype f16` (uneven layers "
+            "run as llama.cpp's `deci` architecture) |",
+            "",
+            "```bash",
+            "hf-hesso-gguf <this folder> model.gguf --dtype f16   # or: python -m hf_hesso.export.gguf ...",
+            "llama-cli -m model.gguf -cnv                          # chat, with the model's chat template",
+            "```",
+        ]
+    return [*lines, ""]
 
 
 def render_model_card(report: PruningReport) -> str:
@@ -92,6 +119,7 @@ def render_model_card(report: PruningReport) -> str:
         'tokenizer = AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)',
         "```",
         "",
+        *_runtimes(report.model_type),
         "## Size",
         "",
         "| | Parameters |",

@@ -69,6 +69,7 @@ def build_report(
         settings={k: v for k, v in (settings or {}).items() if v is not None},
         training=dict(training or {}),
         metadata=dict(metadata or {}),
+        model_type=getattr(config, "model_type", "") or "",
     )
 
 

@@ -1,0 +1,435 @@
+"""GGUF export: the file llama.cpp itself runs gives the logits and greedy tokens of the transformers model.
+
+Fast tests on tiny random models (uneven -> `deci`, uniform -> the family's own architecture) run in seconds; the
+llama.cpp round trips need `llama-cpp-python` (`pip install hf_hesso[llamacpp]`, which `.ci/run` installs) and are
+skipped, with that reason, only when it is missing. The real SmolLM2 round trips are in `test_gguf_smollm2.py`.
+
+Tolerances (max |logit difference| over all positions of three prompts; the tiny models' logits are of size ~2):
+f32 export with a float32 KV cache 1e-4 (measured 0.8-1.3e-6 for every family: llama.cpp sums in another order);
+f16 export with llama.cpp's default f16 KV cache 2e-2 (measured 1.6-2.7e-3: weights rounded to half precision).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_hesso import export_gguf, slim_model
+from hf_hesso.export.card import PruningReport, render_model_card
+from hf_hesso.export.gguf import GgufLayer, _permute_rope_rows, gguf_plan
+from hf_hesso.groups import build_groups
+from hf_hesso.modeling.architectures import LayerShape
+
+gguf = pytest.importorskip("gguf", reason="GGUF export needs `pip install hf_hesso[gguf]`")
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(
+    not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (`pip install hf_hesso[llamacpp]`; .ci/run does)"
+)
+ROOT = Path(__file__).resolve().parents[1]
+F32_ATOL = 1e-4
+F16_ATOL = 2e-2
+Q8_0_ATOL = 0.15  # measured 0.048 (weights in 8-bit blocks, f16 KV cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens: 3 specials, printable ASCII, a few merges."""
+    table = {}
+    # GPT-2's bytes->unicode map: printable latin-1 keep their character, the rest move to 256+.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    shift = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for b in range(32, 127):
+        vocab[table[b]] = len(vocab)
+    merges = []
+    for a, b in [("Ġ", "t"), ("h", "e"), ("Ġ", "a"), ("i", "n"), ("Ġt", "he"), ("e", "r"), ("o", "n"), ("Ġ", "s")]:
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    i = 0
+    while len(vocab) < vocab_size:
+        a, b = "Ġ", letters[i]
+        if a + b not in vocab:
+            merges.append((a, b))
+            vocab[a + b] = len(vocab)
+        i += 1
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    return tok
+
+
+def tiny_model(name: str, shapes: list[dict] | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of family `name`; with `shapes`, a slim one with those per-layer sizes."""
+    torch.manual_seed(seed)
+    config = tiny_config(name, **overrides)
+    prefix = {"llama": "Llama", "llama_mha": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[name]
+    model = getattr(transformers, prefix + "ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "norm" in pname:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in pname else 0.3 * torch.randn_like(p))
+            else:
+                p.mul_(4.0)  # sharper distributions: greedy choices far from ties
+    if shapes is not None:
+        groups = build_groups(model)
+        zero = []
+        for block in groups.blocks:
+            want = shapes[block.layer]
+            keep = {
+                "mlp_channel": want["intermediate_size"],
+                "kv_group": want["num_key_value_heads"],
+                "head": want["num_attention_heads"],
+                "query_slot": want["num_attention_heads"] // want["num_key_value_heads"],
+            }[block.kind]
+            g = torch.Generator().manual_seed(block.layer * 7 + len(block.kind))
+            drop = torch.randperm(block.n, generator=g)[: block.n - keep]
+            zero += [block.offset + int(i) for i in drop]
+        groups.zero_(model, torch.tensor(zero, dtype=torch.long))
+        slim_model(model, groups)
+    return model.eval()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax decoding (no logits processors: EOS may be chosen like any token, as llama.cpp's argmax)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True):
+    from llama_cpp import Llama  # noqa: PLC0415 - optional test dependency, guarded by `needs_llama_cpp`
+
+    kwargs = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 keys/values: no f16 rounding
+    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0, **kwargs)
+
+
+def cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+PROMPTS = [[1, 40, 45, 50, 3, 9, 100, 101], [1, 77, 12, 99, 98, 60], [1, 5]]
+UNEVEN = [
+    {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 72},
+    {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 40},
+]
+
+
+def read(path) -> tuple[dict, dict]:
+    reader = gguf.GGUFReader(str(path))
+    fields = {}
+    for key, f in reader.fields.items():
+        try:
+            fields[key] = f.contents()
+        except Exception:  # noqa: BLE001 - a few header fields have no Python value
+            continue
+    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+    return fields, tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan and file content (no llama.cpp needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_picks_the_architecture_llama_cpp_runs():
+    same = [GgufLayer(4, 2, 96)] * 3
+    uneven = [GgufLayer(4, 2, 96), GgufLayer(2, 1, 40), GgufLayer(4, 2, 8)]
+    assert gguf_plan("llama", same, 64, 16) == "llama"
+    assert gguf_plan("hesso_mistral", same, 64, 16) == "llama"
+    assert gguf_plan("hesso_llama", uneven, 64, 16) == "deci"
+    assert gguf_plan("qwen2", same, 64, 16) == "qwen2"
+    # qwen2's graph needs heads x head_dim == hidden size: fewer heads go through deci.
+    assert gguf_plan("hesso_qwen2", [GgufLayer(2, 1, 96)] * 3, 64, 16) == "deci"
+    assert gguf_plan("hesso_qwen3", same, 64, 16) == "qwen3"
+    # Removed sublayers (0) are per-layer shapes too.
+    assert gguf_plan("hesso_llama", [GgufLayer(4, 2, 96), GgufLayer(0, 0, 96), GgufLayer(4, 2, 0)], 64, 16) == "deci"
+
+
+@pytest.mark.parametrize(
+    "model_type, layers, match",
+    [
+        ("hesso_qwen3", [GgufLayer(4, 2, 96), GgufLayer(2, 1, 96)], "q_norm"),
+        ("hesso_llama", [GgufLayer(0, 0, 96), GgufLayer(2, 1, 96)], "Layer 0 has no attention"),
+        ("bert", [GgufLayer(4, 4, 96)], "supports the model types"),
+        ("hesso_llama", [GgufLayer(3, 2, 96)], "multiple of the key/value heads"),
+    ],
+)
+def test_plan_refuses_with_the_reason(model_type, layers, match):
+    with pytest.raises(ValueError, match=match):
+        gguf_plan(model_type, layers, 64, 16)
+
+
+def test_permutation_turns_half_rotation_into_pair_rotation():
+    """RoPE on halves (transformers) of x equals RoPE on consecutive pairs (llama.cpp) of the permuted x."""
+    head_dim, heads = 8, 3
+    x = torch.randn(heads * head_dim, 5)
+    angle = torch.rand(head_dim // 2) * 3
+    cos, sin = angle.cos(), angle.sin()
+
+    def halves(v):  # per head: (a, b) = (v[:d/2], v[d/2:]) rotated pairwise (a_i, b_i)
+        v = v.reshape(heads, 2, head_dim // 2, -1)
+        a, b = v[:, 0], v[:, 1]
+        c, s = cos[None, :, None], sin[None, :, None]
+        return torch.stack([a * c - b * s, a * s + b * c], 1).reshape(heads * head_dim, -1)
+
+    def pairs(v):  # per head: (v[2i], v[2i+1]) rotated
+        v = v.reshape(heads, head_dim // 2, 2, -1)
+        a, b = v[:, :, 0], v[:, :, 1]
+        c, s = cos[None, :, None], sin[None, :, None]
+        return torch.stack([a * c - b * s, a * s + b * c], 2).reshape(heads * head_dim, -1)
+
+    torch.testing.assert_close(_permute_rope_rows(halves(x), head_dim), pairs(_permute_rope_rows(x, head_dim)))
+    bias = torch.randn(heads * head_dim)
+    assert torch.equal(_permute_rope_rows(bias, head_dim), _permute_rope_rows(bias[:, None], head_dim)[:, 0])
+
+
+def test_uneven_file_records_per_layer_sizes_and_tokenizer(tmp_path):
+    model = tiny_model("llama", UNEVEN)
+    tok = tiny_tokenizer()
+    result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tok)
+    assert result.architecture == "deci"
+    assert result.layers == [GgufLayer(4, 2, 72), GgufLayer(2, 1, 40)]
+    fields, tensors = read(result.path)
+    assert fields["general.architecture"] == "deci"
+    assert fields["deci.attention.head_count"] == [4, 2]
+    assert fields["deci.attention.head_count_kv"] == [2, 1]
+    assert fields["deci.feed_forward_length"] == [72, 40]
+    assert fields["deci.attention.key_length"] == 16 and fields["deci.rope.dimension_count"] == 16
+    assert fields["deci.rope.freq_base"] == pytest.approx(model.config.rope_parameters["rope_theta"])
+    assert fields["deci.attention.layer_norm_rms_epsilon"] == pytest.approx(model.config.rms_norm_eps)
+    # Tied embeddings: no output.weight, llama.cpp reuses token_embd.
+    assert "output.weight" not in tensors
+    # GGUF lists dims innermost first: (in, out).
+    assert tensors["blk.1.attn_q.weight"] == ((64, 32), "F32")
+    assert tensors["blk.1.attn_k.weight"] == ((64, 16), "F32")
+    assert tensors["blk.1.ffn_down.weight"] == ((40, 64), "F32")
+    assert tensors["token_embd.weight"] == ((64, 128), "F32")
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(fields["tokenizer.ggml.tokens"]) == 128
+    assert fields["tokenizer.ggml.tokens"][:3] == ["<pad>", "<s>", "</s>"]
+    assert fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
+    assert fields["tokenizer.ggml.merges"][0] == "Ġ t"
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.padding_token_id"] == 0
+    assert fields["tokenizer.chat_template"] == tok.chat_template
+
+
+def test_uniform_untied_mistral_writes_the_llama_architecture(tmp_path):
+    model = tiny_model("mistral", [UNEVEN[1], UNEVEN[1]])
+    with pytest.warns(UserWarning, match="sliding window of 16"):
+        result = export_gguf(model, tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
+    assert result.architecture == "llama"
+    fields, tensors = read(result.path)
+    assert fields["llama.attention.head_count"] == 2 and fields["llama.feed_forward_length"] == 40
+    assert tensors["output.weight"] == ((64, 128), "F16")
+    assert tensors["blk.0.attn_norm.weight"][1] == "F32"
+
+
+def test_q8_0_pads_mlp_widths_with_zero_channels(tmp_path):
+    model = tiny_model("llama", UNEVEN)
+    result = export_gguf(model, tmp_path / "m.gguf", "q8_0", tokenizer=tiny_tokenizer())
+    fields, tensors = read(result.path)
+    # 72 and 40 channels become 96 and 64: ffn_down's rows (the MLP width) are whole Q8_0 blocks of 32.
+    assert fields["deci.feed_forward_length"] == [96, 64]
+    assert tensors["blk.0.ffn_down.weight"] == ((96, 64), "Q8_0")
+    assert tensors["blk.1.ffn_gate.weight"] == ((64, 64), "Q8_0")
+    assert tensors["blk.0.attn_q.weight"][1] == "Q8_0"
+    assert any("padded with 48 all-zero channels" in note for note in result.notes)
+
+
+@needs_llama_cpp
+def test_llama_cpp_q8_0_with_padded_mlp_matches_transformers(tmp_path):
+    model = tiny_model("llama", UNEVEN)
+    result = export_gguf(model, tmp_path / "m.gguf", "q8_0", tokenizer=tiny_tokenizer())
+    llm = llama_cpp_model(result.path, f32_cache=False)
+    for ids in PROMPTS:
+        diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
+        assert diff < Q8_0_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
+
+
+def test_bf16(tmp_path):
+    result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "bf16", tokenizer=tiny_tokenizer())
+    _, tensors = read(result.path)
+    assert tensors["blk.0.attn_q.weight"][1] == "BF16"
+    assert result.architecture == "llama"
+
+
+def test_refusals_name_the_reason(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="pass `tokenizer=`"):
+        export_gguf(tiny_model("llama"), tmp_path / "a.gguf")
+    with pytest.raises(ValueError, match="choose one of f32, f16, bf16, q8_0"):
+        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", "q4_0", tokenizer=tok)
+    uneven_qwen3 = tiny_model("qwen3", UNEVEN)
+    with pytest.raises(ValueError, match="no query/key norm"):
+        export_gguf(uneven_qwen3, tmp_path / "a.gguf", tokenizer=tok)
+    bert = transformers.BertForMaskedLM(tiny_config("bert"))
+    with pytest.raises(ValueError, match="supports the model types"):
+        export_gguf(bert, tmp_path / "a.gguf", tokenizer=tok)
+    # A SentencePiece-style (byte fallback) vocabulary is not written.
+    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
+    with pytest.raises(ValueError, match="byte fallback"):
+        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
+    with pytest.raises(ValueError, match="no known llama.cpp name"):
+        odd = tiny_tokenizer()
+        odd.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", tokenizer=odd)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_imports_without_gguf_and_names_the_extra():
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"
+        "import hf_hesso\n"
+        "try:\n    hf_hesso.export_gguf(None, 'x.gguf')\n"
+        "except ImportError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "pip install hf_hesso[gguf]" in out.stdout
+
+
+def test_command_line_exports_a_saved_slim_folder(tmp_path):
+    model = tiny_model("llama", UNEVEN)
+    model.save_pretrained(tmp_path / "slim")
+    tiny_tokenizer().save_pretrained(tmp_path / "slim")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_hesso.export.gguf",
+            str(tmp_path / "slim"),
+            str(tmp_path / "o.gguf"),
+            "--dtype",
+            "f32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "architecture deci (per-layer sizes), 2 layers, dtype f32" in out.stdout
+    fields, _ = read(tmp_path / "o.gguf")
+    assert fields["deci.feed_forward_length"] == [72, 40]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round trips through llama.cpp
+# ---------------------------------------------------------------------------------------------------------------
+
+ROUND_TRIPS = [
+    ("llama", UNEVEN, "deci"),
+    ("llama", None, "llama"),
+    ("llama_mha", [{"num_attention_heads": 3, "num_key_value_heads": 3, "intermediate_size": 50}] * 2, "llama"),
+    ("qwen2", UNEVEN, "deci"),
+    ("qwen2", None, "qwen2"),
+    ("qwen3", [UNEVEN[1], UNEVEN[1]], "qwen3"),
+    ("mistral", UNEVEN, "deci"),
+]
+
+
+@needs_llama_cpp
+@pytest.mark.filterwarnings("ignore:transformers limits attention to a sliding window")  # asserted in its own test
+@pytest.mark.parametrize(
+    "name, shapes, arch", ROUND_TRIPS, ids=[f"{n}-{a}-{'slim' if s else 'stock'}" for n, s, a in ROUND_TRIPS]
+)
+def test_llama_cpp_matches_transformers_f32(tmp_path, name, shapes, arch):
+    model = tiny_model(name, shapes)
+    result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tiny_tokenizer())
+    assert result.architecture == arch
+    llm = llama_cpp_model(result.path)
+    for ids in PROMPTS:
+        diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
+        assert diff < F32_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
+    # 8 prompt + 8 new tokens: within the tiny Mistral sliding window of 16 positions.
+    assert cpp_greedy(llm, PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
+
+
+@needs_llama_cpp
+def test_llama_cpp_matches_transformers_f16(tmp_path):
+    model = tiny_model("llama", UNEVEN)
+    result = export_gguf(model, tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
+    llm = llama_cpp_model(result.path, f32_cache=False)
+    for ids in PROMPTS:
+        diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
+        assert diff < F16_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
+    assert cpp_greedy(llm, PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_like_transformers(tmp_path):
+    tok = tiny_tokenizer()
+    result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f32", tokenizer=tok)
+    llm = llama_cpp_model(result.path)
+    for text in ["the cat sat", "Hello there, in the sun!", "a  b"]:
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=False)
+            == tok(text, add_special_tokens=False)["input_ids"]
+        )
+    assert llm.token_bos() == 1 and llm.token_eos() == 2
+
+
+def test_json_of_result_is_plain(tmp_path):
+    result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
+    assert json.loads(json.dumps(result.tensor_types)) == result.tensor_types
+    assert result.tensor_types["F16"] == 2 * 7 + 1  # 7 projections per layer + token_embd (tied: no output)
+
+
+def test_model_card_shows_the_export_command_for_llama_family_only():
+    report = PruningReport("base", "m", 10, 8, [LayerShape(4, 2, 8)], [LayerShape(2, 1, 8)], model_type="hesso_llama")
+    card = render_model_card(report)
+    assert "hf-hesso-gguf <this folder> model.gguf --dtype f16" in card and "llama.cpp" in card
+    assert "to_stock" in card
+    report.model_type = "hesso_bert"
+    assert "hf-hesso-gguf" not in render_model_card(report)
