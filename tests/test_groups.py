@@ -6,7 +6,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
-    GPT2Config,
+    Olmo2Config,
 )
 
 from hf_hesso import build_groups
@@ -134,8 +134,11 @@ def test_meta_device_and_filters():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"`model_type` 'gpt2' is not supported.*Supported model types: bert, llama"):
-        build_groups(AutoModel.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+    olmo2 = Olmo2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    with pytest.raises(
+        ValueError, match=r"`model_type` 'olmo2' is not in hf_hesso's layout table.*Supported model types: bert, deberta"
+    ):
+        build_groups(AutoModel.from_config(olmo2))
     model = AutoModel.from_config(tiny_config("bert"))
     with pytest.raises(ValueError, match=r"`kinds` contains unknown kinds \['heads'\]"):
         build_groups(model, kinds=["heads"])

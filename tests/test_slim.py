@@ -10,7 +10,8 @@ import transformers
 from conftest import DECODERS, ENCODERS, TINY_CONFIGS, tiny_batch, tiny_config
 
 from hf_hesso.groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, build_groups
-from hf_hesso.modeling.architectures import LayerShape, get_layout, get_submodule, normalize_config
+from hf_hesso.modeling.architectures import LayerShape, get_layout, normalize_config
+from hf_hesso.modeling.modeling_hesso import layer_modules, layer_sublayers, projection_tensors
 from hf_hesso.slim import current_layer_shapes, slim_model
 
 PREFIX = {
@@ -78,24 +79,39 @@ def expected_shapes(groups, chosen: list[int], before: list[LayerShape]) -> list
 
 
 def expected_param_count(model, before: list[LayerShape], after: list[LayerShape], params_before: int) -> int:
-    """Parameters after slimming, from the kept structure and the projection sizes (biases included)."""
+    """Parameters after slimming, from the kept structure and the projection shapes in the layout (biases included)."""
     layout = get_layout(model.config.model_type)
-    norm = normalize_config(model.config)
-    hd, hidden = norm.head_dim, norm.hidden_size
-    layer0 = get_submodule(model.base_model, layout.layers)[0]
-
-    def has_bias(path):
-        return int(get_submodule(layer0, path).bias is not None)
-
+    hd = normalize_config(model.config).head_dim
     removed = 0
-    for a, b in zip(before, after, strict=True):
-        dh = (a.num_attention_heads - b.num_attention_heads) * hd
-        dkv = (a.num_key_value_heads - b.num_key_value_heads) * hd
-        dmlp = a.intermediate_size - b.intermediate_size
-        removed += dh * (hidden + has_bias(layout.q)) + dh * hidden  # q rows (+bias), o columns
-        removed += dkv * (hidden + has_bias(layout.k)) + dkv * (hidden + has_bias(layout.v))
-        removed += sum(dmlp * (hidden + has_bias(p)) for p in layout.mlp_in) + dmlp * hidden
+    for layer, a, b in zip(layer_modules(model), before, after, strict=True):
+        gone = {k: v - b.space_sizes(hd)[k] for k, v in a.space_sizes(hd).items()}
+        for sub in layer_sublayers(layer, layout):
+            for proj in sub.projections:
+                t = projection_tensors(layer, proj)
+                if t is None:
+                    continue
+                shape = t.weight.shape
+                per_row = shape.numel() // shape[t.out_dim] + int(t.has_bias)
+                per_col = shape.numel() // shape[t.in_dim]
+                removed += sum(gone[space] for space in proj.rows) * per_row
+                if proj.cols is not None:
+                    removed += gone[proj.cols] * per_col
     return params_before - removed
+
+
+def check_runtime_attributes(model, shapes: list[LayerShape]) -> None:
+    """Every run-time attribute the layout names follows the new sizes."""
+    layout = get_layout(model.config.model_type)
+    hd = normalize_config(model.config).head_dim
+    for layer, shape in zip(layer_modules(model), shapes, strict=True):
+        values = {"heads": shape.num_attention_heads, "kv_heads": shape.num_key_value_heads,
+                  "groups": shape.num_attention_heads // shape.num_key_value_heads,
+                  "q_width": shape.num_attention_heads * hd, "mlp": shape.intermediate_size,
+                  "shared": shape.shared_intermediate_size}  # fmt: skip
+        for sub in layer_sublayers(layer, layout):
+            for path, quantity in sub.attributes:
+                parent, _, name = path.rpartition(".")
+                assert getattr(layer.get_submodule(parent), name) == values[quantity], (path, quantity)
 
 
 def outputs(model, batch):
@@ -128,15 +144,7 @@ def test_slim_matches_masked_dense(name, head):
     assert summary.params_after < params_before
     assert summary.removed_groups == len(chosen)
     assert (outputs(model, batch) - dense).abs().max().item() <= 1e-5
-    # Run-time attributes follow the new sizes.
-    layout = get_layout(model.config.model_type)
-    for layer, shape in zip(get_submodule(model.base_model, layout.layers), want, strict=True):
-        attn = get_submodule(layer, layout.attention)
-        if layout.attention_style == "llama":
-            assert attn.num_key_value_groups == shape.num_attention_heads // shape.num_key_value_heads
-        else:
-            assert attn.num_attention_heads == shape.num_attention_heads
-            assert attn.all_head_size == shape.num_attention_heads * attn.attention_head_size
+    check_runtime_attributes(model, want)
     assert summary.to_dict()["layers"] == [s.to_dict() for s in want]
     assert "parameters:" in str(summary)
 

@@ -17,12 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# The kinds of groups the rules produce.
-MLP_CHANNEL = "mlp_channel"
-HEAD = "head"
-KV_GROUP = "kv_group"
-QUERY_SLOT = "query_slot"
-KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT)
+# The kinds of groups the rules produce (defined beside the layout data, which names them).
+from ..modeling.architectures import (
+    EXPERT_CHANNEL,
+    HEAD,
+    KINDS,
+    KV_GROUP,
+    MLP_CHANNEL,
+    QUERY_SLOT,
+    SHARED_EXPERT_CHANNEL,
+)
 
 
 @dataclass(frozen=True)

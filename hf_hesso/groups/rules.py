@@ -23,9 +23,28 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..modeling.architectures import get_layout, get_submodule, normalize_config
-from .group import HEAD, KINDS, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, Block, GroupSet, Slice
+from ..modeling.architectures import KV, MLP, Q, SHARED, ArchLayout, Proj, get_layout, get_submodule, normalize_config
+from ..modeling.modeling_hesso import layer_sublayers, projection_tensors, space_sizes
+from .group import (
+    EXPERT_CHANNEL,
+    HEAD,
+    KINDS,
+    KV_GROUP,
+    MLP_CHANNEL,
+    QUERY_SLOT,
+    SHARED_EXPERT_CHANNEL,
+    Block,
+    GroupSet,
+    Slice,
+)
 from .peft import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
+
+# A kind's partition of an index space: group `g` owns `o * n * inner + g * inner + j` (see `Slice`).
+Partition = tuple[int, int, int]
+
+
+class InexpressibleKind(ValueError):
+    """A group kind that a projection's layout cannot cut (e.g. query slots of a fused GQA projection)."""
 
 
 def _transformers_base(model: nn.Module) -> nn.Module:
@@ -46,28 +65,57 @@ def _base_prefix(model: nn.Module) -> str:
     raise ValueError(f"Cannot locate the base model inside {type(model).__name__}.")
 
 
-def _linear(layer: nn.Module, path: str, where: str) -> tuple[nn.Linear, str, list[LoraAdapter]]:
-    """The projection at `path` as `(base linear, its dotted path, LoRA adapters on it)`.
+def kind_partitions(sizes: dict[str, int], head_dim: int, mha: bool, experts: bool) -> dict[str, dict[str, Partition]]:
+    """Every group kind of a layer with these index-space sizes, as `{kind: {space: (outer, n, inner)}}`."""
+    heads, kv_heads = sizes[Q] // head_dim, sizes[KV] // head_dim
+    out: dict[str, dict[str, Partition]] = {}
+    if mha:
+        out[HEAD] = {Q: (1, heads, head_dim), KV: (1, heads, head_dim)}
+    else:
+        rep = heads // kv_heads
+        out[KV_GROUP] = {Q: (1, kv_heads, rep * head_dim), KV: (1, kv_heads, head_dim)}
+        # Query head g * rep + j reads key/value head g and sits in slot j.
+        out[QUERY_SLOT] = {Q: (kv_heads, rep, head_dim)}
+    if MLP in sizes:
+        out[EXPERT_CHANNEL if experts else MLP_CHANNEL] = {MLP: (1, sizes[MLP], 1)}
+    if SHARED in sizes:
+        out[SHARED_EXPERT_CHANNEL] = {SHARED: (1, sizes[SHARED], 1)}
+    return out
 
-    A peft LoRA layer is looked through: the base slices cut its frozen `base_layer`, and the adapters' `lora_B`
-    rows / `lora_A` columns join the groups (see `build_groups`).
+
+def projection_cuts(proj: Proj, partition: dict[str, Partition]) -> list[tuple[str, Partition]]:
+    """How one kind cuts one projection: `[("rows" | "cols", (outer, n, inner))]`.
+
+    Raises `InexpressibleKind` when the kind touches only some parts of a fused output, or parts of different
+    layouts (e.g. key/value groups of a fused QKV with grouped-query attention): one `Slice` cannot describe it.
     """
-    module = get_submodule(layer, path)
-    full = f"{where}.{path}"
-    adapters: list[LoraAdapter] = []
-    if is_lora_linear(module):
-        adapters = lora_adapters(module, full)
-        module, full = module.base_layer, f"{full}.base_layer"
-    if not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"Expected `{where}.{path}` to be an `nn.Linear` (or a peft LoRA `Linear` around one), found "
-            f"{type(module).__name__}. Merge adapters (`merge_and_unload()`) or build the groups on the plain model."
-        )
-    return module, full, adapters
+    cuts = []
+    touched = [space in partition for space in proj.rows]
+    if any(touched):
+        parts = [partition.get(space) for space in proj.rows]
+        if not all(touched) or len(set(parts)) != 1:
+            raise InexpressibleKind(
+                f"`{proj.path}` fuses {list(proj.rows)}; a group that cuts {sorted(partition)} does not cut every part "
+                "of it alike, so its rows are not one regular slice."
+            )
+        outer, n, inner = parts[0]
+        m = len(parts)
+        if proj.interleaved:
+            if outer != 1:
+                raise InexpressibleKind(f"`{proj.path}` interleaves heads; a group spread over heads cannot cut it.")
+            cuts.append(("rows", (1, n, m * inner)))
+        else:
+            cuts.append(("rows", (m * outer, n, inner)))
+    if proj.cols is not None and proj.cols in partition:
+        cuts.append(("cols", partition[proj.cols]))
+    return cuts
 
 
 def build_groups(
-    model: nn.Module, kinds: Iterable[str] | None = None, layers: Iterable[int] | None = None
+    model: nn.Module,
+    kinds: Iterable[str] | None = None,
+    layers: Iterable[int] | None = None,
+    layout: ArchLayout | None = None,
 ) -> GroupSet:
     """Build the zero-invariant groups of a supported model from its config, without tracing.
 
@@ -75,16 +123,18 @@ def build_groups(
         model (`nn.Module`): a transformers model of a supported `model_type` (bare, `*ForCausalLM`,
             `*ForSequenceClassification`, `*ForMaskedLM`), on any device including `meta`, stock or slim.
         kinds (`Iterable[str]`, *optional*): restrict to these kinds (`"mlp_channel"`, `"head"`, `"kv_group"`,
-            `"query_slot"`). Default: all kinds the architecture supports.
+            `"query_slot"`, `"expert_channel"`, `"shared_expert_channel"`). Default: all kinds the architecture
+            supports.
         layers (`Iterable[int]`, *optional*): restrict to these layer indices. Default: every layer.
+        layout (`ArchLayout`, *optional*): the layout to read; default the table entry of `config.model_type`.
 
     Returns:
         `GroupSet`: the groups, block by block (one block = one kind in one layer). Blocks with fewer than two
         groups are left out, since a block is never emptied.
     """
     config = model.config
-    layout = get_layout(config.model_type)
-    norm = normalize_config(config)
+    layout = layout or get_layout(config.model_type)
+    norm = normalize_config(config, layout)
     wanted = set(KINDS if kinds is None else kinds)
     unknown = wanted - set(KINDS)
     if unknown:
@@ -99,64 +149,83 @@ def build_groups(
             )
 
     hd = norm.head_dim
+    mha_config = norm.num_key_value_heads == norm.num_attention_heads
     blocks: list[Block] = []
     shapes: dict[str, tuple[int, ...]] = {}
     adapters: dict[str, list[LoraAdapter]] = {}
 
-    def add(layer_idx: int, kind: str, n: int, parts: list[tuple[tuple, int, int, int]]) -> None:
-        # parts: ((module, dotted path, adapters), dim, outer, inner) for the weight; biases follow output rows.
-        if n < 2 or kind not in wanted:
-            return
-        slices = []
-        numel = 0
-        for (module, path, lora), dim, outer, inner in parts:
-            if lora:
-                adapters[f"{path}.weight"] = lora
-            # Group sizes count the base parameters only: those are what the merged slim model loses.
-            entries = [(f"{path}.weight", module.weight, True)]
-            if dim == 0:
-                entries.append((f"{path}.bias", module.bias, True))
-            entries.extend((name, t, False) for ad in lora for name, t in ad.tensors_along(dim))
-            for full, tensor, counted in entries:
-                if tensor is None:
-                    continue
-                s = Slice(full, dim, outer, n, inner)
-                if tensor.shape[dim] != outer * n * inner:
-                    raise ValueError(
-                        f"`{full}` has {tensor.shape[dim]} entries along dim {dim}, expected {outer} x {n} x "
-                        f"{inner} for {kind} groups. The module shapes disagree with the config."
-                    )
-                shapes[full] = tuple(tensor.shape)
-                slices.append(s)
-                if counted:
-                    numel += s.numel_per_group(tensor.shape)
-        offset = sum(b.n for b in blocks)
-        blocks.append(Block(layer_idx, kind, n, tuple(slices), numel, offset))
-
     for i in layer_ids:
         layer = layer_list[i]
         where = f"{prefix}{layout.layers}.{i}"
-        q, k, v, o = (_linear(layer, p, where) for p in (layout.q, layout.k, layout.v, layout.o))
-        heads, kv_heads = q[0].out_features // hd, k[0].out_features // hd
-        if heads * hd != q[0].out_features or kv_heads * hd != k[0].out_features or heads % kv_heads:
+        sizes = space_sizes(layer, layout)
+        heads, kv_heads = sizes[Q] // hd, sizes[KV] // hd
+        if heads * hd != sizes[Q] or kv_heads * hd != sizes[KV] or heads % kv_heads:
             raise ValueError(
-                f"Layer {i}: q/k output sizes {q[0].out_features}/{k[0].out_features} are not whole heads of size {hd} "
-                "with query heads a multiple of key/value heads."
+                f"Layer {i}: query/key widths {sizes[Q]}/{sizes[KV]} are not whole heads of size {hd} with query "
+                "heads a multiple of key/value heads."
             )
-        rep = heads // kv_heads
-        if rep == 1 and kv_heads == norm.num_key_value_heads == norm.num_attention_heads:
-            add(i, HEAD, heads, [(q, 0, 1, hd), (k, 0, 1, hd), (v, 0, 1, hd), (o, 1, 1, hd)])
-        else:
-            add(
-                i,
-                KV_GROUP,
-                kv_heads,
-                [(k, 0, 1, hd), (v, 0, 1, hd), (q, 0, 1, rep * hd), (o, 1, 1, rep * hd)],
-            )
-            add(i, QUERY_SLOT, rep, [(q, 0, kv_heads, hd), (o, 1, kv_heads, hd)])
-        mlp_in = [_linear(layer, p, where) for p in layout.mlp_in]
-        width = mlp_in[0][0].out_features
-        parts = [(m, 0, 1, 1) for m in mlp_in]
-        parts.append((_linear(layer, layout.mlp_out, where), 1, 1, 1))
-        add(i, MLP_CHANNEL, width, parts)
+        attention, mlp = layer_sublayers(layer, layout)
+        mha = heads == kv_heads and mha_config
+        partitions = kind_partitions(sizes, hd, mha, mlp.experts)
+        for kind, partition in partitions.items():
+            n = next(iter(partition.values()))[1]
+            if n < 2 or kind not in wanted:
+                continue
+            slices: list[Slice] = []
+            numel = 0
+            for sub in (attention, mlp):
+                for proj in sub.projections:
+                    cuts = projection_cuts(proj, partition)
+                    if not cuts:
+                        continue
+                    entries = _tensor_entries(layer, proj, where, adapters)
+                    if entries is None:
+                        continue
+                    t, weight_name, bias_name, lora = entries
+                    for side, (outer, n_, inner) in cuts:
+                        dim = t.out_dim if side == "rows" else t.in_dim
+                        # (name, tensor, dim, counted): a bias is 1-D, its dimension 0 follows the output rows.
+                        named = [(weight_name, t.weight, dim, True)]
+                        if side == "rows" and bias_name is not None:
+                            named.append((bias_name, t.bias, 0, True))
+                        # LoRA (nn.Linear only): `lora_B` rows follow output rows, `lora_A` columns input columns.
+                        named.extend((name, x, dim, False) for ad in lora for name, x in ad.tensors_along(dim))
+                        for full, tensor, d, counted in named:
+                            if tensor.shape[d] != outer * n_ * inner:
+                                raise ValueError(
+                                    f"`{full}` has {tensor.shape[d]} entries along dim {d}, expected {outer} x {n_} x "
+                                    f"{inner} for {kind} groups. The module shapes disagree with the config."
+                                )
+                            s = Slice(full, d, outer, n_, inner)
+                            shapes[full] = tuple(tensor.shape)
+                            slices.append(s)
+                            if counted:
+                                # Group sizes count the base parameters only: what the slim model loses.
+                                numel += s.numel_per_group(tensor.shape)
+            offset = sum(b.n for b in blocks)
+            blocks.append(Block(i, kind, n, tuple(slices), numel, offset))
     return GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters)
+
+
+def _tensor_entries(layer: nn.Module, proj: Proj, where: str, adapters: dict):
+    """`(Tensors, weight name, bias name or None, LoRA adapters)` of one projection; None when it is absent.
+
+    A peft LoRA layer is looked through: the base slices cut its frozen `base_layer`, and the adapters' `lora_B`
+    rows / `lora_A` columns join the groups.
+    """
+    full = f"{where}.{proj.path}"
+    lora: list[LoraAdapter] = []
+    parent_path, _, name = proj.path.rpartition(".")
+    module = getattr(get_submodule(layer, parent_path), name, None)
+    if module is not None and is_lora_linear(module):
+        lora = lora_adapters(module, full)
+        adapters[f"{full}.base_layer.weight"] = lora
+        full = f"{full}.base_layer"
+        t = projection_tensors(module, Proj("base_layer", proj.rows, proj.cols, proj.interleaved))
+    else:
+        t = projection_tensors(layer, proj)
+    if t is None:
+        return None
+    if t.weight_name != "weight":  # a 3-D expert parameter, named by its own path
+        return t, full, None, lora
+    return t, f"{full}.weight", (f"{full}.bias" if t.has_bias else None), lora

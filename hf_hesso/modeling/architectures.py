@@ -4,79 +4,356 @@
 This file travels with every saved slim model (it is imported by ``modeling_hesso.py`` through a relative
 import), so it must only import ``torch`` and ``transformers``, never ``hf_hesso``.
 
-Adding an architecture of a known family is one line in ``ARCHITECTURES``: name the model type, the family
-layout (``LLAMA_LAYOUT`` for decoder models with ``q/k/v/o_proj`` and a gated MLP, ``BERT_LAYOUT`` for BERT-style
-encoders) and, if needed, the layout variant.
+A layer is described by its sublayers (attention, MLP), each a list of projections. A projection names, for its
+output dimension, the *index spaces* it holds (concatenated in order, or interleaved per head) and, for its input
+dimension, the one index space it reads. The index spaces of a layer are:
+
+- `"q"`: query rows, `heads x head_dim` (head-major), also the input columns of the attention output projection;
+- `"kv"`: key (and, separately, value) rows, `kv_heads x head_dim`;
+- `"mlp"`: the channels of the MLP (of every expert, for a mixture-of-experts layer: the experts of one layer share
+  one width because transformers stores them in fused 3-D tensors);
+- `"shared"`: the channels of a shared expert (Qwen2-MoE).
+
+Everything else (which rows a group owns, what to keep when slicing, the sizes of a slim layer) is derived from this
+data by one code path, so a family differs from another by its table entry only. Adding an architecture whose
+modules are laid out like a known family is one line in ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# Group kinds (re-exported by `hf_hesso.groups`; defined here so that the layout data can name them).
+MLP_CHANNEL = "mlp_channel"
+HEAD = "head"
+KV_GROUP = "kv_group"
+QUERY_SLOT = "query_slot"
+EXPERT_CHANNEL = "expert_channel"
+SHARED_EXPERT_CHANNEL = "shared_expert_channel"
+KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT, EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL)
+
+# Index spaces (see the module docstring).
+Q, KV, MLP, SHARED = "q", "kv", "mlp", "shared"
+
+
+@dataclass(frozen=True)
+class Proj:
+    """One projection of a layer.
+
+    Attributes:
+        path (`str`): dotted path relative to the layer, of an `nn.Linear`, a GPT-2 `Conv1D` (weight stored
+            `(in, out)`), or a 3-D expert parameter `(experts, out, in)`.
+        rows (`tuple[str, ...]`): the index spaces along the output dimension, concatenated in this order
+            (`("q", "kv", "kv")` for a fused QKV, `("mlp", "mlp")` for a fused gate/up projection). The bias, where
+            there is one, follows the output rows.
+        cols (`str`, *optional*): the index space along the input dimension (`"q"` for the attention output
+            projection, `"mlp"` for the MLP output projection).
+        interleaved (`bool`): the output rows hold one block per head, `[part_0 of head h, part_1 of head h, ...]`
+            (GPT-NeoX `query_key_value`), instead of one part after the other.
+        optional (`bool`): the projection exists only for some configs (DeBERTa's `pos_key_proj`).
+    """
+
+    path: str
+    rows: tuple[str, ...] = ()
+    cols: str | None = None
+    interleaved: bool = False
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """The attention or the MLP of a layer.
+
+    Attributes:
+        module (`str`): dotted path of the sublayer module, relative to the layer.
+        projections (`tuple[Proj, ...]`): every projection whose shape follows an index space.
+        attributes (`tuple[tuple[str, str], ...]`): run-time attributes to keep in step with the sizes, as
+            `(path relative to the layer, quantity)`; quantities: `heads`, `kv_heads`, `groups` (query heads per
+            key/value head), `q_width` (heads x head_dim), `mlp`, `shared`.
+        width_field (`str`, *optional*): for an MLP, the config field of its width (`to_stock`).
+        shared_width_field (`str`, *optional*): the config field of the shared expert's width.
+        experts (`bool`): an MLP whose `mlp` space is the channels of routed experts (kind `expert_channel`).
+    """
+
+    module: str
+    projections: tuple[Proj, ...]
+    attributes: tuple[tuple[str, str], ...] = ()
+    width_field: str | None = None
+    shared_width_field: str | None = None
+    experts: bool = False
 
 
 @dataclass(frozen=True)
 class ArchLayout:
-    """Where the prunable linears of one transformer layer live, relative to the layer module.
+    """Where the prunable projections of one transformer layer live, and how the config names their sizes.
 
     Attributes:
+        name (`str`): the family's display name.
         layers (`str`): dotted path of the `nn.ModuleList` of layers, relative to `model.base_model`.
-        attention (`str`): the attention module whose run-time attributes follow the head count.
-        q, k, v (`str`): projections whose output rows are grouped by head.
-        o (`str`): projection whose input columns are grouped by head.
-        mlp_in (`tuple[str, ...]`): projections whose output rows are MLP channels.
-        mlp_out (`str`): projection whose input columns are MLP channels.
-        mlp (`str`): the MLP module (its `intermediate_size` attribute, when present, follows the width).
-        attention_style (`str`): `"llama"` (`num_key_value_groups`, `head_dim` attributes) or `"bert"`
-            (`num_attention_heads`, `all_head_size`, `attention_head_size` attributes).
-        bias_in_groups (`tuple[str, ...]`): config flags naming which biases exist, informational.
+        attention (`Sublayer`): the attention sublayer.
+        mlps (`tuple[Sublayer, ...]`): the MLP variants, the first whose projections exist in a layer applies (a
+            Qwen2-MoE layer is sparse or dense).
+        config_class (`str`): the stock config class in `transformers`.
+        model_classes (`tuple[tuple[str, str], ...]`): stock model classes that get a slim subclass, each with its
+            Auto class.
+        head_dim_field (`str`, *optional*): the config field of the head size; `None` when the stock code derives it
+            as `hidden_size // num_attention_heads` (then the stock config cannot express removed heads).
+        kv_heads_field (`str`, *optional*): the config field of the key/value head count (`None`: one per query head).
+        stock_rule (`str`, *optional*): a rule of the stock config that `to_stock` cannot always meet, as text.
+        notes (`str`): what the family brings, for the documentation.
     """
 
+    name: str
     layers: str
-    attention: str
-    q: str
-    k: str
-    v: str
-    o: str
-    mlp_in: tuple[str, ...]
-    mlp_out: str
-    mlp: str
-    attention_style: str
+    attention: Sublayer
+    mlps: tuple[Sublayer, ...]
+    config_class: str
+    model_classes: tuple[tuple[str, str], ...]
+    head_dim_field: str | None = "head_dim"
+    kv_heads_field: str | None = "num_key_value_heads"
+    stock_rule: str | None = None
+    notes: str = ""
+
+    @property
+    def sublayers(self) -> tuple[Sublayer, ...]:
+        return (self.attention, *self.mlps)
+
+
+def _decoder_classes(prefix: str, model: str | None = None, causal: str | None = None) -> tuple:
+    return (
+        (model or prefix + "Model", "AutoModel"),
+        (causal or prefix + "ForCausalLM", "AutoModelForCausalLM"),
+        (prefix + "ForSequenceClassification", "AutoModelForSequenceClassification"),
+    )
+
+
+def _encoder_classes(prefix: str) -> tuple:
+    return (
+        (prefix + "Model", "AutoModel"),
+        (prefix + "ForSequenceClassification", "AutoModelForSequenceClassification"),
+        (prefix + "ForMaskedLM", "AutoModelForMaskedLM"),
+    )
+
+
+# Attention with separate q/k/v/o projections and grouped-query attention (`num_key_value_groups`).
+def _llama_attention(o: str = "o_proj", module: str = "self_attn") -> Sublayer:
+    return Sublayer(
+        module=module,
+        projections=(
+            Proj(f"{module}.q_proj", rows=(Q,)),
+            Proj(f"{module}.k_proj", rows=(KV,)),
+            Proj(f"{module}.v_proj", rows=(KV,)),
+            Proj(f"{module}.{o}", cols=Q),
+        ),
+        attributes=((f"{module}.num_key_value_groups", "groups"),),
+    )
+
+
+GATED_MLP = Sublayer(
+    module="mlp",
+    projections=(Proj("mlp.gate_proj", rows=(MLP,)), Proj("mlp.up_proj", rows=(MLP,)), Proj("mlp.down_proj", cols=MLP)),
+    attributes=(("mlp.intermediate_size", "mlp"),),
+    width_field="intermediate_size",
+)
+
+
+def _plain_mlp(fc: str, out: str, module: str = "mlp", width_field: str = "intermediate_size") -> Sublayer:
+    return Sublayer(
+        module=module,
+        projections=(Proj(f"{module}.{fc}", rows=(MLP,)), Proj(f"{module}.{out}", cols=MLP)),
+        width_field=width_field,
+    )
+
+
+def _experts(width_field: str, shared: bool = False) -> Sublayer:
+    projections = [Proj("mlp.experts.gate_up_proj", rows=(MLP, MLP)), Proj("mlp.experts.down_proj", cols=MLP)]
+    attributes = [("mlp.experts.intermediate_dim", "mlp")]
+    if shared:
+        projections += [
+            Proj("mlp.shared_expert.gate_proj", rows=(SHARED,)),
+            Proj("mlp.shared_expert.up_proj", rows=(SHARED,)),
+            Proj("mlp.shared_expert.down_proj", cols=SHARED),
+        ]
+        attributes.append(("mlp.shared_expert.intermediate_size", "shared"))
+    return Sublayer(
+        module="mlp",
+        projections=tuple(projections),
+        attributes=tuple(attributes),
+        width_field=width_field,
+        shared_width_field="shared_expert_intermediate_size" if shared else None,
+        experts=True,
+    )
 
 
 LLAMA_LAYOUT = ArchLayout(
+    name="Llama",
     layers="layers",
-    attention="self_attn",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    o="self_attn.o_proj",
-    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_out="mlp.down_proj",
-    mlp="mlp",
-    attention_style="llama",
+    attention=_llama_attention(),
+    mlps=(GATED_MLP,),
+    config_class="LlamaConfig",
+    model_classes=_decoder_classes("Llama"),
+    stock_rule="stock `LlamaConfig` requires `hidden_size % num_attention_heads == 0`, even with `head_dim` set",
+    notes="q/k/v/o projections, gated MLP, grouped-query attention.",
 )
 
-BERT_LAYOUT = ArchLayout(
+
+def _llama_like(name: str, prefix: str, notes: str, **kwargs) -> ArchLayout:
+    fields = dict(
+        name=name,
+        layers="layers",
+        attention=_llama_attention(),
+        mlps=(GATED_MLP,),
+        config_class=prefix + "Config",
+        model_classes=_decoder_classes(prefix),
+        notes=notes,
+    )
+    fields.update(kwargs)
+    return ArchLayout(**fields)
+
+
+_BERT_SELF_ATTRIBUTES = (
+    ("attention.self.num_attention_heads", "heads"),
+    ("attention.self.all_head_size", "q_width"),
+)
+
+
+BERT_MLP = Sublayer(
+    module="intermediate",
+    # The MLP output projection is `output.dense`, a sibling of `intermediate`.
+    projections=(Proj("intermediate.dense", rows=(MLP,)), Proj("output.dense", cols=MLP)),
+    width_field="intermediate_size",
+)
+
+
+def _bert_like(name: str, prefix: str) -> ArchLayout:
+    return ArchLayout(
+        name=name,
+        layers="encoder.layer",
+        attention=Sublayer(
+            module="attention.self",
+            projections=(
+                Proj("attention.self.query", rows=(Q,)),
+                Proj("attention.self.key", rows=(KV,)),
+                Proj("attention.self.value", rows=(KV,)),
+                Proj("attention.output.dense", cols=Q),
+            ),
+            attributes=_BERT_SELF_ATTRIBUTES,
+        ),
+        mlps=(BERT_MLP,),
+        config_class=prefix + "Config",
+        model_classes=_encoder_classes(prefix),
+        head_dim_field=None,
+        kv_heads_field=None,
+        notes="Post-norm encoder; every projection has a bias.",
+    )
+
+
+BERT_LAYOUT = _bert_like("BERT", "Bert")
+
+DEBERTA_V2_LAYOUT = ArchLayout(
+    name="DeBERTa-v2",
     layers="encoder.layer",
-    attention="attention.self",
-    q="attention.self.query",
-    k="attention.self.key",
-    v="attention.self.value",
-    o="attention.output.dense",
-    mlp_in=("intermediate.dense",),
-    mlp_out="output.dense",
-    mlp="intermediate",
-    attention_style="bert",
+    attention=Sublayer(
+        module="attention.self",
+        projections=(
+            Proj("attention.self.query_proj", rows=(Q,)),
+            Proj("attention.self.key_proj", rows=(KV,)),
+            Proj("attention.self.value_proj", rows=(KV,)),
+            # Disentangled attention: relative-position keys/queries are per head too (absent with share_att_key).
+            Proj("attention.self.pos_key_proj", rows=(KV,), optional=True),
+            Proj("attention.self.pos_query_proj", rows=(Q,), optional=True),
+            Proj("attention.output.dense", cols=Q),
+        ),
+        attributes=_BERT_SELF_ATTRIBUTES,
+    ),
+    mlps=(BERT_MLP,),
+    config_class="DebertaV2Config",
+    model_classes=_encoder_classes("DebertaV2"),
+    head_dim_field="attention_head_size",
+    kv_heads_field=None,
+    stock_rule="stock DeBERTa-v2 requires `hidden_size % num_attention_heads == 0` (the head size may be set "
+    "with `attention_head_size`)",
+    notes="Disentangled relative attention: `pos_key_proj`/`pos_query_proj` rows (or the shared `key_proj`/"
+    "`query_proj`) follow the heads.",
+)
+
+GPT2_LAYOUT = ArchLayout(
+    name="GPT-2",
+    layers="h",
+    attention=Sublayer(
+        module="attn",
+        projections=(Proj("attn.c_attn", rows=(Q, KV, KV)), Proj("attn.c_proj", cols=Q)),
+        attributes=(("attn.num_heads", "heads"), ("attn.split_size", "q_width")),
+    ),
+    mlps=(_plain_mlp("c_fc", "c_proj", width_field="n_inner"),),
+    config_class="GPT2Config",
+    model_classes=(
+        ("GPT2Model", "AutoModel"),
+        ("GPT2LMHeadModel", "AutoModelForCausalLM"),
+        ("GPT2ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ),
+    head_dim_field=None,
+    kv_heads_field=None,
+    notes="`Conv1D` projections (weights stored `(in, out)`), fused `c_attn` = [q; k; v], biases everywhere.",
+)
+
+GPT_NEOX_LAYOUT = ArchLayout(
+    name="GPT-NeoX",
+    layers="layers",
+    attention=Sublayer(
+        module="attention",
+        projections=(
+            Proj("attention.query_key_value", rows=(Q, KV, KV), interleaved=True),
+            Proj("attention.dense", cols=Q),
+        ),
+    ),
+    mlps=(_plain_mlp("dense_h_to_4h", "dense_4h_to_h"),),
+    config_class="GPTNeoXConfig",
+    model_classes=_decoder_classes("GPTNeoX"),
+    head_dim_field=None,
+    kv_heads_field=None,
+    notes="Fused `query_key_value` interleaved per head ([q_h, k_h, v_h] for each head h), parallel residual, "
+    "partial rotary.",
+)
+
+MODERNBERT_LAYOUT = ArchLayout(
+    name="ModernBERT",
+    layers="layers",
+    attention=Sublayer(
+        module="attn",
+        projections=(Proj("attn.Wqkv", rows=(Q, KV, KV)), Proj("attn.Wo", cols=Q)),
+    ),
+    mlps=(
+        Sublayer(module="mlp", projections=(Proj("mlp.Wi", rows=(MLP, MLP)), Proj("mlp.Wo", cols=MLP)),
+                 width_field="intermediate_size"),
+    ),  # fmt: skip
+    config_class="ModernBertConfig",
+    model_classes=_encoder_classes("ModernBert"),
+    head_dim_field=None,
+    kv_heads_field=None,
+    notes="Fused `Wqkv` = [q; k; v] and fused gated `Wi` = [input; gate], alternating local/global attention.",
 )
 
 # model_type -> layout. One entry per line, sorted.
 ARCHITECTURES: dict[str, ArchLayout] = {
     "bert": BERT_LAYOUT,
+    "deberta-v2": DEBERTA_V2_LAYOUT,
+    "gemma2": _llama_like("Gemma-2", "Gemma2", "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention."),  # noqa: E501
+    "gemma3_text": _llama_like("Gemma-3 (text)", "Gemma3Text", "Per-head q/k RMSNorm (shared over head_dim), sandwich norms, local/global attention.", model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM")),  # noqa: E501
+    "gpt2": GPT2_LAYOUT,
+    "gpt_neox": GPT_NEOX_LAYOUT,
     "llama": LLAMA_LAYOUT,
-    "mistral": LLAMA_LAYOUT,
-    "qwen2": LLAMA_LAYOUT,
-    "qwen3": LLAMA_LAYOUT,
-    "roberta": BERT_LAYOUT,
+    "mistral": _llama_like("Mistral", "Mistral", "Llama layout with sliding-window attention."),
+    "mixtral": _llama_like("Mixtral", "Mixtral", "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.", mlps=(_experts("intermediate_size"),)),  # noqa: E501
+    "modernbert": MODERNBERT_LAYOUT,
+    "phi": _llama_like("Phi", "Phi", "Output projection `dense`, plain MLP `fc1`/`fc2`, biases, parallel residual, partial rotary.", attention=_llama_attention(o="dense"), mlps=(_plain_mlp("fc1", "fc2"),)),  # noqa: E501
+    "qwen2": _llama_like("Qwen2", "Qwen2", "Llama layout with q/k/v biases."),
+    "qwen2_moe": _llama_like("Qwen2-MoE", "Qwen2Moe", "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` says.", mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP)),  # noqa: E501
+    "qwen3": _llama_like("Qwen3", "Qwen3", "Per-head q/k RMSNorm (shared over head_dim)."),
+    "qwen3_moe": _llama_like("Qwen3-MoE", "Qwen3Moe", "Routed experts in fused 3-D tensors, per-head q/k RMSNorm.", mlps=(_experts("moe_intermediate_size"), GATED_MLP)),  # noqa: E501
+    "roberta": _bert_like("RoBERTa", "Roberta"),
+    "smollm3": _llama_like("SmolLM3", "SmolLM3", "Llama layout; some layers without rotary embeddings."),
+    "starcoder2": _llama_like("Starcoder2", "Starcoder2", "Biases on every projection, plain MLP `c_fc`/`c_proj`.", mlps=(_plain_mlp("c_fc", "c_proj"),)),  # noqa: E501
 }
 
 # The config key under which a slim model records its per-layer sizes.
@@ -87,18 +364,34 @@ HESSO_PREFIX = "hesso_"
 
 @dataclass(frozen=True)
 class LayerShape:
-    """The sizes of one layer that pruning can change."""
+    """The sizes of one layer that pruning can change.
+
+    `intermediate_size` is the MLP width: of the dense MLP, or of every routed expert in a mixture-of-experts layer.
+    `shared_intermediate_size` is the width of a shared expert (Qwen2-MoE), `None` where there is none.
+    """
 
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    shared_intermediate_size: int | None = field(default=None)
 
     def to_dict(self) -> dict[str, int]:
-        return {
+        out = {
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "intermediate_size": self.intermediate_size,
         }
+        if self.shared_intermediate_size is not None:
+            out["shared_intermediate_size"] = self.shared_intermediate_size
+        return out
+
+    def space_sizes(self, head_dim: int) -> dict[str, int]:
+        """The size of every index space of a layer of this shape."""
+        sizes = {Q: self.num_attention_heads * head_dim, KV: self.num_key_value_heads * head_dim,
+                 MLP: self.intermediate_size}  # fmt: skip
+        if self.shared_intermediate_size is not None:
+            sizes[SHARED] = self.shared_intermediate_size
+        return sizes
 
 
 @dataclass(frozen=True)
@@ -125,11 +418,11 @@ def supported_model_types() -> list[str]:
 
 def unsupported_message(model_type: str) -> str:
     return (
-        f"`model_type` {model_type!r} is not supported by hf_hesso. Supported model types: "
-        f"{', '.join(supported_model_types())}. To add an architecture of a known family, add one line "
-        f"`'{model_type}': LLAMA_LAYOUT` (decoder with q/k/v/o_proj and gate/up/down_proj) or "
-        f"`'{model_type}': BERT_LAYOUT` (BERT-style encoder) to `ARCHITECTURES` in "
-        "`hf_hesso/modeling/architectures.py`, plus a tiny config in `tests/conftest.py`."
+        f"`model_type` {model_type!r} is not in hf_hesso's layout table. Supported model types: "
+        f"{', '.join(supported_model_types())}. If its modules are laid out like a known family, add one line "
+        f"(e.g. `'{model_type}': LLAMA_LAYOUT`) to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py`, plus a "
+        "tiny config in `tests/test_architectures.py`; `hf_hesso.check_architecture(model)` infers a layout from the "
+        "module tree and says which group kinds it can offer."
     )
 
 
@@ -140,25 +433,27 @@ def get_layout(model_type: str) -> ArchLayout:
         raise ValueError(unsupported_message(model_type)) from None
 
 
-def normalize_config(config) -> NormalizedConfig:
+def mlp_width(config, width_field: str | None) -> int:
+    # GPT-2's `n_inner` is None for the default 4 x hidden.
+    value = getattr(config, width_field, None) if width_field else None
+    return int(value) if value else 4 * config.hidden_size
+
+
+def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConfig:
     """Read heads, key/value heads, head size and MLP width of any supported config."""
     model_type = base_model_type(config.model_type)
-    layout = get_layout(model_type)
+    layout = layout or get_layout(model_type)
     heads = config.num_attention_heads
-    if layout.attention_style == "bert":
-        kv_heads = heads
-        head_dim = config.hidden_size // heads
-    else:
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = (getattr(config, layout.kv_heads_field, None) if layout.kv_heads_field else None) or heads
+    head_dim = (getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None)
     return NormalizedConfig(
         model_type=model_type,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=config.intermediate_size,
+        head_dim=head_dim or config.hidden_size // heads,
+        intermediate_size=mlp_width(config, layout.mlps[0].width_field),
     )
 
 

@@ -5,7 +5,8 @@ This file travels with every saved slim model, so it must only import `torch`, `
 files (relative imports), never `hf_hesso`.
 
 Each config subclasses the stock config of its family and adds one field, `hesso_layer_shapes`: a list with one
-dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`). The stock fields keep the
+dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and `shared_intermediate_size` where there is
+a shared expert). The stock fields keep the
 sizes of the model *before* pruning, so the stock validation (e.g. `hidden_size % num_attention_heads == 0`) and
 every derived quantity (head size, rotary size) stay exactly as they were; the model classes in
 `modeling_hesso.py` read the per-layer sizes from the new field.
@@ -13,9 +14,9 @@ every derived quantity (head size, rotary size) stay exactly as they were; the m
 
 from __future__ import annotations
 
-from transformers import BertConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, RobertaConfig
+import transformers
 
-from .architectures import HESSO_PREFIX, LAYER_SHAPES_KEY
+from .architectures import ARCHITECTURES, HESSO_PREFIX, LAYER_SHAPES_KEY
 
 
 class _HessoConfigMixin:
@@ -35,8 +36,10 @@ class _HessoConfigMixin:
                 f"{self.num_hidden_layers}: give one shape per layer."
             )
         for i, shape in enumerate(shapes):
-            for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "shared_intermediate_size"):
                 value = shape.get(key)
+                if key == "shared_intermediate_size" and value is None:
+                    continue
                 if not isinstance(value, int) or value < 1:
                     raise ValueError(
                         f"`{LAYER_SHAPES_KEY}[{i}][{key!r}]` is {value!r}; every layer needs a positive integer "
@@ -49,45 +52,28 @@ class _HessoConfigMixin:
                 )
 
 
-class HessoLlamaConfig(_HessoConfigMixin, LlamaConfig):
-    model_type = HESSO_PREFIX + "llama"
-    hesso_layer_shapes: list[dict] | None = None
-
-
-class HessoMistralConfig(_HessoConfigMixin, MistralConfig):
-    model_type = HESSO_PREFIX + "mistral"
-    hesso_layer_shapes: list[dict] | None = None
-
-
-class HessoQwen2Config(_HessoConfigMixin, Qwen2Config):
-    model_type = HESSO_PREFIX + "qwen2"
-    hesso_layer_shapes: list[dict] | None = None
-
-
-class HessoQwen3Config(_HessoConfigMixin, Qwen3Config):
-    model_type = HESSO_PREFIX + "qwen3"
-    hesso_layer_shapes: list[dict] | None = None
-
-
-class HessoBertConfig(_HessoConfigMixin, BertConfig):
-    model_type = HESSO_PREFIX + "bert"
-    hesso_layer_shapes: list[dict] | None = None
-
-
-class HessoRobertaConfig(_HessoConfigMixin, RobertaConfig):
-    model_type = HESSO_PREFIX + "roberta"
-    hesso_layer_shapes: list[dict] | None = None
+def _make_config_class(model_type: str, stock_name: str) -> type:
+    stock = getattr(transformers, stock_name)
+    name = "Hesso" + stock_name
+    return type(
+        name,
+        (_HessoConfigMixin, stock),
+        {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"`{stock_name}` with per-layer sizes in `{LAYER_SHAPES_KEY}`.",
+            "__annotations__": {LAYER_SHAPES_KEY: list | None},
+            LAYER_SHAPES_KEY: None,
+            "model_type": HESSO_PREFIX + model_type,
+        },
+    )
 
 
 # stock model_type -> slim config class.
-HESSO_CONFIGS = {
-    "bert": HessoBertConfig,
-    "llama": HessoLlamaConfig,
-    "mistral": HessoMistralConfig,
-    "qwen2": HessoQwen2Config,
-    "qwen3": HessoQwen3Config,
-    "roberta": HessoRobertaConfig,
-}
-
-for _cls in HESSO_CONFIGS.values():
+HESSO_CONFIGS: dict[str, type] = {}
+for _model_type, _layout in ARCHITECTURES.items():
+    _cls = _make_config_class(_model_type, _layout.config_class)
+    # A real module attribute, so `auto_map` ("configuration_hesso.HessoLlamaConfig") resolves by name.
+    globals()[_cls.__name__] = _cls
+    HESSO_CONFIGS[_model_type] = _cls
     _cls.register_for_auto_class("AutoConfig")

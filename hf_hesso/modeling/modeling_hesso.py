@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import re
 
+from dataclasses import dataclass
+
 import torch
 import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .architectures import (
+    ARCHITECTURES,
     LAYER_SHAPES_KEY,
     ArchLayout,
     LayerShape,
+    Proj,
+    Sublayer,
     get_layout,
     get_submodule,
     layer_shapes_from_config,
@@ -32,29 +38,139 @@ from .architectures import (
 from .configuration_hesso import HESSO_CONFIGS
 
 
-def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep only the output features `rows` and input features `cols` of `linear`, in place (None keeps all)."""
+@dataclass(frozen=True)
+class Tensors:
+    """The weight (and bias) of one projection, with the dimensions that hold its output rows and input columns."""
+
+    owner: nn.Module  # the module holding the weight (for a 3-D expert parameter: the experts module)
+    weight_name: str
+    out_dim: int
+    in_dim: int
+    has_bias: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.weight_name)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.owner.bias if self.has_bias else None
+
+
+def projection_tensors(layer: nn.Module, proj: Proj) -> Tensors | None:
+    """Where the weight of `proj` lives in `layer`; None for an optional projection this config does not have.
+
+    `nn.Linear` (and anything with a 2-D `weight` stored `(out, in)`), GPT-2's `Conv1D` (`(in, out)`), or a 3-D
+    expert parameter `(experts, out, in)`.
+    """
+    parent_path, _, name = proj.path.rpartition(".")
+    try:
+        parent = get_submodule(layer, parent_path)
+    except AttributeError:
+        parent = None
+    obj = getattr(parent, name, None) if parent is not None else None
+    if obj is None:
+        if proj.optional:
+            return None
+        raise ValueError(
+            f"The layer has no `{proj.path}` ({type(layer).__name__}); the layout table entry does not match this "
+            "model's modules."
+        )
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() != 3:
+            raise ValueError(f"`{proj.path}` is a {obj.dim()}-D parameter; expected a 3-D expert tensor.")
+        return Tensors(parent, name, 1, 2, False)
+    bias = getattr(obj, "bias", None) is not None
+    if isinstance(obj, Conv1D):
+        return Tensors(obj, "weight", 1, 0, bias)
+    return Tensors(obj, "weight", 0, 1, bias)
+
+
+def mlp_variant(layer: nn.Module, layout: ArchLayout) -> Sublayer:
+    """The MLP variant of `layout` this layer has (the first whose first projection exists)."""
+    for variant in layout.mlps:
+        try:
+            projection_tensors(layer, variant.projections[0])
+        except ValueError:
+            continue
+        return variant
+    raise ValueError(
+        f"None of the MLP layouts of {layout.name} matches this layer ({type(layer).__name__}): looked for "
+        f"{[v.projections[0].path for v in layout.mlps]}."
+    )
+
+
+def layer_sublayers(layer: nn.Module, layout: ArchLayout) -> tuple[Sublayer, Sublayer]:
+    return layout.attention, mlp_variant(layer, layout)
+
+
+def space_sizes(layer: nn.Module, layout: ArchLayout) -> dict[str, int]:
+    """The current size of every index space of `layer`, read from its tensors.
+
+    Input columns name one space each; output rows of a fused projection give the one space left unknown.
+    """
+    sizes: dict[str, int] = {}
+    projections = [p for sub in layer_sublayers(layer, layout) for p in sub.projections]
+    found = [(p, projection_tensors(layer, p)) for p in projections]
+    found = [(p, t) for p, t in found if t is not None]
+    for p, t in found:
+        if p.cols is not None:
+            sizes[p.cols] = t.weight.shape[t.in_dim]
+    for p, t in found:
+        unknown = [s for s in p.rows if s not in sizes]
+        if unknown:
+            known = sum(sizes[s] for s in p.rows if s in sizes)
+            share, rest = divmod(t.weight.shape[t.out_dim] - known, len(unknown))
+            if rest or len(set(unknown)) != 1:
+                raise ValueError(f"Cannot read the sizes of {p.rows} from `{p.path}` {tuple(t.weight.shape)}.")
+            sizes[unknown[0]] = share
+    return sizes
+
+
+def _arange(n: int) -> torch.Tensor:
+    # Explicit CPU: `from_pretrained` builds the model under a meta-device context.
+    return torch.arange(n, dtype=torch.long, device="cpu")
+
+
+def rows_to_keep(proj: Proj, kept: dict[str, torch.Tensor], sizes: dict[str, int], head_dim: int) -> torch.Tensor:
+    """The output rows of `proj` that survive, given the kept indices of every index space."""
+    if not proj.interleaved:
+        parts, offset = [], 0
+        for space in proj.rows:
+            parts.append(kept[space] + offset)
+            offset += sizes[space]
+        return torch.cat(parts)
+    # One block of `len(rows)` parts per head; every part is head-major with the same head count.
+    width = len(proj.rows) * head_dim
+    heads = kept[proj.rows[0]].view(-1, head_dim)[:, 0] // head_dim
+    return (heads.view(-1, 1) * width + _arange(width).view(1, -1)).reshape(-1)
+
+
+def _select(t: Tensors, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+    """Keep only the output `rows` and input `cols` of one projection, in place (None keeps all)."""
     with torch.no_grad():
-        weight = linear.weight
-        new_weight = weight
+        weight = t.weight
+        new = weight
         if rows is not None:
-            new_weight = new_weight.index_select(0, rows.to(weight.device))
+            new = new.index_select(t.out_dim, rows.to(weight.device))
         if cols is not None:
-            new_weight = new_weight.index_select(1, cols.to(weight.device))
-        linear.weight = nn.Parameter(new_weight.contiguous(), requires_grad=weight.requires_grad)
-        if linear.bias is not None and rows is not None:
-            bias = linear.bias
-            linear.bias = nn.Parameter(bias.index_select(0, rows.to(bias.device)), requires_grad=bias.requires_grad)
-    linear.out_features, linear.in_features = linear.weight.shape
+            new = new.index_select(t.in_dim, cols.to(weight.device))
+        setattr(t.owner, t.weight_name, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
+        if t.has_bias and rows is not None:
+            bias = t.owner.bias
+            t.owner.bias = nn.Parameter(bias.index_select(0, rows.to(bias.device)), requires_grad=bias.requires_grad)
+    module = t.owner
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, Conv1D):
+        module.nx, module.nf = module.weight.shape
 
 
-def _indices(size: int, kept: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """Indices to keep along one dimension of current size `size`; None when nothing changes."""
-    if kept is None:
+def _indices(size: int, kept: torch.Tensor) -> torch.Tensor | None:
+    """`kept` as indices along a dimension of current size `size`; None when nothing changes."""
+    if kept.numel() == size and bool((kept.cpu() == _arange(size)).all()):
         return None
-    if kept.numel() == size and bool((kept.cpu() == torch.arange(size, device="cpu")).all()):
-        return None
-    return kept.to(device=device, dtype=torch.long)
+    return kept.to(dtype=torch.long)
 
 
 def apply_layer_shape(
@@ -69,63 +185,58 @@ def apply_layer_shape(
     Args:
         layer (`nn.Module`): one layer of a supported model (stock or already slim).
         layout (`ArchLayout`): the layout of its family.
-        shape (`LayerShape`): the target query heads, key/value heads and MLP width.
+        shape (`LayerShape`): the target query heads, key/value heads and MLP widths.
         head_dim (`int`): the size of one head (unchanged by pruning).
-        kept (`dict[str, torch.Tensor]`, *optional*): the indices to keep, as `{"q": query rows, "kv": key/value
-            rows, "mlp": MLP channels}` (sorted, in rows of the current tensors). A missing entry keeps the first
-            rows, which is what a freshly built model needs (its weights are loaded afterwards).
+        kept (`dict[str, torch.Tensor]`, *optional*): the indices to keep per index space (`"q"` query rows, `"kv"`
+            key/value rows, `"mlp"` MLP channels, `"shared"` shared-expert channels), sorted, in rows of the current
+            tensors. A missing entry keeps the first rows, which is what a freshly built model needs (its weights
+            are loaded afterwards).
     """
-    kept = kept or {}
-    q, k, v, o = (get_submodule(layer, p) for p in (layout.q, layout.k, layout.v, layout.o))
-    mlp_in = [get_submodule(layer, p) for p in layout.mlp_in]
-    mlp_out = get_submodule(layer, layout.mlp_out)
-    targets = {
-        "q": (q.out_features, shape.num_attention_heads * head_dim),
-        "kv": (k.out_features, shape.num_key_value_heads * head_dim),
-        "mlp": (mlp_in[0].out_features, shape.intermediate_size),
-    }
-    select = {}
-    for key, (current, target) in targets.items():
-        idx = kept.get(key)
+    kept = dict(kept or {})
+    sizes = space_sizes(layer, layout)
+    targets = shape.space_sizes(head_dim)
+    for space, current in sizes.items():
+        target = targets.get(space)
+        if target is None:
+            raise ValueError(f"The layer has a `{space}` index space that the shape {shape.to_dict()} does not size.")
+        idx = kept.get(space)
         if idx is None:
             if target > current:
                 raise ValueError(
-                    f"Cannot grow `{key}` from {current} to {target} rows: a slim layer can only shrink. The config "
+                    f"Cannot grow `{space}` from {current} to {target} rows: a slim layer can only shrink. The config "
                     f"`{LAYER_SHAPES_KEY}` asks for more than the stock sizes."
                 )
-            idx = torch.arange(target, device="cpu")
+            kept[space] = _arange(target)
         elif idx.numel() != target:
-            raise ValueError(f"`kept[{key!r}]` has {idx.numel()} indices but the shape asks for {target} rows.")
-        select[key] = _indices(current, idx, q.weight.device)
+            raise ValueError(f"`kept[{space!r}]` has {idx.numel()} indices but the shape asks for {target} rows.")
+        else:
+            kept[space] = idx.cpu().to(torch.long)
+    changed = {space: _indices(sizes[space], kept[space]) is not None for space in sizes}
 
-    if select["q"] is not None:
-        _select_linear(q, rows=select["q"])
-        _select_linear(o, cols=select["q"])
-    if select["kv"] is not None:
-        _select_linear(k, rows=select["kv"])
-        _select_linear(v, rows=select["kv"])
-    if select["mlp"] is not None:
-        for m in mlp_in:
-            _select_linear(m, rows=select["mlp"])
-        _select_linear(mlp_out, cols=select["mlp"])
+    sublayers = layer_sublayers(layer, layout)
+    for sub in sublayers:
+        for proj in sub.projections:
+            t = projection_tensors(layer, proj)
+            if t is None:
+                continue
+            rows = rows_to_keep(proj, kept, sizes, head_dim) if any(changed[s] for s in proj.rows) else None
+            cols = kept[proj.cols] if proj.cols is not None and changed[proj.cols] else None
+            if rows is not None or cols is not None:
+                _select(t, rows, cols)
 
-    attention = get_submodule(layer, layout.attention)
     heads, kv_heads = shape.num_attention_heads, shape.num_key_value_heads
-    if layout.attention_style == "llama":
-        # eager and sdpa attention repeat the key/value heads `num_key_value_groups` times.
-        attention.num_key_value_groups = heads // kv_heads
-        attention.head_dim = head_dim
-    else:
-        # BERT reshapes with `attention_head_size` and reads `all_head_size`; keep the head size, change the count.
-        attention.num_attention_heads = heads
-        attention.attention_head_size = head_dim
-        attention.all_head_size = heads * head_dim
-    for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
-        if hasattr(attention, name):
-            setattr(attention, name, value)
-    mlp = get_submodule(layer, layout.mlp)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = shape.intermediate_size
+    quantities = {
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "groups": heads // kv_heads,
+        "q_width": heads * head_dim,
+        "mlp": shape.intermediate_size,
+        "shared": shape.shared_intermediate_size,
+    }
+    for sub in sublayers:
+        for path, quantity in sub.attributes:
+            parent_path, _, name = path.rpartition(".")
+            setattr(get_submodule(layer, parent_path), name, quantities[quantity])
 
 
 def layer_modules(model: nn.Module) -> nn.ModuleList:
@@ -148,7 +259,7 @@ def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
         apply_layer_shape(layer, layout, shape, head_dim)
 
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer)\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h)\.(\d+)\.")
 
 
 class HessoModelMixin:
@@ -183,10 +294,11 @@ class HessoModelMixin:
                 f"{where}: tensor `{key}` has shape {tuple(ckpt_shape)} in the checkpoint but {tuple(model_shape)} "
                 f"in the model built from config.json{expected}"
             )
-        prunable = ("_proj.", "query.", "key.", "value.", "dense.")
+        layout = get_layout(self.config.model_type)
+        prunable = {f".{p.path}." for sub in layout.sublayers for p in sub.projections}
         for key in sorted(loading_info.missing_keys):
             match = _LAYER_INDEX.search("." + key)
-            if match and any(p in key for p in prunable):
+            if match and any(p in "." + key for p in prunable):
                 problems.append(f"layer {match.group(1)}: tensor `{key}` is missing from the checkpoint")
         if problems:
             # Cleared so that transformers' own report does not replace this error with a less precise one.
@@ -201,48 +313,35 @@ class HessoModelMixin:
             )
 
 
-# stock model_type -> (class name prefix, heads). Each pair gives a module-level class `Hesso<Prefix><Head>`.
-_FAMILIES = {
-    "bert": ("Bert", ("Model", "ForSequenceClassification", "ForMaskedLM")),
-    "llama": ("Llama", ("Model", "ForCausalLM", "ForSequenceClassification")),
-    "mistral": ("Mistral", ("Model", "ForCausalLM", "ForSequenceClassification")),
-    "qwen2": ("Qwen2", ("Model", "ForCausalLM", "ForSequenceClassification")),
-    "qwen3": ("Qwen3", ("Model", "ForCausalLM", "ForSequenceClassification")),
-    "roberta": ("Roberta", ("Model", "ForSequenceClassification", "ForMaskedLM")),
-}
-AUTO_CLASS_OF_HEAD = {
-    "Model": "AutoModel",
-    "ForCausalLM": "AutoModelForCausalLM",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForMaskedLM": "AutoModelForMaskedLM",
-}
-
 # stock class name (`LlamaForCausalLM`) -> slim class (`HessoLlamaForCausalLM`).
 HESSO_MODELS: dict[str, type] = {}
 
 
-def _make_class(model_type: str, prefix: str, head: str) -> type:
-    stock = getattr(transformers, prefix + head)
-    name = f"Hesso{prefix}{head}"
+def _make_class(model_type: str, stock_name: str, auto_class: str) -> type:
+    stock = getattr(transformers, stock_name)
+    name = "Hesso" + stock_name
     cls = type(
         name,
         (HessoModelMixin, stock),
         {
             "__module__": __name__,
             "__qualname__": name,
-            "__doc__": f"`{stock.__name__}` whose layers may differ in size (see `config.{LAYER_SHAPES_KEY}`).",
+            "__doc__": f"`{stock_name}` whose layers may differ in size (see `config.{LAYER_SHAPES_KEY}`).",
             "config_class": HESSO_CONFIGS[model_type],
         },
     )
-    cls.register_for_auto_class(AUTO_CLASS_OF_HEAD[head])
+    cls.register_for_auto_class(auto_class)
     return cls
 
 
-for _model_type, (_prefix, _heads) in _FAMILIES.items():
-    for _head in _heads:
-        _cls = _make_class(_model_type, _prefix, _head)
+for _model_type, _layout in ARCHITECTURES.items():
+    _family = []
+    for _stock_name, _auto in _layout.model_classes:
+        _cls = _make_class(_model_type, _stock_name, _auto)
         # A real module attribute, so `auto_map` ("modeling_hesso.HessoLlamaForCausalLM") resolves by name.
         globals()[_cls.__name__] = _cls
-        HESSO_MODELS[_prefix + _head] = _cls
-    for _head in _heads:
-        HESSO_MODELS[_prefix + _head]._hesso_bare_class = HESSO_MODELS[_prefix + "Model"]
+        HESSO_MODELS[_stock_name] = _cls
+        _family.append((_cls, _auto))
+    _bare = next(c for c, auto in _family if auto == "AutoModel")
+    for _cls, _ in _family:
+        _cls._hesso_bare_class = _bare

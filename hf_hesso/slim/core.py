@@ -13,20 +13,33 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from ..groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, GroupSet, build_groups
+from ..groups import (
+    EXPERT_CHANNEL,
+    HEAD,
+    KV_GROUP,
+    MLP_CHANNEL,
+    QUERY_SLOT,
+    SHARED_EXPERT_CHANNEL,
+    GroupSet,
+    build_groups,
+)
 from ..modeling.architectures import (
     HESSO_PREFIX,
+    KV,
     LAYER_SHAPES_KEY,
+    MLP,
+    SHARED,
     LayerShape,
+    Q,
     base_model_type,
     get_layout,
-    get_submodule,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
-from ..modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules
+from ..modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules, mlp_variant, space_sizes
 
 __all__ = ["SlimSummary", "current_layer_shapes", "keep_plan", "slim_copy", "slim_model", "to_stock"]
 
@@ -89,10 +102,8 @@ def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
     hd = normalize_config(model.config).head_dim
     shapes = []
     for layer in layer_modules(model):
-        q = get_submodule(layer, layout.q)
-        k = get_submodule(layer, layout.k)
-        mlp = get_submodule(layer, layout.mlp_in[0])
-        shapes.append(LayerShape(q.out_features // hd, k.out_features // hd, mlp.out_features))
+        sizes = space_sizes(layer, layout)
+        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED)))
     return shapes
 
 
@@ -116,7 +127,8 @@ def keep_plan(
 ) -> tuple[list[LayerShape], list[tuple[LayerShape, dict[str, torch.Tensor]]]]:
     """What `slim_model` keeps: the current layer shapes and, per layer, `(new shape, kept indices)`.
 
-    The kept indices are `{"q": query rows / output columns, "kv": key/value rows, "mlp": MLP channels}`; `zero`
+    The kept indices are per index space (`{"q": query rows / output columns, "kv": key/value rows, "mlp": MLP or
+    expert channels, "shared": shared-expert channels}`); `zero`
     (default `groups.zero_mask(model)`) marks the groups to remove. Used as well to slice LoRA adapters alike.
     """
     hd = normalize_config(model.config).head_dim
@@ -139,7 +151,8 @@ def keep_plan(
         heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
         rep = heads // kv_heads
         ks = keep.get(i, {})
-        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width}
+        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width, EXPERT_CHANNEL: width,
+                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size}  # fmt: skip
         for kind, mask in ks.items():
             if mask.numel() != expected[kind]:
                 raise ValueError(
@@ -154,13 +167,18 @@ def keep_plan(
             slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
             # Query head g * rep + j reads key/value head g and sits in slot j.
             q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
-        mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
-        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()))
+        mlp_keep = ks.get(MLP_CHANNEL, ks.get(EXPERT_CHANNEL, torch.ones(width, dtype=torch.bool)))
         kept = {
-            "q": q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
-            "kv": kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
-            "mlp": mlp_keep.nonzero().squeeze(1),
+            Q: q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
+            KV: kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
+            MLP: mlp_keep.nonzero().squeeze(1),
         }
+        shared = None
+        if shape.shared_intermediate_size is not None:
+            shared_keep = ks.get(SHARED_EXPERT_CHANNEL, torch.ones(shape.shared_intermediate_size, dtype=torch.bool))
+            kept[SHARED] = shared_keep.nonzero().squeeze(1)
+            shared = int(shared_keep.sum())
+        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()), shared)
         plans.append((new_shape, kept))
 
     return before, plans
@@ -288,21 +306,31 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     return out, summary
 
 
-# Why a stock config cannot express a uniform shape, per family (None: always possible).
-STOCK_RULES = {
-    "llama": "stock `LlamaConfig` requires `hidden_size % num_attention_heads == 0`, even with `head_dim` set",
-    "bert": "stock BERT derives the head size from `hidden_size / num_attention_heads`, so it cannot express "
-    "pruned heads (a model with all heads kept and only a narrower MLP can be stock)",
-}
-STOCK_RULES["roberta"] = STOCK_RULES["bert"].replace("BERT", "RoBERTa")
+def stock_rule(layout) -> str:
+    """The rule of a family's stock config that limits `to_stock`, as text."""
+    if layout.stock_rule:
+        return layout.stock_rule
+    if layout.head_dim_field is None:
+        return (
+            f"stock {layout.name} derives the head size from `hidden_size / num_attention_heads`, so it cannot express "
+            "pruned heads (a model with all heads kept and only a narrower MLP can be stock)"
+        )
+    return f"the stock {layout.config_class} cannot express this shape"
 
 
-def _stock_problem(model_type: str, hidden_size: int, original_heads: int, shape: LayerShape) -> str | None:
-    if model_type == "llama" and hidden_size % shape.num_attention_heads:
-        return STOCK_RULES["llama"]
-    if model_type in ("bert", "roberta") and shape.num_attention_heads != original_heads:
-        return STOCK_RULES[model_type]
-    return None
+def stock_updates(config, shape: LayerShape, layer_mlp) -> dict:
+    """The stock config fields that give every layer `shape` (the head size is kept where the config stores it)."""
+    layout = get_layout(config.model_type)
+    norm = normalize_config(config)
+    updates = {"num_attention_heads": shape.num_attention_heads}
+    if layout.kv_heads_field:
+        updates[layout.kv_heads_field] = shape.num_key_value_heads
+    if layout.head_dim_field:
+        updates[layout.head_dim_field] = norm.head_dim
+    updates[layer_mlp.width_field] = shape.intermediate_size
+    if layer_mlp.shared_width_field:
+        updates[layer_mlp.shared_width_field] = shape.shared_intermediate_size
+    return updates
 
 
 def _stock_base(cls: type) -> type:
@@ -310,15 +338,57 @@ def _stock_base(cls: type) -> type:
     return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
 
 
+def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | None]:
+    """The stock config dict for `shape`, and why the stock classes cannot express it (None when they can).
+
+    Decided by construction: the stock model is built from the candidate config on the meta device (no memory)
+    and its layer sizes are compared with `shape`.
+    """
+    config = model.config
+    layout = get_layout(config.model_type)
+    variants = {mlp_variant(layer, layout) for layer in layer_modules(model)}
+    if len(variants) != 1:
+        return {}, f"its layers mix MLP kinds ({', '.join(sorted(v.module for v in variants))})"
+    updates = stock_updates(config, shape, next(iter(variants)))
+    trial = config.to_dict()
+    for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+        trial.pop(key, None)
+    trial.update(updates)
+    stock_config_cls = _stock_base(type(config))
+    try:
+        stock_config = stock_config_cls.from_dict(trial)
+        with torch.device("meta"):
+            built = _stock_base(type(model))(stock_config)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        return updates, f"{stock_rule(layout)} ({error})"
+    got = set(current_layer_shapes(built))
+    if got != {shape}:
+        return updates, stock_rule(layout)
+    return updates, None
+
+
+def can_stock(model: nn.Module) -> str | None:
+    """None when `to_stock(model)` would succeed, else the reason it cannot."""
+    shapes = current_layer_shapes(model)
+    distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
+    if len(distinct) != 1:
+        return (
+            f"its layers have {len(distinct)} different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), "
+            "and a stock config holds one size per field"
+        )
+    return _stock_problem(model, distinct[0])[1]
+
+
 def to_stock(model: nn.Module) -> nn.Module:
     """Turn a slim model whose layers all have the same shape into the stock class and config, in place.
 
     Then `save_pretrained` writes a stock `model_type` that loads with nothing imported and no remote code
-    (serving engines too). Possible when every layer has the same shape and:
-    - Mistral, Qwen2, Qwen3: always (the head size is stored as `head_dim`);
+    (serving engines too). Possible when every layer has the same shape and the stock config can express it, which
+    is decided by building the stock model from the candidate config on the meta device. In practice:
+    - families that store `head_dim` (Mistral, Qwen2/3, Gemma-2/3, SmolLM3, Starcoder2, Phi, Mixtral, Qwen-MoE): always;
     - Llama: `hidden_size % num_attention_heads == 0` for the kept head count (a stock `LlamaConfig` rule);
-    - BERT, RoBERTa: only when no head was removed (the head size is `hidden_size / num_attention_heads`), i.e. only
-      the MLP is narrower.
+    - BERT, RoBERTa, GPT-2, GPT-NeoX, ModernBERT (head size = `hidden_size / num_attention_heads`): only when no head
+      was removed, i.e. only the MLP is narrower; DeBERTa-v2: the kept head count must divide `hidden_size`.
 
     Returns:
         `nn.Module`: `model` itself.
@@ -330,7 +400,6 @@ def to_stock(model: nn.Module) -> nn.Module:
     if not config.model_type.startswith(HESSO_PREFIX):
         return model
     model_type = base_model_type(config.model_type)
-    layout = get_layout(model_type)
     norm = normalize_config(config)
     shapes = current_layer_shapes(model)
     distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
@@ -341,29 +410,17 @@ def to_stock(model: nn.Module) -> nn.Module:
             "size per field. Save it as a slim model instead (`save_pretrained` writes the code it needs)."
         )
     shape = distinct[0]
-    problem = _stock_problem(model_type, norm.hidden_size, norm.num_attention_heads, shape)
+    updates, problem = _stock_problem(model, shape)
     if problem is not None:
         raise ValueError(
             f"`model` cannot be converted to the stock `{model_type}` class with {shape.num_attention_heads} heads "
             f"of size {norm.head_dim} and hidden size {norm.hidden_size}: {problem}. Save it as a slim model instead "
             "(`save_pretrained` writes the code it needs)."
         )
-    stock_config_cls = _stock_base(type(config))
-    stock_cls = _stock_base(type(model))
-    updates = {"num_attention_heads": shape.num_attention_heads, "intermediate_size": shape.intermediate_size}
-    if layout.attention_style == "llama":
-        updates.update(num_key_value_heads=shape.num_key_value_heads, head_dim=norm.head_dim)
-    # Validate with the stock class before changing anything.
-    trial = config.to_dict()
-    for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
-        trial.pop(key, None)
-    trial.update(updates)
-    stock_config_cls.from_dict(trial)
-
-    config.__class__ = stock_config_cls
+    config.__class__ = _stock_base(type(config))
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
     config.__dict__.pop("auto_map", None)
     for key, value in updates.items():
         setattr(config, key, value)
-    model.__class__ = stock_cls
+    model.__class__ = _stock_base(type(model))
     return model

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..groups import Block, GroupSet, build_groups
 from ..groups.peft import is_lora_linear, unwrap_peft
-from ..modeling.architectures import get_layout, get_submodule
-from ..modeling.modeling_hesso import layer_modules
+from ..modeling.architectures import get_layout, get_submodule, normalize_config
+from ..modeling.modeling_hesso import layer_modules, layer_sublayers, rows_to_keep, space_sizes
 from .core import cpu_copy_memo, keep_plan, slim_model
 
 # Sub-folder of a saved slim base model that holds the sliced adapters (`merge_adapters=False`).
@@ -75,14 +75,15 @@ def slim_with_adapters(peft_model: nn.Module, groups=None):
     # Slice the adapters with the plan decided on the whole groups (base + adapter slices all zero).
     base_model = unwrap_peft(work)
     layout = get_layout(base_model.config.model_type)
+    hd = normalize_config(base_model.config).head_dim
     for layer, (_, kept) in zip(layer_modules(base_model), plans, strict=True):
-        rows = {layout.q: kept["q"], layout.k: kept["kv"], layout.v: kept["kv"]}
-        rows.update(dict.fromkeys(layout.mlp_in, kept["mlp"]))
-        cols = {layout.o: kept["q"], layout.mlp_out: kept["mlp"]}
-        for path, idx in rows.items():
-            _slice_lora(get_submodule(layer, path), rows=idx)
-        for path, idx in cols.items():
-            _slice_lora(get_submodule(layer, path), cols=idx)
+        sizes = space_sizes(layer, layout)
+        for sub in layer_sublayers(layer, layout):
+            for proj in sub.projections:
+                module = get_submodule(layer, proj.path)
+                rows = rows_to_keep(proj, kept, sizes, hd) if proj.rows else None
+                cols = kept[proj.cols] if proj.cols is not None else None
+                _slice_lora(module, rows=rows, cols=cols)
     # Take the sliced adapter weights before `unload()` takes the adapter layers out of the model.
     adapters = SlimAdapters(
         {name: copy.deepcopy(cfg) for name, cfg in work.peft_config.items()},
