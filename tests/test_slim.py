@@ -9,7 +9,16 @@ import torch
 import transformers
 from conftest import DECODERS, ENCODERS, TINY_CONFIGS, tiny_batch, tiny_config
 
-from hf_hesso.groups import HEAD, KV_GROUP, MLP_CHANNEL, QUERY_SLOT, build_groups
+from hf_hesso.groups import (
+    EXPERT_CHANNEL,
+    HEAD,
+    KINDS,
+    KV_GROUP,
+    MLP_CHANNEL,
+    QUERY_SLOT,
+    SHARED_EXPERT_CHANNEL,
+    build_groups,
+)
 from hf_hesso.modeling.architectures import LayerShape, get_layout, normalize_config
 from hf_hesso.modeling.modeling_hesso import layer_modules, layer_sublayers, projection_tensors
 from hf_hesso.slim import current_layer_shapes, slim_model
@@ -60,21 +69,27 @@ def zero_random_groups(model, groups, seed: int = 0, full_layer: int = 0) -> lis
 
 
 def expected_shapes(groups, chosen: list[int], before: list[LayerShape]) -> list[LayerShape]:
-    """The kept structure, computed from the chosen groups alone: (kept kv heads) x (kept slots)."""
+    """The kept structure, computed from the chosen groups alone: (kept kv heads) x (kept slots), channels."""
     selected = set(chosen)
     out = []
     for layer, shape in enumerate(before):
-        removed = {kind: 0 for kind in (HEAD, KV_GROUP, QUERY_SLOT, MLP_CHANNEL)}
-        for b in groups.blocks:
-            if b.layer == layer:
-                removed[b.kind] = sum(1 for i in range(b.n) if b.offset + i in selected)
+        removed = {kind: 0 for kind in KINDS}
+        blocks = {b.kind: b for b in groups.blocks if b.layer == layer}
+        for b in blocks.values():
+            removed[b.kind] = sum(1 for i in range(b.n) if b.offset + i in selected)
         rep = shape.num_attention_heads // shape.num_key_value_heads
-        if any(b.layer == layer and b.kind == HEAD for b in groups.blocks):
+        if HEAD in blocks:
             kv = heads = shape.num_attention_heads - removed[HEAD]
         else:
             kv = shape.num_key_value_heads - removed[KV_GROUP]
             heads = kv * (rep - removed[QUERY_SLOT])
-        out.append(LayerShape(heads, kv, shape.intermediate_size - removed[MLP_CHANNEL]))
+        width = shape.intermediate_size - removed[MLP_CHANNEL]
+        if EXPERT_CHANNEL in blocks:  # a group is several channels of every expert
+            width -= removed[EXPERT_CHANNEL] * (shape.intermediate_size // blocks[EXPERT_CHANNEL].n)
+        shared = shape.shared_intermediate_size
+        if shared is not None:
+            shared -= removed[SHARED_EXPERT_CHANNEL]
+        out.append(LayerShape(heads, kv, width, shared))
     return out
 
 

@@ -19,11 +19,23 @@ Zero-invariance of every kind, for the families supported:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from torch import nn
 
-from ..modeling.architectures import KV, MLP, Q, SHARED, ArchLayout, Proj, get_layout, get_submodule, normalize_config
+from ..modeling.architectures import (
+    EXPERT_CHANNEL_UNIT,
+    KV,
+    MLP,
+    Q,
+    SHARED,
+    ArchLayout,
+    Proj,
+    get_layout,
+    get_submodule,
+    normalize_config,
+)
 from ..modeling.modeling_hesso import layer_sublayers, projection_tensors, space_sizes
 from .group import (
     EXPERT_CHANNEL,
@@ -77,7 +89,11 @@ def kind_partitions(sizes: dict[str, int], head_dim: int, mha: bool, experts: bo
         # Query head g * rep + j reads key/value head g and sits in slot j.
         out[QUERY_SLOT] = {Q: (kv_heads, rep, head_dim)}
     if MLP in sizes:
-        out[EXPERT_CHANNEL if experts else MLP_CHANNEL] = {MLP: (1, sizes[MLP], 1)}
+        if experts:
+            unit = math.gcd(sizes[MLP], EXPERT_CHANNEL_UNIT)
+            out[EXPERT_CHANNEL] = {MLP: (1, sizes[MLP] // unit, unit)}
+        else:
+            out[MLP_CHANNEL] = {MLP: (1, sizes[MLP], 1)}
     if SHARED in sizes:
         out[SHARED_EXPERT_CHANNEL] = {SHARED: (1, sizes[SHARED], 1)}
     return out

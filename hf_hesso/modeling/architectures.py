@@ -32,6 +32,11 @@ EXPERT_CHANNEL = "expert_channel"
 SHARED_EXPERT_CHANNEL = "shared_expert_channel"
 KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT, EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL)
 
+# Channels per `expert_channel` group. transformers runs fused experts with `grouped_mm`, whose kernels need every
+# row of a weight to span a multiple of 16 bytes: 8 channels in bf16. Groups of 8 channels keep every slim width a
+# multiple of 8 (when the original is), so a slim MoE runs the same kernels as the stock one.
+EXPERT_CHANNEL_UNIT = 8
+
 # Index spaces (see the module docstring).
 Q, KV, MLP, SHARED = "q", "kv", "mlp", "shared"
 
@@ -334,6 +339,17 @@ MODERNBERT_LAYOUT = ArchLayout(
     notes="Fused `Wqkv` = [q; k; v] and fused gated `Wi` = [input; gate], alternating local/global attention.",
 )
 
+PHI_LAYOUT = _llama_like(
+    "Phi",
+    "Phi",
+    "Output projection `dense`, plain MLP `fc1`/`fc2`, biases, parallel residual, partial rotary, optional per-head "
+    "q/k LayerNorm.",
+    attention=_llama_attention(o="dense"),
+    mlps=(_plain_mlp("fc1", "fc2"),),
+    stock_rule="stock Phi sizes `q_layernorm`/`k_layernorm` by `hidden_size // num_attention_heads`, so with "
+    "`qk_layernorm=True` it cannot express removed heads",
+)
+
 # model_type -> layout. One entry per line, sorted.
 ARCHITECTURES: dict[str, ArchLayout] = {
     "bert": BERT_LAYOUT,
@@ -346,7 +362,7 @@ ARCHITECTURES: dict[str, ArchLayout] = {
     "mistral": _llama_like("Mistral", "Mistral", "Llama layout with sliding-window attention."),
     "mixtral": _llama_like("Mixtral", "Mixtral", "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.", mlps=(_experts("intermediate_size"),)),  # noqa: E501
     "modernbert": MODERNBERT_LAYOUT,
-    "phi": _llama_like("Phi", "Phi", "Output projection `dense`, plain MLP `fc1`/`fc2`, biases, parallel residual, partial rotary.", attention=_llama_attention(o="dense"), mlps=(_plain_mlp("fc1", "fc2"),)),  # noqa: E501
+    "phi": PHI_LAYOUT,
     "qwen2": _llama_like("Qwen2", "Qwen2", "Llama layout with q/k/v biases."),
     "qwen2_moe": _llama_like("Qwen2-MoE", "Qwen2Moe", "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` says.", mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP)),  # noqa: E501
     "qwen3": _llama_like("Qwen3", "Qwen3", "Per-head q/k RMSNorm (shared over head_dim)."),

@@ -10,6 +10,7 @@ into the stock class and config, where the stock config can express that shape.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from ..groups import (
     build_groups,
 )
 from ..modeling.architectures import (
+    EXPERT_CHANNEL_UNIT,
     HESSO_PREFIX,
     KV,
     LAYER_SHAPES_KEY,
@@ -151,8 +153,9 @@ def keep_plan(
         heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
         rep = heads // kv_heads
         ks = keep.get(i, {})
-        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width, EXPERT_CHANNEL: width,
-                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size}  # fmt: skip
+        expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width,
+                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size,
+                    EXPERT_CHANNEL: width // math.gcd(width, EXPERT_CHANNEL_UNIT)}  # fmt: skip
         for kind, mask in ks.items():
             if mask.numel() != expected[kind]:
                 raise ValueError(
@@ -167,7 +170,10 @@ def keep_plan(
             slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
             # Query head g * rep + j reads key/value head g and sits in slot j.
             q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
-        mlp_keep = ks.get(MLP_CHANNEL, ks.get(EXPERT_CHANNEL, torch.ones(width, dtype=torch.bool)))
+        mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
+        if EXPERT_CHANNEL in ks:
+            # One expert-channel group is `EXPERT_CHANNEL_UNIT` consecutive channels of every expert.
+            mlp_keep = ks[EXPERT_CHANNEL].repeat_interleave(width // ks[EXPERT_CHANNEL].numel())
         kept = {
             Q: q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
             KV: kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
@@ -342,7 +348,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | Non
     """The stock config dict for `shape`, and why the stock classes cannot express it (None when they can).
 
     Decided by construction: the stock model is built from the candidate config on the meta device (no memory)
-    and its layer sizes are compared with `shape`.
+    and the shapes of all its parameters are compared with the slim model's.
     """
     config = model.config
     layout = get_layout(config.model_type)
@@ -361,8 +367,11 @@ def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | Non
             built = _stock_base(type(model))(stock_config)
     except (ValueError, TypeError, StrictDataclassError) as error:
         return updates, f"{stock_rule(layout)} ({error})"
-    got = set(current_layer_shapes(built))
-    if got != {shape}:
+    # Every tensor must come out the same shape (not only the projections: Phi sizes its q/k LayerNorm by
+    # `hidden_size // num_attention_heads`).
+    want = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    got = {name: tuple(p.shape) for name, p in built.named_parameters()}
+    if got != want:
         return updates, stock_rule(layout)
     return updates, None
 
