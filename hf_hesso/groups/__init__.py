@@ -1,11 +1,14 @@
 from .group import (
+    ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
     KINDS,
     KV_GROUP,
     MLP_CHANNEL,
+    MLP_SUBLAYER,
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
+    SUBLAYER_KINDS,
     Block,
     Group,
     GroupSet,
@@ -14,6 +17,9 @@ from .group import (
 from .rules import build_groups
 
 __all__ = [
+    "ATTENTION_SUBLAYER",
+    "MLP_SUBLAYER",
+    "SUBLAYER_KINDS",
     "EXPERT_CHANNEL",
     "SHARED_EXPERT_CHANNEL",
     "HEAD",

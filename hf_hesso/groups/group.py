@@ -19,13 +19,16 @@ from torch import nn
 
 # The kinds of groups the rules produce (defined beside the layout data, which names them).
 from ..modeling.architectures import (
+    ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
     KINDS,
     KV_GROUP,
     MLP_CHANNEL,
+    MLP_SUBLAYER,
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
+    SUBLAYER_KINDS,
 )
 
 

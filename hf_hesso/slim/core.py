@@ -18,10 +18,12 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from ..groups import (
+    ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
     KV_GROUP,
     MLP_CHANNEL,
+    MLP_SUBLAYER,
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
     GroupSet,
@@ -38,10 +40,22 @@ from ..modeling.architectures import (
     Q,
     base_model_type,
     get_layout,
+    get_submodule,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
-from ..modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules, mlp_variant, space_sizes
+from ..modeling.modeling_hesso import (
+    HESSO_MODELS,
+    RemovedSublayer,
+    SkippedLayer,
+    apply_layer_shape,
+    layer_modules,
+    layer_sublayers,
+    mlp_variant,
+    projection_tensors,
+    skip_layer,
+    space_sizes,
+)
 
 __all__ = ["SlimSummary", "current_layer_shapes", "keep_plan", "slim_copy", "slim_model", "to_stock"]
 
@@ -76,6 +90,7 @@ class SlimSummary:
             "removed_groups": self.removed_groups,
             "layers": [s.to_dict() for s in self.layers],
             "layers_before": [s.to_dict() for s in self.layers_before],
+            "removed_sublayers": self.removed_sublayers(),
         }
 
     def __str__(self) -> str:
@@ -86,11 +101,32 @@ class SlimSummary:
             "layer  heads      kv_heads   mlp_channels",
         ]
         for i, (a, b) in enumerate(zip(self.layers_before, self.layers, strict=True)):
-            lines.append(
+            line = (
                 f"{i:>5}  {b.num_attention_heads:>3}/{a.num_attention_heads:<6} {b.num_key_value_heads:>3}/"
                 f"{a.num_key_value_heads:<6} {b.intermediate_size:>6}/{a.intermediate_size}"
             )
+            gone = [name for name, had, has in (("attention", a.has_attention, b.has_attention),
+                                                ("mlp", a.has_mlp, b.has_mlp)) if had and not has]  # fmt: skip
+            if b.empty and not a.empty:
+                line += "  layer removed"
+            elif gone:
+                line += "  removed: " + ", ".join(gone)
+            lines.append(line)
+        removed = self.removed_sublayers()
+        if any(removed.values()):
+            lines.append(
+                f"removed sublayers: attention in layers {removed['attention'] or 'none'}, mlp in layers "
+                f"{removed['mlp'] or 'none'}; whole layers {removed['layers'] or 'none'}"
+            )
         return "\n".join(lines)
+
+    def removed_sublayers(self) -> dict[str, list[int]]:
+        """Layer indices whose attention / MLP / both are gone (removed by this slimming or before)."""
+        return {
+            "attention": [i for i, s in enumerate(self.layers) if not s.has_attention],
+            "mlp": [i for i, s in enumerate(self.layers) if not s.has_mlp],
+            "layers": [i for i, s in enumerate(self.layers) if s.empty],
+        }
 
 
 def _num_params(model: nn.Module) -> int:
@@ -104,8 +140,15 @@ def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
     hd = normalize_config(model.config).head_dim
     shapes = []
     for layer in layer_modules(model):
+        if isinstance(layer, SkippedLayer):
+            shapes.append(layer.hesso_shape)
+            continue
         sizes = space_sizes(layer, layout)
-        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED)))
+        bias = [
+            isinstance(m := get_submodule(layer, sub.module), RemovedSublayer) and m.bias is not None
+            for sub in layer_sublayers(layer, layout)
+        ]
+        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED), *bias))
     return shapes
 
 
@@ -139,23 +182,17 @@ def keep_plan(
         zero = groups.zero_mask(model).cpu()
     keep: dict[int, dict[str, torch.Tensor]] = {}
     for block in groups.blocks:
-        kept = ~zero[block.offset : block.offset + block.n]
-        if not bool(kept.any()):
-            raise ValueError(
-                f"All {block.n} `{block.kind}` groups of layer {block.layer} are zero; removing them would empty the "
-                f"layer's {block.kind} block, which transformers cannot run. Keep at least one group per block "
-                "(the HESSO optimizer never selects a whole block), or restore some weights before `slim_model`."
-            )
-        keep.setdefault(block.layer, {})[block.kind] = kept
+        keep.setdefault(block.layer, {})[block.kind] = ~zero[block.offset : block.offset + block.n]
 
+    layout = get_layout(model.config.model_type)
     plans = []
-    for i, shape in enumerate(before):
+    for i, (layer, shape) in enumerate(zip(layer_modules(model), before, strict=True)):
         heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
-        rep = heads // kv_heads
+        rep = heads // kv_heads if kv_heads else 0
         ks = keep.get(i, {})
         expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width,
-                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size,
-                    EXPERT_CHANNEL: width // math.gcd(width, EXPERT_CHANNEL_UNIT)}  # fmt: skip
+                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size, ATTENTION_SUBLAYER: 1, MLP_SUBLAYER: 1,
+                    EXPERT_CHANNEL: width // math.gcd(width, EXPERT_CHANNEL_UNIT) if width else 0}  # fmt: skip
         for kind, mask in ks.items():
             if mask.numel() != expected[kind]:
                 raise ValueError(
@@ -170,24 +207,59 @@ def keep_plan(
             slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
             # Query head g * rep + j reads key/value head g and sits in slot j.
             q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
+        if not bool(ks.get(ATTENTION_SUBLAYER, torch.ones(1, dtype=torch.bool)).all()) or not bool(q_head_keep.any()):
+            # The whole attention is zero (its sublayer group, or every head): it goes, key/value heads with it.
+            kv_keep, q_head_keep = torch.zeros_like(kv_keep), torch.zeros_like(q_head_keep)
         mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
         if EXPERT_CHANNEL in ks:
             # One expert-channel group is `EXPERT_CHANNEL_UNIT` consecutive channels of every expert.
             mlp_keep = ks[EXPERT_CHANNEL].repeat_interleave(width // ks[EXPERT_CHANNEL].numel())
+        shared_keep = None
+        if shape.shared_intermediate_size is not None:
+            shared_keep = ks.get(SHARED_EXPERT_CHANNEL, torch.ones(shape.shared_intermediate_size, dtype=torch.bool))
+        mlp_gone = not bool(ks.get(MLP_SUBLAYER, torch.ones(1, dtype=torch.bool)).all())
+        if mlp_gone:
+            mlp_keep = torch.zeros_like(mlp_keep)
+            shared_keep = None if shared_keep is None else torch.zeros_like(shared_keep)
+        elif width and not bool(mlp_keep.any()) and shared_keep is not None and bool(shared_keep.any()):
+            raise ValueError(
+                f"Every routed-expert channel of layer {i} is zero but its shared expert is not: a mixture-of-experts "
+                "layer without routed experts cannot run. Prune the whole MLP with the `mlp_sublayer` kind, or keep "
+                "at least one expert-channel group."
+            )
         kept = {
             Q: q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
             KV: kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
             MLP: mlp_keep.nonzero().squeeze(1),
         }
         shared = None
-        if shape.shared_intermediate_size is not None:
-            shared_keep = ks.get(SHARED_EXPERT_CHANNEL, torch.ones(shape.shared_intermediate_size, dtype=torch.bool))
+        if shared_keep is not None:
             kept[SHARED] = shared_keep.nonzero().squeeze(1)
             shared = int(shared_keep.sum())
-        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()), shared)
+        heads_after, width_after = int(q_head_keep.sum()), int(mlp_keep.sum())
+        attention, mlp = layer_sublayers(layer, layout)
+        new_shape = LayerShape(
+            heads_after,
+            int(kv_keep.sum()),
+            width_after,
+            shared,
+            attention_bias=shape.attention_bias or (shape.has_attention and not heads_after
+                                                    and _bias_left(layer, attention)),
+            mlp_bias=shape.mlp_bias or (shape.has_mlp and not (width_after or shared) and _bias_left(layer, mlp)),
+        )  # fmt: skip
         plans.append((new_shape, kept))
 
     return before, plans
+
+
+def _bias_left(layer: nn.Module, sub) -> bool:
+    """Whether `sub`'s output projection, inside its module, has a bias that is not zero (a removed sublayer then
+    keeps adding it)."""
+    out = next((p for p in sub.projections if p.cols is not None), None)
+    if out is None or not out.path.startswith(sub.module + "."):
+        return False  # no output projection, or one outside the module, which stays (BERT)
+    t = projection_tensors(layer, out)
+    return t is not None and t.bias is not None and bool((t.bias != 0).any())
 
 
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
@@ -218,8 +290,14 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     Returns:
         `SlimSummary`: parameter counts before/after and the kept sizes of every layer.
 
+    A layer whose attention is entirely zero (its `attention_sublayer` group, or every head / key-value group)
+    loses its attention module (no compute, no key/value cache entry); one whose MLP is entirely zero loses its MLP;
+    their own norms go with them, and a layer left with neither is replaced by a pass-through `SkippedLayer` (in
+    pre-norm families), keeping the indices of the others. `config.hesso_layer_shapes` records 0 heads / 0 width.
+
     Raises:
-        `ValueError`: when a block (all groups of one kind in one layer) is entirely zero; nothing is changed then.
+        `ValueError`: when the zeros cannot be sliced out exactly (e.g. every routed expert of a layer zero but not
+            its shared expert); nothing is changed then.
     """
     config = model.config
     layout = get_layout(config.model_type)
@@ -234,8 +312,10 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     zero = groups.zero_mask(model).cpu()
     _, plans = keep_plan(model, groups, zero=zero)
 
-    for layer, (new_shape, kept) in zip(layer_modules(model), plans, strict=True):
-        apply_layer_shape(layer, layout, new_shape, hd, kept)
+    layers = layer_modules(model)
+    for i, (new_shape, kept) in enumerate(plans):
+        apply_layer_shape(layers[i], layout, new_shape, hd, kept)
+        skip_layer(layers, i, layout, new_shape)
     summary = _finish(model, slim_cls, plans, before, params_before, int(zero.sum()))
     if stock:
         to_stock(model)
@@ -303,7 +383,9 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     for layer, (new_shape, kept) in zip(layers, plans, strict=True):
         small = copy.deepcopy(layer, {**cpu_copy_memo(layer), **shared_config})
         apply_layer_shape(small, layout, new_shape, hd, kept)
-        memo[id(layer)] = small
+        holder = nn.ModuleList([small])
+        skip_layer(holder, 0, layout, new_shape)
+        memo[id(layer)] = holder[0]
     # Everything but the layers (embeddings, norms, heads), straight to the CPU.
     layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     memo.update(cpu_copy_memo(model, skip=layer_tensors))
