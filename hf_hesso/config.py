@@ -75,8 +75,9 @@ class HESSOConfig(TrainingArguments):
             several periods, at most the period length. Not with `cric` (CRIC accumulates its own scores over its
             cycles). See [`HESSO`].
         prune_kinds (`list[str]`, *optional*):
-            Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"` and `"query_slot"`.
-            Default: every kind the architecture supports.
+            Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"`, `"query_slot"`,
+            `"expert_channel"`, `"shared_expert_channel"` and the whole-sublayer kinds `"attention_sublayer"` and
+            `"mlp_sublayer"` (see docs/depth.md). Default: every width kind the architecture supports (no sublayers).
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism.
@@ -144,7 +145,10 @@ class HESSOConfig(TrainingArguments):
     )
     prune_kinds: list[str] | None = field(
         default=None,
-        metadata={"help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: all."},
+        metadata={
+            "help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: every width kind (add "
+            "attention_sublayer / mlp_sublayer to let HESSO remove whole sublayers)."
+        },
     )
     group_divisible: int = field(
         default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}

@@ -189,6 +189,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"Parameters: {params_before:,} -> {params_after:,} "
         f"({1 - params_after / params_before:.1%} fewer; target: remove {target})"
     )
+    shapes = getattr(slim.config, "hesso_layer_shapes", None) or []
+    removed = {
+        "attention": [i for i, s in enumerate(shapes) if not s["num_attention_heads"]],
+        "mlp": [i for i, s in enumerate(shapes) if not (s["intermediate_size"] or s.get("shared_intermediate_size"))],
+    }
+    results["removed_sublayers"] = removed
+    print(
+        f"Removed sublayers: attention in layers {removed['attention'] or 'none'}, MLP in layers "
+        f"{removed['mlp'] or 'none'}"
+    )
     print(f"Slim model written to {args.output_dir} in {results['seconds']:.0f} s")
     return results
 

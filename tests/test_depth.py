@@ -17,6 +17,7 @@ from test_architectures import FAMILIES, make
 from test_save_load import run_fresh
 
 from hf_hesso import HESSO
+from hf_hesso.export.card import PruningReport, render_model_card
 from hf_hesso.groups import ATTENTION_SUBLAYER, KINDS, KV_GROUP, MLP_CHANNEL, MLP_SUBLAYER, build_groups
 from hf_hesso.modeling.architectures import LAYER_SHAPES_KEY, LayerShape, get_layout
 from hf_hesso.modeling.modeling_hesso import RemovedSublayer, SkippedLayer, layer_modules
@@ -167,3 +168,12 @@ def test_selection_never_removes_every_sublayer_of_a_kind():
     with pytest.raises(ValueError, match="at most"):
         HESSO(torch.optim.SGD(model.parameters(), lr=0.0), groups, target_param_sparsity=0.9,
               start_pruning_step=0, pruning_periods=1, pruning_steps=2)  # fmt: skip
+
+
+def test_card_shows_removed_sublayers():
+    before = [LayerShape(4, 2, 96)] * 3
+    after = [LayerShape(0, 0, 96), LayerShape(4, 2, 0, mlp_bias=True), LayerShape(0, 0, 0)]
+    card = render_model_card(PruningReport("base", "slim", 10, 5, before, after))
+    assert "| 0 | 0 / 4 | 0 / 2 | 96 / 96 | attention |" in card
+    assert "| 1 | 4 / 4 | 2 / 2 | 0 / 96 | MLP (output bias kept) |" in card
+    assert "| 2 | 0 / 4 | 0 / 2 | 0 / 96 | whole layer |" in card
