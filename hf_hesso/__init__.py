@@ -10,6 +10,7 @@ from .groups import Group, GroupSet, build_groups
 from .modeling import register_auto_classes
 from .optim import CRIC, HESSO
 from .slim import SlimSummary, slim_copy, slim_model, to_stock
+from .slim.selfcheck import ArchitectureReport, check_architecture
 from .trainer import HESSOTrainer
 
 # Lets plain `AutoModel*.from_pretrained(dir)` load slim checkpoints (no `trust_remote_code` needed).
@@ -18,6 +19,7 @@ register_auto_classes()
 __version__ = "0.2.0"
 
 __all__ = [
+    "ArchitectureReport",
     "CRIC",
     "HESSO",
     "Group",
@@ -28,6 +30,7 @@ __all__ = [
     "SlimSummary",
     "__version__",
     "build_groups",
+    "check_architecture",
     "save_slim",
     "slim_copy",
     "slim_model",

@@ -10,7 +10,8 @@ size, and writes the slim model to `--output_dir`. The default run takes a few m
     python recipes/bert_prune.py --target_param_sparsity 0.5 --max_steps 300 --pruning_steps 200 --max_length 256
 
 Every `HESSOConfig` / `TrainingArguments` flag applies to the pruning phase (`--help` lists them with this
-recipe's defaults). `--tiny` swaps in a tiny random BERT with the real tokenizer for smoke tests.
+recipe's defaults). `--model_name_or_path` takes any supported encoder instead of MiniLM; `--tiny` swaps in a tiny
+random BERT with the real tokenizer for smoke tests.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -31,6 +32,8 @@ from transformers import (
 
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.config import parse_script_args
+from hf_hesso.modeling.architectures import get_layout
+from resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
 
 
 @dataclass
@@ -46,6 +49,13 @@ class ScriptArguments:
     data_seed_split: int = field(default=0, metadata={"help": "Seed of the BBC train/validation/test split."})
     tiny: bool = field(
         default=False, metadata={"help": "Use a tiny random BERT (real tokenizer) instead of MiniLM: smoke tests."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A directory or Hub id of any supported encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT; see "
+            "docs/architectures.md), loaded with a new classification head. Default: the offline all-MiniLM-L6-v2."
+        },
     )
 
 
@@ -71,6 +81,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOCon
     return parse_script_args(ScriptArguments, DEFAULTS, argv)
 
 
+def load_model(script: ScriptArguments, num_labels: int, **labels):
+    """The encoder (with a new classification head of `num_labels`) and its tokenizer."""
+    if script.model_name_or_path:
+        # Fail before loading any weights when the architecture is not supported.
+        get_layout(AutoConfig.from_pretrained(script.model_name_or_path).model_type)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            script.model_name_or_path, num_labels=num_labels, **labels
+        )
+        return model, AutoTokenizer.from_pretrained(script.model_name_or_path)
+    if script.tiny:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        return tiny_bert(vocab_size=len(tokenizer), num_labels=num_labels, **labels), tokenizer
+    return load_minilm(num_labels=num_labels, **labels)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     script, args = parse_args(argv)
     set_seed(args.seed)
@@ -78,11 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bbc = load_bbc_news(seed=script.data_seed_split)
     topics = bbc["train"].features["label"].names
     labels = {"id2label": dict(enumerate(topics)), "label2id": {t: i for i, t in enumerate(topics)}}
-    if script.tiny:
-        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-        model = tiny_bert(vocab_size=len(tokenizer), num_labels=len(topics), **labels)
-    else:
-        model, tokenizer = load_minilm(num_labels=len(topics), **labels)
+    model, tokenizer = load_model(script, num_labels=len(topics), **labels)
     data = classification_features(bbc, tokenizer, script.max_length)
     collator = DataCollatorWithPadding(tokenizer)
 

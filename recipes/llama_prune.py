@@ -18,7 +18,8 @@ scored with the elementwise Taylor criterion on the raw gradient, which ranks LL
 default mix (README, *Quality*), and every selection averages the scores of 4 steps (`--saliency_steps`; fewer
 when the warm-up or a period is shorter); `--importance_taylor_elementwise 0 --importance_magnitude 0.2 ...
 --saliency_direction update` restores the paper's (with `--lora_r`, `taylor_first_order` on the update is the
-default). The model and data come from the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny
+default). The model and data come from the offline packages of `requirements-data.txt` (`--model_name_or_path` takes any
+supported causal LM instead of SmolLM2); `--tiny` swaps in a tiny
 random LLaMA with the real tokenizer for smoke tests.
 """
 
@@ -28,6 +29,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
+
+from hf_hesso import HESSOConfig, HESSOTrainer
+from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
+from hf_hesso.modeling.architectures import get_layout
 from resources import (
     lm_blocks,
     load_bbc_news,
@@ -36,10 +42,6 @@ from resources import (
     perplexity,
     tiny_llama,
 )
-from transformers import AutoModelForCausalLM, default_data_collator, set_seed
-
-from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # With LoRA, groups are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed: the recipe
@@ -69,6 +71,14 @@ class ScriptArguments:
     )
     tiny: bool = field(
         default=False, metadata={"help": "Use a tiny random LLaMA (real tokenizer) instead of SmolLM2: smoke tests."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A directory or Hub id of any supported causal LM (Llama, Mistral, Qwen2/3, Gemma-2/3, SmolLM3, Phi, "
+            "GPT-2, GPT-NeoX, Starcoder2, Mixtral, Qwen-MoE; see docs/architectures.md). With LoRA, set "
+            "`--lora_target_modules` to its projection names. Default: the offline SmolLM2-135M-Instruct."
+        },
     )
     lora_r: int = field(
         default=0,
@@ -132,15 +142,26 @@ def _lora_off(argv: list[str]) -> bool:
     return False
 
 
+def load_model(script: ScriptArguments):
+    """The causal LM and its tokenizer."""
+    if script.model_name_or_path:
+        # Fail before loading any weights when the architecture is not supported.
+        get_layout(AutoConfig.from_pretrained(script.model_name_or_path).model_type)
+        tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return AutoModelForCausalLM.from_pretrained(script.model_name_or_path), tokenizer
+    if script.tiny:
+        tokenizer = load_smollm2_tokenizer(script.cache_dir)
+        return tiny_llama(vocab_size=len(tokenizer)), tokenizer
+    return load_smollm2(script.cache_dir)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     script, args = parse_args(argv)
     set_seed(args.seed)
     start = time.perf_counter()
-    if script.tiny:
-        tokenizer = load_smollm2_tokenizer(script.cache_dir)
-        model = tiny_llama(vocab_size=len(tokenizer))
-    else:
-        model, tokenizer = load_smollm2(script.cache_dir)
+    model, tokenizer = load_model(script)
     bbc = load_bbc_news(seed=script.data_seed_split)
     train = lm_blocks(bbc["train"], tokenizer, script.seq_len, max_blocks=script.train_blocks)
     held_out = lm_blocks(bbc["test"], tokenizer, script.seq_len, max_blocks=script.eval_blocks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from hf_hesso.groups import (
     SHARED_EXPERT_CHANNEL,
     build_groups,
 )
+from hf_hesso.groups.table import TABLE_END, TABLE_START, architecture_table
 from hf_hesso.modeling import register_auto_classes
 from hf_hesso.modeling.architectures import ARCHITECTURES
 from hf_hesso.slim import current_layer_shapes, slim_model, to_stock
@@ -319,3 +321,11 @@ def test_random_seeds_stay_exact():
             ref = logits(model, batch)
             slim_model(model, groups)
             assert (logits(model, batch) - ref).abs().max().item() <= 1e-5, (name, seed)
+
+
+def test_docs_table_is_generated_from_the_layout_table():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START) + 1, text.index(TABLE_END)
+    assert text[start:end] == architecture_table(), "regenerate the table in docs/architectures.md"
+    for model_type in ARCHITECTURES:
+        assert f"| `{model_type}` |" in text

@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
+
 import resources
+from hf_hesso import build_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -183,3 +186,43 @@ def test_bert_recipe_tiny(tmp_path):
     stdout = _run("bert_prune", tmp_path, *flags)
     acc = re.search(r"Test accuracy \(213 BBC articles\): ([\d.]+)% after 3 dense steps, ([\d.]+)% after", stdout)
     assert acc, stdout
+
+
+def _save_tiny(directory, config, head, tokenizer):
+    getattr(transformers, head).from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    "name,config,head",
+    [
+        ("llama_prune", lambda: transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1), "AutoModelForCausalLM"),
+        ("bert_prune", lambda: transformers.ModernBertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                             num_attention_heads=2), "AutoModelForMaskedLM"),
+    ],
+)  # fmt: skip
+@needs_data
+def test_model_name_or_path_takes_any_supported_family(tmp_path, name, config, head):
+    recipe = _load(name)
+    if name == "llama_prune":
+        tokenizer = resources.load_smollm2_tokenizer()
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(resources.minilm_dir())
+    cfg = config()
+    cfg.vocab_size = len(tokenizer)
+    cfg.pad_token_id = tokenizer.pad_token_id
+    _save_tiny(tmp_path / "model", cfg, head, tokenizer)
+    script, _ = recipe.parse_args(["--model_name_or_path", str(tmp_path / "model")])
+    if name == "llama_prune":
+        model, tok = recipe.load_model(script)
+        assert type(model).__name__ == "GPT2LMHeadModel" and tok.pad_token is not None
+    else:
+        model, tok = recipe.load_model(script, num_labels=3)
+        assert type(model).__name__ == "ModernBertForSequenceClassification" and model.config.num_labels == 3
+    assert len(build_groups(model)) > 0
+
+    olmo = transformers.Olmo2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    olmo.save_pretrained(tmp_path / "olmo2")
+    script, _ = recipe.parse_args(["--model_name_or_path", str(tmp_path / "olmo2")])
+    with pytest.raises(ValueError, match=r"`model_type` 'olmo2' is not in hf_hesso's layout table"):
+        recipe.load_model(script) if name == "llama_prune" else recipe.load_model(script, num_labels=3)

@@ -171,6 +171,7 @@ def build_groups(
                 f"`layers` contains {i}, but the model has {len(layer_list)} layers (0..{len(layer_list) - 1})."
             )
 
+    excluded = {kind for kind, _ in layout.excluded}
     hd = norm.head_dim
     mha_config = norm.num_key_value_heads == norm.num_attention_heads
     blocks: list[Block] = []
@@ -197,7 +198,7 @@ def build_groups(
                           if k not in (HEAD, KV_GROUP, QUERY_SLOT)}  # fmt: skip
         for kind, partition in partitions.items():
             n = next(iter(partition.values()))[1]
-            if n < 2 or kind not in wanted:
+            if n < 2 or kind not in wanted or kind in excluded:
                 continue
             slices: list[Slice] = []
             numel = 0

@@ -121,6 +121,8 @@ class ArchLayout:
             stream, so a layer whose attention and MLP are both removed is the identity and is dropped from the stack.
             False for post-norm encoders (BERT: `LayerNorm(x + sublayer(x))` is not `x` when the sublayer is zero,
             so their layers keep the LayerNorms after the sublayers are gone).
+        excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
+            whose numerical check failed for that kind).
     """
 
     name: str
@@ -134,6 +136,7 @@ class ArchLayout:
     stock_rule: str | None = None
     notes: str = ""
     pre_norm: bool = True
+    excluded: tuple[tuple[str, str], ...] = ()
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:

@@ -72,8 +72,9 @@ class _HessoConfigMixin:
         return [None if shape.get("num_attention_heads") else "reuse" for shape in shapes]
 
 
-def _make_config_class(model_type: str, stock_name: str) -> type:
-    stock = getattr(transformers, stock_name)
+def make_config_class(model_type: str, stock: type) -> type:
+    """The slim config class of `model_type`: `stock` plus the per-layer sizes."""
+    stock_name = stock.__name__
     name = "Hesso" + stock_name
     return type(
         name,
@@ -92,7 +93,7 @@ def _make_config_class(model_type: str, stock_name: str) -> type:
 # stock model_type -> slim config class.
 HESSO_CONFIGS: dict[str, type] = {}
 for _model_type, _layout in ARCHITECTURES.items():
-    _cls = _make_config_class(_model_type, _layout.config_class)
+    _cls = make_config_class(_model_type, getattr(transformers, _layout.config_class))
     # A real module attribute, so `auto_map` ("configuration_hesso.HessoLlamaConfig") resolves by name.
     globals()[_cls.__name__] = _cls
     HESSO_CONFIGS[_model_type] = _cls

@@ -39,7 +39,7 @@ from .architectures import (
     layer_shapes_from_config,
     normalize_config,
 )
-from .configuration_hesso import HESSO_CONFIGS
+from .configuration_hesso import HESSO_CONFIGS, make_config_class
 
 
 @dataclass(frozen=True)
@@ -451,27 +451,54 @@ class HessoModelMixin:
 HESSO_MODELS: dict[str, type] = {}
 
 
-def _make_class(model_type: str, stock_name: str, auto_class: str) -> type:
-    stock = getattr(transformers, stock_name)
-    name = "Hesso" + stock_name
+def _make_class(model_type: str, stock: type, auto_class: str | None) -> type:
+    name = "Hesso" + stock.__name__
     cls = type(
         name,
         (HessoModelMixin, stock),
         {
             "__module__": __name__,
             "__qualname__": name,
-            "__doc__": f"`{stock_name}` whose layers may differ in size (see `config.{LAYER_SHAPES_KEY}`).",
+            "__doc__": f"`{stock.__name__}` whose layers may differ in size (see `config.{LAYER_SHAPES_KEY}`).",
             "config_class": HESSO_CONFIGS[model_type],
         },
     )
-    cls.register_for_auto_class(auto_class)
+    if auto_class is not None:
+        # Shipped code: `save_pretrained` writes `auto_map` and copies this file beside the weights.
+        cls.register_for_auto_class(auto_class)
     return cls
+
+
+def register_layout(model_type: str, layout: ArchLayout, model_classes: list[tuple[type, str]]) -> list[type]:
+    """Add a layout for `model_type` (e.g. one inferred from a module tree) and make its slim classes, in-process.
+
+    The classes are registered with the transformers Auto* factories of this process only: they do not ship their
+    code (the stock classes may not even be importable elsewhere). To ship slim models of a new family, add its
+    layout to `ARCHITECTURES` instead.
+
+    Args:
+        model_type (`str`): the stock `model_type`.
+        layout (`ArchLayout`): its layout.
+        model_classes (`list[tuple[type, str]]`): stock model classes with the name of their Auto class
+            (`"AutoModelForCausalLM"`).
+    """
+    ARCHITECTURES[model_type] = layout
+    config_cls = make_config_class(model_type, model_classes[0][0].config_class)
+    HESSO_CONFIGS[model_type] = config_cls
+    transformers.AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    made = []
+    for stock, auto in model_classes:
+        cls = _make_class(model_type, stock, None)
+        HESSO_MODELS[stock.__name__] = cls
+        getattr(transformers, auto).register(config_cls, cls, exist_ok=True)
+        made.append(cls)
+    return made
 
 
 for _model_type, _layout in ARCHITECTURES.items():
     _family = []
     for _stock_name, _auto in _layout.model_classes:
-        _cls = _make_class(_model_type, _stock_name, _auto)
+        _cls = _make_class(_model_type, getattr(transformers, _stock_name), _auto)
         # A real module attribute, so `auto_map` ("modeling_hesso.HessoLlamaForCausalLM") resolves by name.
         globals()[_cls.__name__] = _cls
         HESSO_MODELS[_stock_name] = _cls

@@ -422,8 +422,8 @@ def stock_updates(config, shape: LayerShape, layer_mlp) -> dict:
 
 
 def _stock_base(cls: type) -> type:
-    # The first class of the library itself: the slim classes (ours, or loaded as remote code) subclass it.
-    return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+    # The slim classes (ours, or loaded as remote code) subclass the stock class: the first class past them.
+    return next(c for c in cls.__mro__ if not c.__name__.startswith(("Hesso", "_Hesso")))
 
 
 def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | None]:

@@ -1,0 +1,231 @@
+"""Infer a layout (`ArchLayout`) for a model type that is not in the table, from its module tree.
+
+Only the usual Hugging Face conventions are recognised: a `nn.ModuleList` of `num_hidden_layers` layers; attention
+with separate query/key/value projections (`q_proj`, `query`, `query_proj`, `wq`, ...) or one fused projection
+(`qkv_proj`, `query_key_value`, `c_attn`, `Wqkv`, `W_pack`), and an output projection (`o_proj`, `out_proj`,
+`dense`, `c_proj`, `Wo`, ...), in the attention module or in a sibling `output` module (BERT); a gated MLP
+(`gate_proj`/`up_proj`/`down_proj`, `w1`/`w3`/`w2`), a fused gated MLP (`gate_up_proj`, `Wi`) or a plain one
+(`fc1`/`fc2`, `c_fc`/`c_proj`, `dense_h_to_4h`/`dense_4h_to_h`, `intermediate.dense`/`output.dense`). Shapes are
+checked against the config. A fused QKV may be `[q; k; v]` or interleaved per head: both candidates are returned,
+and the numerical check (`hf_hesso.slim.selfcheck`) keeps the one that is exact.
+
+Nothing here is trusted without that check: a name match says where the pieces probably are, not that removing a
+group is exact.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..modeling.architectures import KV, MLP, Q, ArchLayout, Proj, Sublayer
+
+ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "q")
+ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "k")
+ATTENTION_V = ("v_proj", "value", "value_proj", "wv", "v")
+ATTENTION_FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv")
+ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo", "wo", "o", "output.dense")
+MLP_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+MLP_FUSED_GATED = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
+MLP_PLAIN = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"))
+# BERT keeps the MLP output in a sibling of the MLP input module.
+MLP_SPLIT = (("intermediate.dense", "output.dense"),)
+# Attributes that attention/MLP code commonly reads at run time, and the quantity each follows.
+RUNTIME_ATTRIBUTES = {
+    "num_key_value_groups": "groups",
+    "num_heads": "heads",
+    "num_attention_heads": "heads",
+    "num_key_value_heads": "kv_heads",
+    "all_head_size": "q_width",
+    "split_size": "q_width",
+}
+MLP_ATTRIBUTES = {"intermediate_size": "mlp"}
+
+
+class UnrecognisedArchitecture(ValueError):
+    """The module tree does not follow a convention `infer_layouts` knows."""
+
+
+def _shape(module: nn.Module) -> tuple[int, int] | None:
+    """`(in, out)` of a projection module, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _find_layers(base: nn.Module, num_layers: int) -> str:
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name:
+            return name
+    raise UnrecognisedArchitecture(
+        f"no `nn.ModuleList` of `num_hidden_layers`={num_layers} layers under {type(base).__name__}"
+    )
+
+
+def _config_sizes(config) -> tuple[int, int, int | None, int]:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return hidden, heads * head_dim, kv * head_dim, head_dim
+
+
+def _attention(layer: nn.Module, hidden: int, q_width: int, kv_width: int) -> list[tuple[str, tuple[Proj, ...]]]:
+    """Candidate attention sublayers `(module path, projections)`; fused QKV gives a concatenated and an
+    interleaved candidate."""
+    modules = dict(layer.named_modules())
+    projections = {path: _shape(m) for path, m in modules.items() if _shape(m) is not None}
+
+    def child(parent: str, names) -> str | None:
+        for name in names:
+            path = f"{parent}.{name}" if parent else name
+            if path in projections:
+                return path
+        return None
+
+    def out_proj(parent: str) -> str | None:
+        # In the attention module, or in a sibling (`attention.self` + `attention.output.dense`).
+        grand = parent.rpartition(".")[0]
+        for base in (parent, grand):
+            path = child(base, ATTENTION_OUT)
+            if path is not None and projections[path] == (q_width, hidden):
+                return path
+        return None
+
+    for parent in modules:
+        q, k, v = child(parent, ATTENTION_Q), child(parent, ATTENTION_K), child(parent, ATTENTION_V)
+        if q and k and v and projections[q] == (hidden, q_width) and projections[k][1] == projections[v][1]:
+            o = out_proj(parent)
+            if o is not None:
+                projs = (Proj(q, rows=(Q,)), Proj(k, rows=(KV,)), Proj(v, rows=(KV,)), Proj(o, cols=Q))
+                return [(parent, projs)]
+        fused = child(parent, ATTENTION_FUSED)
+        if fused and projections[fused] == (hidden, q_width + 2 * kv_width):
+            o = out_proj(parent)
+            if o is not None:
+                return [
+                    (parent, (Proj(fused, rows=(Q, KV, KV), interleaved=interleaved), Proj(o, cols=Q)))
+                    for interleaved in ((False, True) if q_width == kv_width else (False,))
+                ]
+    return []
+
+
+def _mlp(layer: nn.Module, hidden: int) -> list[Sublayer]:
+    modules = dict(layer.named_modules())
+    projections = {path: _shape(m) for path, m in modules.items() if _shape(m) is not None}
+
+    def find(names) -> tuple[str, list[str]] | None:
+        for parent in modules:
+            paths = [f"{parent}.{n}" if parent else n for n in names]
+            if all(p in projections for p in paths):
+                return parent, paths
+        return None
+
+    for names in MLP_GATED:
+        hit = find(names)
+        if hit:
+            parent, (gate, up, down) = hit
+            width = projections[down][0]
+            if projections[gate] == projections[up] == (hidden, width) and projections[down] == (width, hidden):
+                return [_mlp_sublayer(modules, parent, (Proj(gate, rows=(MLP,)), Proj(up, rows=(MLP,)),
+                                                        Proj(down, cols=MLP)))]  # fmt: skip
+    for names in MLP_FUSED_GATED:
+        hit = find(names)
+        if hit:
+            parent, (fused, down) = hit
+            width = projections[down][0]
+            if projections[fused] == (hidden, 2 * width) and projections[down] == (width, hidden):
+                return [_mlp_sublayer(modules, parent, (Proj(fused, rows=(MLP, MLP)), Proj(down, cols=MLP)))]
+    for names in MLP_PLAIN + MLP_SPLIT:
+        hit = find(names)
+        if hit:
+            parent, (up, down) = hit
+            width = projections[down][0]
+            if projections[up] == (hidden, width) and projections[down] == (width, hidden) and width != hidden:
+                module = parent if names not in MLP_SPLIT else up.rpartition(".")[0]
+                return [_mlp_sublayer(modules, module, (Proj(up, rows=(MLP,)), Proj(down, cols=MLP)))]
+    return []
+
+
+def _mlp_sublayer(modules: dict, parent: str, projections: tuple[Proj, ...]) -> Sublayer:
+    attributes = tuple(
+        (f"{parent}.{name}" if parent else name, quantity)
+        for name, quantity in MLP_ATTRIBUTES.items()
+        if isinstance(getattr(modules[parent], name, None), int)
+    )
+    return Sublayer(module=parent, projections=projections, attributes=attributes, width_field=WIDTH_FIELD)
+
+
+# Config fields that commonly hold the MLP width (the first the config has is used by `to_stock`).
+WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+WIDTH_FIELD = "intermediate_size"
+
+
+def infer_layouts(model: nn.Module) -> list[ArchLayout]:
+    """Candidate layouts of `model`, most likely first (fused QKV: `[q; k; v]`, then interleaved per head).
+
+    Raises:
+        `UnrecognisedArchitecture`: naming what was not found and how to add a layout.
+    """
+    config = model.config
+    base = getattr(model, "base_model", model)
+    try:
+        layers_path = _find_layers(base, config.num_hidden_layers)
+        hidden, q_width, kv_width, _ = _config_sizes(config)
+    except (AttributeError, UnrecognisedArchitecture) as error:
+        raise UnrecognisedArchitecture(_unrecognised(config, str(error))) from None
+    layer = base.get_submodule(layers_path)[0]
+    attentions = _attention(layer, hidden, q_width, kv_width)
+    mlps = _mlp(layer, hidden)
+    missing = []
+    if not attentions:
+        missing.append(
+            f"attention projections: separate {ATTENTION_Q}/{ATTENTION_K}/{ATTENTION_V} of shapes ({hidden} -> "
+            f"{q_width}, {kv_width}, {kv_width}) or a fused {ATTENTION_FUSED} ({hidden} -> {q_width + 2 * kv_width}), "
+            f"with an output projection {ATTENTION_OUT} ({q_width} -> {hidden})"
+        )
+    if not mlps:
+        missing.append(
+            f"MLP projections: gated {MLP_GATED}, fused gated {MLP_FUSED_GATED} or plain {MLP_PLAIN + MLP_SPLIT}"
+        )
+    if missing:
+        raise UnrecognisedArchitecture(_unrecognised(config, "; ".join(missing), layer))
+    width_field = next((f for f in WIDTH_FIELDS if getattr(config, f, None)), WIDTH_FIELD)
+    mlps = [Sublayer(**{**m.__dict__, "width_field": width_field}) for m in mlps]
+    layouts = []
+    for module, projections in attentions:
+        attention_module = layer.get_submodule(module)
+        attributes = tuple(
+            (f"{module}.{name}" if module else name, quantity)
+            for name, quantity in RUNTIME_ATTRIBUTES.items()
+            if isinstance(getattr(attention_module, name, None), int)
+        )
+        layouts.append(
+            ArchLayout(
+                name=type(config).__name__.removesuffix("Config"),
+                layers=layers_path,
+                attention=Sublayer(module=module, projections=projections, attributes=attributes),
+                mlps=tuple(mlps),
+                config_class=type(config).__name__,
+                model_classes=((type(model).__name__, ""),),
+                head_dim_field="head_dim" if getattr(config, "head_dim", None) else None,
+                kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
+                notes="Inferred from the module tree.",
+            )
+        )
+    return layouts
+
+
+def _unrecognised(config, what: str, layer: nn.Module | None = None) -> str:
+    found = ""
+    if layer is not None:
+        names = [f"{p} {tuple(_shape(m))}" for p, m in layer.named_modules() if _shape(m) is not None]
+        found = f" The layer's projections (in, out): {', '.join(names) or 'none'}."
+    return (
+        f"hf_hesso cannot infer a layout for `model_type` {config.model_type!r}: not recognised: {what}.{found} Add a "
+        "layout to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py` (an `ArchLayout` naming the layer list, "
+        "and for each projection the index spaces of its rows and columns; see the entries there), plus a tiny "
+        "config in `tests/test_architectures.py`."
+    )

@@ -1,0 +1,283 @@
+"""Numerical self-check of an architecture: which group kinds are exact, on a tiny random instance.
+
+For each group kind the layout offers, a tiny random model of the same config class (2 layers, hidden 64) gets some
+groups of that kind zeroed (never a whole block), is sliced with `slim_model`, and must give the same logits as the
+masked dense model on a padded batch; then it is saved and loaded again and must still give them. A kind that fails
+is excluded, with the reason. The same check decides between the candidate layouts that `infer_layouts` returns for a
+model type outside the table, and registers the best one (with its exclusions) so that `build_groups` and
+`slim_model` work on it in this process.
+
+It lives beside `slim_model` (not in `hf_hesso.groups`) because it slims.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch import nn
+
+from ..groups import build_groups
+from ..groups.infer import infer_layouts
+from ..groups.rules import InexpressibleKind, kind_partitions
+from ..modeling.architectures import ARCHITECTURES, KINDS, ArchLayout, base_model_type, normalize_config
+from ..modeling.modeling_hesso import layer_modules, layer_sublayers, register_layout, space_sizes
+from .core import can_stock, slim_model
+
+TOLERANCE = 1e-4
+# Config fields set for the tiny instance, where the config has them.
+TINY_FIELDS = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "n_inner": 96,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "num_attention_heads": 4,
+    "head_dim": 16,
+    "vocab_size": 128,
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+}
+
+
+@dataclass
+class KindReport:
+    """One group kind: how many groups the tiny instance has, and whether slicing them out is exact."""
+
+    kind: str
+    found: int
+    exact: bool
+    reason: str | None = None
+    stock_uniform: str | None = None  # None: `to_stock` can express a uniform result; else why not
+
+
+@dataclass
+class ArchitectureReport:
+    """What `check_architecture` found."""
+
+    model_type: str
+    in_table: bool
+    layout: ArchLayout | None
+    kinds: list[KindReport] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def exact_kinds(self) -> list[str]:
+        return [k.kind for k in self.kinds if k.exact]
+
+    def __str__(self) -> str:
+        source = "layout table" if self.in_table else "inferred from the module tree"
+        lines = [f"model_type {self.model_type!r} ({source})"]
+        if self.error:
+            return "\n".join([*lines, f"  not supported: {self.error}"])
+        lines.append(f"  {'kind':<22} {'found':>6}  result")
+        for k in self.kinds:
+            verdict = "exact" if k.exact else f"excluded: {k.reason}"
+            lines.append(f"  {k.kind:<22} {k.found:>6}  {verdict}")
+        for k in self.kinds:
+            if k.exact:
+                stock = "yes" if k.stock_uniform is None else f"no ({k.stock_uniform})"
+                lines.append(f"  to_stock, {k.kind} removed alike in every layer: {stock}")
+        lines.append("  to_stock, layers of different shapes: no (a stock config holds one size per field; the slim "
+                     "model saves with its own code instead)")  # fmt: skip
+        return "\n".join(lines)
+
+
+def tiny_config(config):
+    """A copy of `config` with tiny sizes (2 layers, hidden 64, 4 heads, 2 key/value heads where there is GQA)."""
+    small = copy.deepcopy(config)
+    layers = config.num_hidden_layers
+    gqa = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) < config.num_attention_heads
+    fields = dict(TINY_FIELDS)
+    if getattr(config, "num_key_value_heads", None):
+        fields["num_key_value_heads"] = 2 if gqa else 4
+    for key, value in fields.items():
+        if getattr(config, key, None) is not None:
+            setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
+    for key, value in vars(config).items():
+        # Per-layer lists (`layer_types`, `no_rope_layers`) follow the layer count.
+        if isinstance(value, list) and len(value) == layers:
+            setattr(small, key, value[:2])
+    return type(config).from_dict(small.to_dict())
+
+
+def _auto_classes(config) -> list[tuple[type, str]]:
+    """Stock classes to check a bare config with: the causal LM if there is one, else the masked LM, else bare."""
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        mapping = getattr(transformers, auto)._model_mapping
+        if type(config) in mapping:
+            return [(mapping[type(config)], auto)]
+    raise ValueError(f"No Auto class knows the config class {type(config).__name__}.")
+
+
+def _auto_of(cls: type) -> str:
+    """The Auto class that maps `cls.config_class` to `cls` (looked up by key: no other model is imported)."""
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModel"):
+        mapping = getattr(transformers, auto)._model_mapping
+        if cls.config_class in mapping and mapping[cls.config_class] is cls:
+            return auto
+    raise ValueError(
+        f"No Auto class maps {cls.config_class.__name__} to {cls.__name__}; register it first, e.g. "
+        f"`AutoModelForCausalLM.register({cls.config_class.__name__}, {cls.__name__})`."
+    )
+
+
+def _fresh(cls: type, config, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls(copy.deepcopy(config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _outputs(model: nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch)[0]
+
+
+def _zero_some(model: nn.Module, groups, uniform: bool) -> int:
+    rng = random.Random(0)
+    chosen = []
+    for b in groups.blocks:
+        if b.n == 1:  # a whole sublayer: removed in the first layer only (never uniform)
+            idx = [0] if b.layer == 0 and not uniform else []
+        else:
+            idx = [b.n - 1] if uniform else rng.sample(range(b.n), rng.randint(1, b.n - 1))
+        chosen += [b.offset + i for i in idx]
+    groups.zero_(model, chosen)
+    return len(chosen)
+
+
+def _uncovered(model: nn.Module, layout: ArchLayout, kind: str, groups) -> list[str]:
+    """Parameters of the tiny model's first layer, outside the groups, whose size follows the kind's index space."""
+    layer = layer_modules(model)[0]
+    hd = normalize_config(model.config, layout).head_dim
+    sizes = space_sizes(layer, layout)
+    partition = kind_partitions(sizes, hd, sizes["q"] == sizes["kv"], layer_sublayers(layer, layout)[1].experts)
+    spaces = next((p for k, p in partition.items() if k == kind), {})
+    widths = {sizes[s] for s in spaces}
+    attention, mlp = layer_sublayers(layer, layout)
+    sublayer = attention if set(spaces) & {"q", "kv"} else mlp
+    grouped = {s.param.split(".")[-2] for b in groups.blocks for s in b.slices}
+    found = []
+    for name, p in layer.get_submodule(sublayer.module).named_parameters():
+        if name.split(".")[-2] in grouped:
+            continue
+        if any(d in widths for d in p.shape):
+            found.append(f"`{sublayer.module}.{name}` {tuple(p.shape)}")
+    return found
+
+
+def _check_kind(cls: type, config, layout: ArchLayout, kind: str, auto: str) -> KindReport:
+    model = _fresh(cls, config, seed=1)
+    try:
+        groups = build_groups(model, kinds=[kind], layout=layout)
+    except InexpressibleKind as error:
+        return KindReport(kind, 0, False, str(error))
+    found = len(groups)
+    if not found:
+        return KindReport(kind, 0, False, "no such groups in this architecture")
+    batch = _batch()
+    _zero_some(model, groups, uniform=False)
+    ref = _outputs(model, batch)
+    try:
+        slim_model(model, groups)
+        diff = (_outputs(model, batch) - ref).abs().max().item()
+        why = f"slicing out zeroed groups changed the outputs by {diff:.2e}"
+    except Exception as error:  # noqa: BLE001 - any failure of slicing or running excludes the kind, with its text
+        diff, why = float("inf"), f"the slim model fails ({type(error).__name__}: {error})"
+    if diff > TOLERANCE:
+        suspects = _uncovered(_fresh(cls, config, seed=1), layout, kind, groups)
+        if suspects:
+            why += (
+                f"; sized by these groups but not part of them: {', '.join(suspects[:3])} (a norm or bias that spans "
+                "all heads/channels makes their removal inexact)"
+            )
+        return KindReport(kind, found, False, why)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        loaded = getattr(transformers, auto).from_pretrained(directory).eval()
+        diff = (_outputs(loaded, batch) - ref).abs().max().item()
+    if diff > TOLERANCE:
+        return KindReport(kind, found, False, f"the saved slim model reloads with outputs off by {diff:.2e}")
+    # Uniform removal: can the stock config express it?
+    uniform = _fresh(cls, config, seed=2)
+    groups = build_groups(uniform, kinds=[kind], layout=layout)
+    _zero_some(uniform, groups, uniform=True)
+    slim_model(uniform, groups)
+    return KindReport(kind, found, True, stock_uniform=can_stock(uniform))
+
+
+def check_architecture(model_or_config, *, register: bool = True) -> ArchitectureReport:
+    """Check which group kinds of an architecture are exact, on a tiny random instance of its config class.
+
+    For a `model_type` in the layout table the table's layout is checked. For any other, a layout is inferred from
+    the module tree (`hf_hesso.groups.infer.infer_layouts`), every candidate is checked, and the best one is
+    registered in this process with the failing kinds excluded (their reasons kept in `layout.excluded`), so that
+    `build_groups`, HESSO and `slim_model` then work on such models. Slim models of an inferred layout save and load
+    in this process (`import hf_hesso` and the registration); to ship them, add the layout to the table.
+
+    Args:
+        model_or_config (`PreTrainedModel` or `PretrainedConfig`): the model (its class is used) or its config
+            (the causal LM, else masked LM, else bare class of the Auto factories is used).
+        register (`bool`, *optional*, defaults to `True`): register an inferred layout (with exclusions).
+
+    Returns:
+        `ArchitectureReport`: per kind: groups found, exact or excluded and why, and whether `to_stock` can express
+        a uniform result. `print(report)` shows it as a table.
+    """
+    if isinstance(model_or_config, nn.Module):
+        config = model_or_config.config
+        classes = [(type(model_or_config), _auto_of(type(model_or_config)))]
+    else:
+        config = model_or_config
+        classes = _auto_classes(config)
+    model_type = base_model_type(config.model_type)
+    small = tiny_config(config)
+    cls, auto = classes[0]
+    in_table = model_type in ARCHITECTURES and not ARCHITECTURES[model_type].notes.startswith("Inferred")
+    if in_table:
+        candidates = [ARCHITECTURES[model_type]]
+    else:
+        try:
+            candidates = infer_layouts(cls(copy.deepcopy(small)))
+        except ValueError as error:
+            return ArchitectureReport(model_type, False, None, error=str(error))
+    best: ArchitectureReport | None = None
+    previous = ARCHITECTURES.get(model_type)
+    for layout in candidates:
+        if not in_table:
+            register_layout(model_type, layout, classes)
+        report = ArchitectureReport(model_type, in_table, layout)
+        for kind in KINDS:
+            result = _check_kind(cls, small, layout, kind, auto)
+            if result.found or result.reason != "no such groups in this architecture":
+                report.kinds.append(result)
+        if best is None or len(report.exact_kinds) > len(best.exact_kinds):
+            best = report
+        if all(k.exact for k in report.kinds):
+            break
+    if not in_table:
+        excluded = tuple((k.kind, k.reason) for k in best.kinds if not k.exact)
+        best.layout = ArchLayout(**{**best.layout.__dict__, "excluded": excluded})
+        if register:
+            register_layout(model_type, best.layout, classes)
+        elif previous is None:
+            ARCHITECTURES.pop(model_type, None)
+    return best

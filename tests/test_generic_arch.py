@@ -1,0 +1,206 @@
+"""The generic path: a model type outside the layout table (a small custom `PreTrainedModel`, registered with its own
+model_type here) gets a layout inferred from its module tree, each group kind accepted only after the numerical
+check; an inexact kind is excluded with the reason; an unknown structure gets an error naming what was not found."""
+
+from __future__ import annotations
+
+import math
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from hf_hesso import build_groups, check_architecture, slim_model
+from hf_hesso.check import main as check_main
+from hf_hesso.groups import HEAD, MLP_CHANNEL
+from hf_hesso.modeling.architectures import ARCHITECTURES
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = "toyformer"
+
+    def __init__(self, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, norm_over_heads=False, mlp_names=("fc1", "fc2"), **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.norm_over_heads = norm_over_heads
+        self.mlp_names = list(mlp_names)
+
+
+class ToyAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # A norm over all heads' queries together: removing a head changes every other head's normalisation.
+        self.q_norm = nn.LayerNorm(config.hidden_size) if config.norm_over_heads else None
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q, k, v = (z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~(causal & mask[:, None, None, :].bool()), torch.finfo(scores.dtype).min)
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
+        return self.out_proj(out)
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        first, second = config.mlp_names
+        setattr(self, first, nn.Linear(config.hidden_size, config.intermediate_size))
+        setattr(self, second, nn.Linear(config.intermediate_size, config.hidden_size))
+        self.names = (first, second)
+
+    def forward(self, x):
+        first, second = (getattr(self, n) for n in self.names)
+        return second(nn.functional.gelu(first(x)))
+
+
+class ToyLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size)
+        self.attn = ToyAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size)
+        self.mlp = ToyMLP(config)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class ToyModel(PreTrainedModel):
+    config_class = ToyConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ToyLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return (self.norm(x),)
+
+
+class ToyForCausalLM(PreTrainedModel):
+    config_class = ToyConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = ToyModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids, attention_mask)[0])
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+transformers.AutoConfig.register("toyformer", ToyConfig, exist_ok=True)
+transformers.AutoModelForCausalLM.register(ToyConfig, ToyForCausalLM, exist_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _forget_inferred_layout():
+    yield
+    ARCHITECTURES.pop("toyformer", None)
+
+
+def batch():
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[-1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_unlisted_model_type_is_inferred_checked_and_prunable(tmp_path):
+    model = ToyForCausalLM(ToyConfig()).eval()
+    with pytest.raises(ValueError, match=r"'toyformer' is not in hf_hesso's layout table.*check_architecture"):
+        build_groups(model)
+
+    report = check_architecture(model)
+
+    assert not report.in_table and report.error is None
+    assert report.exact_kinds == [MLP_CHANNEL, HEAD, "attention_sublayer", "mlp_sublayer"]
+    kinds = {k.kind: k for k in report.kinds}
+    assert kinds[HEAD].found == 8 and kinds[MLP_CHANNEL].found == 192
+    # The fused `qkv` was read as [q; k; v] (the concatenated candidate passed the check).
+    assert report.layout.attention.projections[0].path == "attn.qkv"
+    assert not report.layout.attention.projections[0].interleaved
+    assert ("attn.num_heads", "heads") in report.layout.attention.attributes
+    # to_stock: a narrower MLP fits the stock config; fewer heads does not (head size = hidden / heads).
+    assert kinds[MLP_CHANNEL].stock_uniform is None
+    assert "derives the head size" in kinds[HEAD].stock_uniform
+    text = str(report)
+    assert "inferred from the module tree" in text and "head" in text and "exact" in text
+
+    # Registered: the model itself can now be grouped, pruned, sliced, saved and loaded in this process.
+    groups = build_groups(model)
+    assert {b.kind for b in groups.blocks} == {HEAD, MLP_CHANNEL}
+    groups.zero_(model, [b.offset for b in groups.blocks])
+    ref = model(**batch()).logits
+    slim_model(model, groups)
+    assert model.model.layers[0].attn.num_heads == 3
+    assert (model(**batch()).logits - ref).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert (loaded(**batch()).logits - ref).abs().max().item() <= 1e-5
+
+
+def test_inexact_kind_is_excluded_with_reason():
+    report = check_architecture(ToyConfig(norm_over_heads=True))
+    kinds = {k.kind: k for k in report.kinds}
+    assert kinds[MLP_CHANNEL].exact
+    assert not kinds[HEAD].exact
+    assert "`attn.q_norm.weight` (64,)" in kinds[HEAD].reason
+    assert "spans all heads" in kinds[HEAD].reason
+    assert report.layout.excluded == ((HEAD, kinds[HEAD].reason),)
+    groups = build_groups(ToyForCausalLM(ToyConfig(norm_over_heads=True)))
+    assert {b.kind for b in groups.blocks} == {MLP_CHANNEL}  # the excluded kind is not offered
+
+
+def test_unknown_structure_names_what_is_missing():
+    report = check_architecture(ToyConfig(mlp_names=("ffn_in", "ffn_out")))
+    assert report.error is not None and not report.kinds
+    assert "not recognised: MLP projections" in report.error
+    assert "mlp.ffn_in (64, 96)" in report.error
+    assert "Add a layout to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py`" in report.error
+    assert "not supported" in str(report)
+
+
+def test_table_family_check_and_command(capsys):
+    report = check_architecture(transformers.Qwen3Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128))  # fmt: skip
+    assert report.in_table
+    assert report.exact_kinds == [MLP_CHANNEL, "kv_group", "query_slot", "attention_sublayer", "mlp_sublayer"]
+    assert all(k.stock_uniform is None for k in report.kinds)
+    assert check_main(["gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "model_type 'gpt2' (layout table)" in out
+    assert "to_stock, head removed alike in every layer: no (stock GPT-2 derives the head size" in out
+    assert check_main(["no-such-type"]) == 2
