@@ -81,6 +81,13 @@ class HESSOConfig(TrainingArguments):
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism.
+        layer_shapes (`str`, *optional*, defaults to `"free"`):
+            `"free"`: every layer ends with its own sizes; the slim model ships its code (`trust_remote_code`).
+            `"uniform"`: every layer keeps the same number of heads / key-value groups / MLP channels and only whole
+            layers go (with `prune_kinds` including both `"attention_sublayer"` and `"mlp_sublayer"`), so that the
+            saved model is the stock class (`to_stock`), loadable with nothing imported and by serving engines. A
+            kind whose reachable counts the stock config cannot express (Llama's `hidden_size % heads`) is refused
+            before training, with the fix. See docs/depth.md.
         cric (`bool`, *optional*, defaults to `False`):
             Identify the redundant groups with the Corrective Redundant Identification Cycle ([`CRIC`]) before one
             HESSO period of `pruning_steps` steps projects them to zero: block probing by the loss, then corrective
@@ -176,6 +183,14 @@ class HESSOConfig(TrainingArguments):
         metadata={"help": "Fractions of every block zeroed by the CRIC probes, each in (0, 1)."},
     )
     cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
+    layer_shapes: str = field(
+        default="free",
+        metadata={
+            "help": "'free': every layer ends with its own sizes (the slim model ships its code). 'uniform': every "
+            "layer keeps the same counts and only whole layers go, so the result saves as the stock class "
+            "(checked before training)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -197,6 +212,13 @@ class HESSOConfig(TrainingArguments):
             )
         if self.max_steps > 0:
             self.check_schedule_fits(self.max_steps)
+        if self.layer_shapes not in ("free", "uniform"):
+            raise ValueError(f"`layer_shapes` must be 'free' or 'uniform', got {self.layer_shapes!r}.")
+        if self.layer_shapes == "uniform" and self.cric:
+            raise ValueError(
+                "`layer_shapes='uniform'` is not available with `cric=True` (CRIC ranks single groups); use HESSO "
+                "(`cric=False`) or `layer_shapes='free'`."
+            )
         if self.saliency_direction not in ("update", "gradient"):
             raise ValueError(
                 f"`saliency_direction` must be 'update' (the paper's) or 'gradient', got {self.saliency_direction!r}."

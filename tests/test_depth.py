@@ -21,9 +21,9 @@ from hf_hesso.export.card import PruningReport, render_model_card
 from hf_hesso.groups import ATTENTION_SUBLAYER, KINDS, KV_GROUP, MLP_CHANNEL, MLP_SUBLAYER, build_groups
 from hf_hesso.modeling.architectures import LAYER_SHAPES_KEY, LayerShape, get_layout
 from hf_hesso.modeling.modeling_hesso import RemovedSublayer, SkippedLayer, layer_modules
-from hf_hesso.slim import slim_copy, slim_model
+from hf_hesso.slim import slim_copy, slim_model, uniform_stock_problem
 
-_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "bert": "Bert"}
+_PREFIX = {"llama": "Llama", "llama_mha": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "bert": "Bert"}
 BASIC = ["llama", "qwen2", "qwen3", "mistral", "bert"]
 MORE = ["gemma2", "starcoder2", "gpt2", "phi", "gpt_neox", "qwen3_moe", "modernbert"]
 
@@ -177,3 +177,73 @@ def test_card_shows_removed_sublayers():
     assert "| 0 | 0 / 4 | 0 / 2 | 96 / 96 | attention |" in card
     assert "| 1 | 4 / 4 | 2 / 2 | 0 / 96 | MLP (output bias kept) |" in card
     assert "| 2 | 0 / 4 | 0 / 2 | 0 / 96 | whole layer |" in card
+
+
+UNIFORM_KINDS = [KV_GROUP, "query_slot", MLP_CHANNEL, ATTENTION_SUBLAYER, MLP_SUBLAYER]
+
+
+def run_uniform_hesso(model, kinds, target: float, batch, steps: int = 4, divisible: int = 1):
+    groups = build_groups(model, kinds=kinds)
+    opt = HESSO(torch.optim.SGD(model.parameters(), lr=1e-3), groups, target_param_sparsity=target,
+                start_pruning_step=0, pruning_periods=2, pruning_steps=4, layer_shapes="uniform",
+                group_divisible=divisible, importance_criteria={"magnitude": 1.0})  # fmt: skip
+    for _ in range(steps + 1):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return groups
+
+
+@pytest.mark.parametrize("name", ["mistral", "llama", "qwen3"])
+def test_uniform_run_exports_stock_and_reloads_without_hf_hesso(name, tmp_path):
+    model = build(name, layers=4)
+    with torch.no_grad():  # make layer 1 the least salient, so that HESSO drops it whole
+        for p in layer_modules(model)[1].parameters():
+            if p.dim() == 2:
+                p.mul_(1e-3)
+    batch = batch_for(name)
+    groups = run_uniform_hesso(model, UNIFORM_KINDS, 0.6, batch)
+    ref, ref_gen = logits(model, batch), greedy(model, batch)
+    summary = slim_model(model, groups, stock=True)
+    kept = [s for s in summary.layers if not s.empty]
+    assert summary.removed_sublayers()["layers"] == [1]
+    assert len(set(kept)) == 1 and kept[0] != summary.layers_before[0]  # narrower, and the same everywhere
+    assert type(model).__name__ == _PREFIX[name] + "ForCausalLM" and model.config.num_hidden_layers == 3
+    assert [m.layer_idx for m in model.modules() if hasattr(m, "layer_idx")][-1] == 2
+    assert (logits(model, batch) - ref).abs().max() <= 1e-5
+    assert torch.equal(greedy(model, batch), ref_gen)
+
+    model.save_pretrained(tmp_path / "stock")
+    torch.save(batch, tmp_path / "batch.pt")
+    job = dict(dir=str(tmp_path / "stock"), auto="AutoModelForCausalLM", remote=False, batch=str(tmp_path / "batch.pt"),
+               impls=["sdpa"], generate=6)  # fmt: skip
+    out = run_fresh([job], tmp_path)[job["dir"]]
+    assert out["class"] == f"transformers.models.{name}.modeling_{name}.{_PREFIX[name]}ForCausalLM"
+    assert (out["logits_sdpa"] - ref).abs().max() <= 1e-5
+    assert torch.equal(out["generate_sdpa"], ref_gen)
+
+
+def test_uniform_mode_keeps_widths_tied_without_sublayer_kinds():
+    model = build("qwen2", layers=3)
+    groups = run_uniform_hesso(model, [KV_GROUP, MLP_CHANNEL], 0.3, batch_for("qwen2"))
+    summary = slim_model(model, groups)
+    assert len(set(summary.layers)) == 1 and summary.layers[0] != summary.layers_before[0]
+
+
+def test_uniform_refuses_counts_the_stock_config_cannot_hold_before_training():
+    model = build("llama_mha", layers=2)  # 4 heads, hidden 64: 3 kept heads break `hidden_size % heads`
+    groups = build_groups(model, kinds=["head", MLP_CHANNEL])
+    problem = uniform_stock_problem(model, groups, 1)
+    assert "(3, 3)" in problem and "group_divisible=2" in problem and "LlamaConfig" in problem
+    assert uniform_stock_problem(model, groups, 2) is None
+    assert uniform_stock_problem(model, build_groups(model, kinds=[MLP_CHANNEL]), 1) is None
+    bert = build("bert", layers=2)
+    assert "cannot express" in uniform_stock_problem(bert, build_groups(bert), 1)
+
+
+def test_uniform_needs_both_sublayer_kinds():
+    model = build("llama", layers=2)
+    groups = build_groups(model, kinds=[MLP_CHANNEL, ATTENTION_SUBLAYER])
+    with pytest.raises(ValueError, match="needs both `attention_sublayer` and `mlp_sublayer`"):
+        HESSO(torch.optim.SGD(model.parameters(), lr=0.0), groups, target_param_sparsity=0.2, pruning_steps=2,
+              layer_shapes="uniform")  # fmt: skip

@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..groups import KINDS, QUERY_SLOT, Block, GroupSet, Slice
+from ..groups import KINDS, QUERY_SLOT, SUBLAYER_KINDS, Block, GroupSet, Slice
 from ..groups.peft import adapter_parameters, effective_weights
 from .distributed import SliceOps, check_supported, group_squared_norms, local
 from .saliency import SaliencyAccumulator, check_criteria, saliency_scores
 from .selection import ParamCounter, block_capacity, select_redundant
+from .uniform import LAYER_SHAPES, check_uniform_groups, select_uniform
 
 _STATE_KEY = "hesso"
 _FIXED_POINT_OPTIMIZERS = (
@@ -155,7 +156,14 @@ class HESSO(Optimizer):
             needs. Not available for LoRA models (the gradient of the effective weight is never formed).
         group_divisible (`int`, *optional*, defaults to `1`):
             Within every block (one kind in one layer) groups are removed so that the number kept is a multiple of
-            this value and at least this value; a block of `group_divisible` groups or fewer is never pruned.
+            this value and at least this value; a block of `group_divisible` groups or fewer is never pruned. A
+            whole-sublayer group (`attention_sublayer`, `mlp_sublayer`: one per layer) may go, but never every one
+            of its kind.
+        layer_shapes (`str`, *optional*, defaults to `"free"`):
+            `"free"`: every layer ends with its own sizes. `"uniform"`: every layer keeps the same number of heads /
+            key-value groups / query slots / MLP channels (the `j`-th least salient group of a kind in every layer
+            goes as one unit) and whole layers (their attention and MLP sublayer groups together) may go, so that
+            `to_stock` can express the result. See `hf_hesso.optim.uniform` and docs/depth.md.
         hold_zeros (`str`, *optional*, defaults to `"auto"`):
             How pruned groups are held at zero after their period. `"always"` zeroes the gradient of every slice of
             every pruned group before each step. `"auto"` only zeroes the slices whose gradient can be non-zero:
@@ -194,6 +202,7 @@ class HESSO(Optimizer):
         hold_zeros: str = "auto",
         saliency_direction: str = "update",
         saliency_steps: int = 1,
+        layer_shapes: str = "free",
     ):
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
@@ -232,6 +241,11 @@ class HESSO(Optimizer):
                 "projections are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed. "
                 "Use `saliency_direction='update'` with LoRA."
             )
+        if layer_shapes not in LAYER_SHAPES:
+            raise ValueError(f"`layer_shapes` must be one of {list(LAYER_SHAPES)}, got {layer_shapes!r}.")
+        if layer_shapes == "uniform":
+            check_uniform_groups(groups)
+        self.layer_shapes = layer_shapes
         self.saliency_direction = saliency_direction
         self.saliency_steps = saliency_steps
         self.weights = check_criteria(importance_criteria)
@@ -577,7 +591,8 @@ class HESSO(Optimizer):
         scores = scores.cpu().double()
         if self.target_param_sparsity is not None:
             scores = self._kind_relative(scores / self._cost) * self._cost  # ranked by `scores / cost` below
-        new = select_redundant(
+        select = select_uniform if self.layer_shapes == "uniform" else select_redundant
+        new = select(
             scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
         )
         self._selection_period[new] = period
@@ -607,8 +622,9 @@ class HESSO(Optimizer):
             for s in block.slices:
                 entry = (s, self._ops[s].factor(keep))
                 self._pruned_slices.append(entry)
-                # See `hold_zeros`: only a pruned query slot's output columns (dim 1) can still get gradient.
-                if not minimal or (block.kind == QUERY_SLOT and s.dim == 1):
+                # See `hold_zeros`: only a pruned query slot's output columns (dim 1) can still get gradient, and a
+                # pruned whole sublayer's output bias (the loss still reads it): those few slices are guarded.
+                if not minimal or (block.kind == QUERY_SLOT and s.dim == 1) or block.kind in SUBLAYER_KINDS:
                     self._guarded_slices.append(entry)
         self._refresh_fading(self._block_indices(fading))
 
@@ -686,6 +702,7 @@ class HESSO(Optimizer):
             "saliency_direction": self.saliency_direction,
             "saliency_steps": self.saliency_steps,
             "group_divisible": self.group_divisible,
+            "layer_shapes": self.layer_shapes,
         }
 
     # ---- Checkpointing ----

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,15 @@ from ..modeling.modeling_hesso import (
     space_sizes,
 )
 
-__all__ = ["SlimSummary", "current_layer_shapes", "keep_plan", "slim_copy", "slim_model", "to_stock"]
+__all__ = [
+    "SlimSummary",
+    "current_layer_shapes",
+    "keep_plan",
+    "slim_copy",
+    "slim_model",
+    "to_stock",
+    "uniform_stock_problem",
+]
 
 
 @dataclass
@@ -426,18 +435,48 @@ def _stock_base(cls: type) -> type:
     return next(c for c in cls.__mro__ if not c.__name__.startswith(("Hesso", "_Hesso")))
 
 
-def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | None]:
-    """The stock config dict for `shape`, and why the stock classes cannot express it (None when they can).
+def _per_layer_updates(config, kept: list[int]) -> dict:
+    """The per-layer config lists (`layer_types`, `no_rope_layers`, ...) restricted to the `kept` layers, and the
+    layer count, for a stock config without the dropped layers."""
+    n = config.num_hidden_layers
+    updates: dict = {"num_hidden_layers": len(kept)}
+    for key, value in config.to_dict().items():
+        if key != LAYER_SHAPES_KEY and isinstance(value, list) and len(value) == n:
+            updates[key] = [value[i] for i in kept]
+    return updates
+
+
+def _renamed(model: nn.Module, kept: list[int]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of `model` under the names they get once the dropped layers are gone."""
+    layout = get_layout(model.config.model_type)
+    new_index = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(r"(^|\.)" + re.escape(layout.layers) + r"\.(\d+)\.")
+
+    def rename(name: str) -> str:
+        return pattern.sub(lambda m: f"{m.group(1)}{layout.layers}.{new_index[int(m.group(2))]}.", name, count=1)
+
+    return {rename(name): tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None = None) -> tuple[dict, str | None]:
+    """The stock config dict for `shape` (on the `kept` layers, default all), and why the stock classes cannot
+    express it (None when they can).
 
     Decided by construction: the stock model is built from the candidate config on the meta device (no memory)
     and the shapes of all its parameters are compared with the slim model's.
     """
     config = model.config
     layout = get_layout(config.model_type)
-    variants = {mlp_variant(layer, layout) for layer in layer_modules(model)}
+    layers = layer_modules(model)
+    kept = list(range(len(layers))) if kept is None else kept
+    variants = {mlp_variant(layers[i], layout) for i in kept}
     if len(variants) != 1:
         return {}, f"its layers mix MLP kinds ({', '.join(sorted(v.module for v in variants))})"
     updates = stock_updates(config, shape, next(iter(variants)))
+    if len(kept) != len(layers):
+        if getattr(config, "mlp_only_layers", None):
+            return updates, "its config lists `mlp_only_layers` by index, which dropping layers would renumber"
+        updates.update(_per_layer_updates(config, kept))
     trial = config.to_dict()
     for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
         trial.pop(key, None)
@@ -451,23 +490,106 @@ def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | Non
         return updates, f"{stock_rule(layout)} ({error})"
     # Every tensor must come out the same shape (not only the projections: Phi sizes its q/k LayerNorm by
     # `hidden_size // num_attention_heads`).
-    want = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    want = _renamed(model, kept)
     got = {name: tuple(p.shape) for name, p in built.named_parameters()}
     if got != want:
         return updates, stock_rule(layout)
     return updates, None
 
 
-def can_stock(model: nn.Module) -> str | None:
-    """None when `to_stock(model)` would succeed, else the reason it cannot."""
+def _stock_layers(model: nn.Module) -> tuple[list[int], list[LayerShape], str | None]:
+    """The layers a stock model keeps (all but the dropped ones), their distinct shapes, and why no stock config can
+    hold them (None when one shape might)."""
     shapes = current_layer_shapes(model)
-    distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
+    dropped = [isinstance(layer, SkippedLayer) for layer in layer_modules(model)]
+    kept = [i for i, d in enumerate(dropped) if not d]
+    distinct = sorted({shapes[i] for i in kept}, key=lambda s: tuple(s.to_dict().values()))
+    partial = [i for i in kept if not (shapes[i].has_attention and shapes[i].has_mlp)]
+    if partial:
+        return kept, distinct, (
+            f"layers {partial} lost their attention or their MLP but not both, and a stock layer has both (use "
+            "`layer_shapes='uniform'`, which removes whole layers only)"
+        )
     if len(distinct) != 1:
-        return (
+        return kept, distinct, (
             f"its layers have {len(distinct)} different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), "
             "and a stock config holds one size per field"
         )
-    return _stock_problem(model, distinct[0])[1]
+    return kept, distinct, None
+
+
+def can_stock(model: nn.Module) -> str | None:
+    """None when `to_stock(model)` would succeed, else the reason it cannot."""
+    kept, distinct, problem = _stock_layers(model)
+    if problem is not None:
+        return problem
+    return _stock_problem(model, distinct[0], kept)[1]
+
+
+def _kept_counts(n: int, divisible: int) -> list[int]:
+    """The counts a block of `n` groups can end with under `group_divisible`."""
+    return sorted({n} | {k for k in range(divisible, n + 1, divisible)})
+
+
+def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: int = 1) -> str | None:
+    """Before a `layer_shapes="uniform"` run: None when every uniform result these groups can reach loads as the
+    stock class, else what cannot, with the fix.
+
+    Every reachable head / key-value head count is tried by building a one-layer stock model of that shape on the
+    meta device (MLP widths and dropped layers never trouble a stock config of the families in the table).
+    """
+    config = model.config
+    layout = get_layout(config.model_type)
+    kinds = {b.kind for b in groups.blocks}
+    shape = current_layer_shapes(model)[0]
+    heads, kv = shape.num_attention_heads, shape.num_key_value_heads
+    rep = heads // kv
+
+    def candidates(div: int) -> set[tuple[int, int]]:
+        if HEAD in kinds:
+            return {(h, h) for h in _kept_counts(heads, div)}
+        kvs = _kept_counts(kv, div) if KV_GROUP in kinds else [kv]
+        slots = _kept_counts(rep, div) if QUERY_SLOT in kinds else [rep]
+        return {(k * r, k) for k in kvs for r in slots}
+
+    def failing(div: int) -> list[tuple[int, int]]:
+        bad = []
+        for h, k in sorted(candidates(div)):
+            if (h, k) == (heads, kv):
+                continue
+            trial = config.to_dict()
+            for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+                trial.pop(key, None)
+            trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
+                                       mlp_variant(layer_modules(model)[0], layout)))  # fmt: skip
+            trial.update(_per_layer_updates(config, [0]))
+            try:
+                stock_config = _stock_base(type(config)).from_dict(trial)
+                with torch.device("meta"):
+                    built = _stock_base(type(model))(stock_config)
+                got = current_layer_shapes(built)[0]
+                ok = (got.num_attention_heads, got.num_key_value_heads) == (h, k) and (
+                    normalize_config(built.config).head_dim == normalize_config(config).head_dim
+                )
+            except (ValueError, TypeError, StrictDataclassError):
+                ok = False
+            if not ok:
+                bad.append((h, k))
+        return bad
+
+    bad = failing(group_divisible)
+    if not bad:
+        return None
+    fix = next((d for d in range(group_divisible + 1, max(heads, 2) + 1) if not failing(d)), None)
+    attention_kinds = sorted(kinds & {HEAD, KV_GROUP, QUERY_SLOT})
+    return (
+        f"`layer_shapes='uniform'` with kinds {attention_kinds} can end with (query heads, key/value heads) in "
+        f"{bad[:6]}{' ...' if len(bad) > 6 else ''}, which the stock {layout.config_class} cannot express "
+        f"({stock_rule(layout)}). Fix: leave {attention_kinds} out of `prune_kinds` (prune MLP channels and whole "
+        "layers only)"
+        + (f", or set `group_divisible={fix}`" if fix else "")
+        + ", or keep `layer_shapes='free'` (the slim model then ships its code)."
+    )
 
 
 def to_stock(model: nn.Module) -> nn.Module:
@@ -492,22 +614,31 @@ def to_stock(model: nn.Module) -> nn.Module:
         return model
     model_type = base_model_type(config.model_type)
     norm = normalize_config(config)
-    shapes = current_layer_shapes(model)
-    distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
-    if len(distinct) != 1:
+    kept, distinct, problem = _stock_layers(model)
+    if problem is not None:
         raise ValueError(
-            f"`model` cannot be converted to the stock `{model_type}` class: its layers have {len(distinct)} "
-            f"different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), and a stock config holds one "
-            "size per field. Save it as a slim model instead (`save_pretrained` writes the code it needs)."
+            f"`model` cannot be converted to the stock `{model_type}` class: {problem}. Save it as a slim model "
+            "instead (`save_pretrained` writes the code it needs)."
         )
     shape = distinct[0]
-    updates, problem = _stock_problem(model, shape)
+    updates, problem = _stock_problem(model, shape, kept)
     if problem is not None:
         raise ValueError(
             f"`model` cannot be converted to the stock `{model_type}` class with {shape.num_attention_heads} heads "
             f"of size {norm.head_dim} and hidden size {norm.hidden_size}: {problem}. Save it as a slim model instead "
             "(`save_pretrained` writes the code it needs)."
         )
+    layers = layer_modules(model)
+    if len(kept) != len(layers):
+        # Drop the skipped layers for good and renumber the others (their cache slots and attention types follow).
+        layout = get_layout(config.model_type)
+        parent_path, _, name = layout.layers.rpartition(".")
+        remaining = nn.ModuleList([layers[i] for i in kept])
+        for new, layer in enumerate(remaining):
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new
+        setattr(get_submodule(model.base_model, parent_path), name, remaining)
     config.__class__ = _stock_base(type(config))
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
     config.__dict__.pop("auto_map", None)
