@@ -7,11 +7,17 @@ masked dense model -> `save_pretrained` -> reload in a fresh process without hf_
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import resources
 from conftest import tiny_batch, tiny_config
 from test_architectures import FAMILIES, make
 from test_save_load import run_fresh
@@ -247,3 +253,25 @@ def test_uniform_needs_both_sublayer_kinds():
     with pytest.raises(ValueError, match="needs both `attention_sublayer` and `mlp_sublayer`"):
         HESSO(torch.optim.SGD(model.parameters(), lr=0.0), groups, target_param_sparsity=0.2, pruning_steps=2,
               layer_shapes="uniform")  # fmt: skip
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(not resources.data_packages_available(), reason="needs requirements-data.txt packages")
+def test_llama_recipe_uniform_with_sublayer_kinds_writes_a_stock_model(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = tmp_path / "slim"
+    flags = ["--tiny", "--output_dir", str(out), "--max_steps", "6", "--start_pruning_step", "1", "--pruning_steps",
+             "4", "--pruning_periods", "2", "--seq_len", "32", "--train_blocks", "64", "--eval_blocks", "4",
+             "--layer_shapes", "uniform", "--prune_kinds", "kv_group", "query_slot", "mlp_channel",
+             "attention_sublayer", "mlp_sublayer"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(root / "recipes" / "llama_prune.py"), *flags], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config and "hesso_layer_shapes" not in config
+    assert "Removed sublayers: attention in layers none, MLP in layers none; 2 of 2 layers kept (stock export)" in (
+        proc.stdout
+    )
