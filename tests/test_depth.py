@@ -275,3 +275,31 @@ def test_llama_recipe_uniform_with_sublayer_kinds_writes_a_stock_model(tmp_path)
     assert "Removed sublayers: attention in layers none, MLP in layers none; 2 of 2 layers kept (stock export)" in (
         proc.stdout
     )
+
+
+def test_param_counter_counts_a_sublayer_once_and_selection_skips_its_width_groups():
+    from hf_hesso.optim.selection import ParamCounter, select_redundant
+
+    model = build("llama", layers=2)
+    groups = build_groups(model, kinds=KINDS)
+    counter = ParamCounter(groups)
+    attn = next(b for b in groups.blocks if b.kind == ATTENTION_SUBLAYER and b.layer == 0)
+    inner = [b for b in groups.blocks if b.layer == 0 and b.kind in (KV_GROUP, "query_slot")]
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    mask[attn.offset] = True
+    alone = counter.count(mask)
+    assert alone == attn.group_numel == sum(p.numel() for n, p in model.named_parameters()
+                                            if "layers.0.self_attn" in n)  # fmt: skip
+    for b in inner:
+        mask[b.offset : b.offset + b.n] = True
+    assert counter.count(mask) == alone  # the width groups inside add nothing
+    # Total: every projection parameter once.
+    projections = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
+    assert counter.total == projections
+
+    selected = torch.zeros(len(groups), dtype=torch.bool)
+    selected[attn.offset] = True
+    scores = torch.rand(len(groups), dtype=torch.float64)
+    new = select_redundant(scores, selected, groups, groups.numel.double(), counter.total * 0.5, counter.count)
+    assert not any(bool(new[b.offset : b.offset + b.n].any()) for b in inner)
+    assert counter.count(selected | new) <= counter.total * 0.5
