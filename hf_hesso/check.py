@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = AutoConfig.for_model(args.model)
         except ValueError as error:
-            print(f"`{args.model}` is neither a directory nor a model type transformers knows: {error}", file=sys.stderr)
+            print(
+                f"`{args.model}` is neither a directory nor a model type transformers knows: {error}", file=sys.stderr
+            )
             return 2
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

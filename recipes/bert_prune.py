@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -33,7 +34,6 @@ from transformers import (
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.config import parse_script_args
 from hf_hesso.modeling.architectures import get_layout
-from resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
 
 
 @dataclass

@@ -29,11 +29,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
-
-from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
-from hf_hesso.modeling.architectures import get_layout
 from resources import (
     lm_blocks,
     load_bbc_news,
@@ -42,6 +37,11 @@ from resources import (
     perplexity,
     tiny_llama,
 )
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
+
+from hf_hesso import HESSOConfig, HESSOTrainer
+from hf_hesso.config import GRADIENT_SALIENCY, parse_script_args
+from hf_hesso.modeling.architectures import get_layout
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # With LoRA, groups are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed: the recipe

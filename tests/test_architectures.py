@@ -14,6 +14,8 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_batch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from test_save_load import run_fresh
 from test_slim import check_runtime_attributes, expected_param_count, expected_shapes, zero_random_groups
 
@@ -55,7 +57,11 @@ FAMILIES = {
     # head_dim 32 with hidden 64 and 4 heads: the head size is independent of hidden / heads.
     "gemma2": (
         lambda: transformers.Gemma2Config(
-            **_DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=4, attn_logit_softcapping=5.0,
+            **_DECODER,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
             final_logit_softcapping=3.0,
         ),
         "AutoModelForCausalLM",
@@ -79,15 +85,24 @@ FAMILIES = {
     "gpt_neox": (
         lambda: transformers.GPTNeoXConfig(
             **{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"},
-            rotary_pct=0.5, use_parallel_residual=True, attention_bias=True,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+            attention_bias=True,
         ),
         "AutoModelForCausalLM",
         {HEAD, MLP_CHANNEL},
     ),
     "gpt2": (
         lambda: transformers.GPT2Config(
-            vocab_size=128, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=64, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2,
+            vocab_size=128,
+            n_embd=64,
+            n_head=4,
+            n_layer=2,
+            n_inner=96,
+            n_positions=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         "AutoModelForCausalLM",
         {HEAD, MLP_CHANNEL},
@@ -109,17 +124,33 @@ FAMILIES = {
     ),
     "deberta-v2": (
         lambda: transformers.DebertaV2Config(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, pad_token_id=0, relative_attention=True, pos_att_type=["c2p", "p2c"],
-            share_att_key=False, position_buckets=8,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            share_att_key=False,
+            position_buckets=8,
         ),
         "AutoModelForMaskedLM",
         {HEAD, MLP_CHANNEL},
     ),
     "modernbert": (
         lambda: transformers.ModernBertConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, pad_token_id=0, local_attention=8, attention_bias=True, mlp_bias=True,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            local_attention=8,
+            attention_bias=True,
+            mlp_bias=True,
         ),
         "AutoModelForMaskedLM",
         {HEAD, MLP_CHANNEL},
@@ -329,3 +360,40 @@ def test_docs_table_is_generated_from_the_layout_table():
     assert text[start:end] == architecture_table(), "regenerate the table in docs/architectures.md"
     for model_type in ARCHITECTURES:
         assert f"| `{model_type}` |" in text
+
+
+def test_moe_with_dense_layers(tmp_path):
+    # Qwen2-MoE `mlp_only_layers`: layer 1 is a dense gated MLP (mlp_channel groups), layer 0 sparse.
+    config = FAMILIES["qwen2_moe"][0]()
+    config.mlp_only_layers = [1]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    groups = build_groups(model)
+    assert {b.kind for b in groups.blocks if b.layer == 1} == GQA | {MLP_CHANNEL}
+    zero_random_groups(model, groups, seed=4)
+    batch = batch_for("qwen2_moe")
+    ref = logits(model, batch)
+    summary = slim_model(model, groups)
+    assert summary.layers[1].shared_intermediate_size is None and summary.layers[1].intermediate_size < 96
+    assert (logits(model, batch) - ref).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(loaded, batch) - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r"its layers (have 2 different shapes|mix MLP kinds)"):
+        to_stock(loaded)
+
+
+def test_missing_expert_tensor_is_named(slimmed, tmp_path):
+    e = slimmed[1]["mixtral"]
+    e["model"].save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.experts.down_proj"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer 1: tensor `model\.layers\.1\.mlp\.experts\.down_proj` is missing"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_lora_on_conv1d_is_refused():
+    model = get_peft_model(make("gpt2"), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(ValueError, match=r"LoRA layer around a Conv1D; hf_hesso groups LoRA adapters on `nn.Linear`"):
+        build_groups(model)

@@ -5,6 +5,7 @@ check; an inexact kind is excluded with the reason; an unknown structure gets an
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import transformers
@@ -204,3 +205,16 @@ def test_table_family_check_and_command(capsys):
     assert "model_type 'gpt2' (layout table)" in out
     assert "to_stock, head removed alike in every layer: no (stock GPT-2 derives the head size" in out
     assert check_main(["no-such-type"]) == 2
+
+
+def test_command_on_a_slim_checkpoint(tmp_path, capsys):
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    groups = build_groups(model)
+    groups.zero_(model, [b.offset for b in groups.blocks])
+    slim_model(model, groups)
+    model.save_pretrained(tmp_path)
+    assert check_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model_type 'qwen2' (layout table)" in out and "kv_group" in out

@@ -1,4 +1,4 @@
-from .group import (
+from ..modeling.architectures import (
     ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
@@ -9,6 +9,8 @@ from .group import (
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
     SUBLAYER_KINDS,
+)
+from .group import (
     Block,
     Group,
     GroupSet,

@@ -17,19 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# The kinds of groups the rules produce (defined beside the layout data, which names them).
-from ..modeling.architectures import (
-    ATTENTION_SUBLAYER,
-    EXPERT_CHANNEL,
-    HEAD,
-    KINDS,
-    KV_GROUP,
-    MLP_CHANNEL,
-    MLP_SUBLAYER,
-    QUERY_SLOT,
-    SHARED_EXPERT_CHANNEL,
-    SUBLAYER_KINDS,
-)
+# The kinds of groups (defined beside the layout data, which names them; re-exported by `hf_hesso.groups`).
+from ..modeling.architectures import KINDS
 
 
 @dataclass(frozen=True)

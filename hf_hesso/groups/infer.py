@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..modeling.architectures import KV, MLP, Q, ArchLayout, Proj, Sublayer
+from ..modeling.architectures import KV, MLP, ArchLayout, Proj, Q, Sublayer
 
 ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "q")
 ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "k")
@@ -206,13 +206,23 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
             ArchLayout(
                 name=type(config).__name__.removesuffix("Config"),
                 layers=layers_path,
-                attention=Sublayer(module=module, projections=projections, attributes=attributes),
+                # transformers' attention modules return `(output, weights)`, and a removed one must too; for other
+                # code a guess (a plain tensor), which the numerical check of `attention_sublayer` confirms or rejects.
+                attention=Sublayer(
+                    module=module,
+                    projections=projections,
+                    attributes=attributes,
+                    returns_tuple=type(attention_module).__module__.startswith("transformers."),
+                ),
+                # Unknown residual structure: a layer that lost both sublayers is never assumed to be the identity.
+                pre_norm=False,
                 mlps=tuple(mlps),
                 config_class=type(config).__name__,
                 model_classes=((type(model).__name__, ""),),
                 head_dim_field="head_dim" if getattr(config, "head_dim", None) else None,
                 kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
                 notes="Inferred from the module tree.",
+                inferred=True,
             )
         )
     return layouts

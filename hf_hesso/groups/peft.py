@@ -31,6 +31,11 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def is_lora_layer(module: nn.Module) -> bool:
+    """True for any peft LoRA layer (around an `nn.Linear`, a `Conv1D`, an embedding, ...)."""
+    return isinstance(module, LoraLayer)
+
+
 def is_lora_linear(module: nn.Module) -> bool:
     """True for a peft LoRA layer wrapping an `nn.Linear` (`peft.tuners.lora.Linear`)."""
     return isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None), nn.Linear)

@@ -25,34 +25,34 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..modeling.architectures import (
+    ATTENTION_SUBLAYER,
+    EXPERT_CHANNEL,
     EXPERT_CHANNEL_UNIT,
+    HEAD,
+    KINDS,
     KV,
+    KV_GROUP,
     MLP,
-    Q,
+    MLP_CHANNEL,
+    MLP_SUBLAYER,
+    QUERY_SLOT,
     SHARED,
+    SHARED_EXPERT_CHANNEL,
+    SUBLAYER_KINDS,
     ArchLayout,
     Proj,
+    Q,
     get_layout,
     get_submodule,
     normalize_config,
 )
 from ..modeling.modeling_hesso import SkippedLayer, layer_sublayers, projection_tensors, removed, space_sizes
 from .group import (
-    ATTENTION_SUBLAYER,
-    MLP_SUBLAYER,
-    EXPERT_CHANNEL,
-    HEAD,
-    KINDS,
-    KV_GROUP,
-    MLP_CHANNEL,
-    QUERY_SLOT,
-    SHARED_EXPERT_CHANNEL,
-    SUBLAYER_KINDS,
     Block,
     GroupSet,
     Slice,
 )
-from .peft import LoraAdapter, is_lora_linear, lora_adapters, unwrap_peft
+from .peft import LoraAdapter, is_lora_layer, is_lora_linear, lora_adapters, unwrap_peft
 
 # The kinds `build_groups` offers by default: everything but whole sublayers.
 WIDTH_KINDS = tuple(k for k in KINDS if k not in SUBLAYER_KINDS)
@@ -183,6 +183,7 @@ def build_groups(
         if isinstance(layer, SkippedLayer):
             continue
         where = f"{prefix}{layout.layers}.{i}"
+        _refuse_lora_on_non_linear(layer, layout, where)
         sizes = space_sizes(layer, layout)
         heads, kv_heads = sizes[Q] // hd, sizes[KV] // hd
         if heads * hd != sizes[Q] or kv_heads * hd != sizes[KV] or (heads and heads % kv_heads):
@@ -266,6 +267,22 @@ def _sublayer_slices(layer: nn.Module, sub, where: str, adapters: dict, shapes: 
             if counted:
                 numel += tensor.numel()
     return tuple(slices), numel
+
+
+def _refuse_lora_on_non_linear(layer: nn.Module, layout: ArchLayout, where: str) -> None:
+    for sub in layout.sublayers:
+        for proj in sub.projections:
+            parent_path, _, name = proj.path.rpartition(".")
+            try:
+                module = getattr(get_submodule(layer, parent_path), name, None)
+            except AttributeError:
+                continue
+            if module is not None and is_lora_layer(module) and not is_lora_linear(module):
+                raise ValueError(
+                    f"`{where}.{proj.path}` is a peft LoRA layer around a {type(module.base_layer).__name__}; hf_hesso "
+                    "groups LoRA adapters on `nn.Linear` projections only. Merge the adapters first "
+                    "(`model = model.merge_and_unload()`), or target other modules with `LoraConfig(target_modules=...)`."
+                )
 
 
 def _tensor_entries(layer: nn.Module, proj: Proj, where: str, adapters: dict):

@@ -61,7 +61,7 @@ def architecture_table() -> str:
     ]
     for model_type in sorted(ARCHITECTURES):
         layout = ARCHITECTURES[model_type]
-        if layout.notes.startswith("Inferred"):
+        if layout.inferred:
             continue
         kinds = ", ".join(f"`{k}`" for k in layout_kinds(layout))
         attention = _sublayer(layout.attention)

@@ -123,6 +123,7 @@ class ArchLayout:
             so their layers keep the LayerNorms after the sublayers are gone).
         excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
             whose numerical check failed for that kind).
+        inferred (`bool`): inferred from a module tree (`check_architecture`), not written in this table.
     """
 
     name: str
@@ -137,10 +138,48 @@ class ArchLayout:
     notes: str = ""
     pre_norm: bool = True
     excluded: tuple[tuple[str, str], ...] = ()
+    inferred: bool = False
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
         return (self.attention, *self.mlps)
+
+    # Paths of separate projections, for code that handles only the Llama/BERT shape of layer (GGUF export).
+    def _path(self, projections: tuple[Proj, ...], rows: tuple[str, ...] = (), cols: str | None = None) -> str:
+        found = [p.path for p in projections if p.rows == rows and p.cols == cols and not p.optional]
+        if not found:
+            raise ValueError(f"{self.name} has no separate projection with rows {rows} and columns {cols}.")
+        return found[0]
+
+    @property
+    def q(self) -> str:
+        return self._path(self.attention.projections, rows=(Q,))
+
+    def _kv(self) -> list[str]:
+        found = [p.path for p in self.attention.projections if p.rows == (KV,) and not p.optional]
+        if len(found) != 2:
+            raise ValueError(f"{self.name} has no separate key and value projections (they are fused).")
+        return found
+
+    @property
+    def k(self) -> str:
+        return self._kv()[0]
+
+    @property
+    def v(self) -> str:
+        return self._kv()[1]
+
+    @property
+    def o(self) -> str:
+        return self._path(self.attention.projections, cols=Q)
+
+    @property
+    def mlp_in(self) -> tuple[str, ...]:
+        return tuple(p.path for p in self.mlps[0].projections if p.rows == (MLP,))
+
+    @property
+    def mlp_out(self) -> str:
+        return self._path(self.mlps[0].projections, cols=MLP)
 
 
 def _decoder_classes(prefix: str, model: str | None = None, causal: str | None = None) -> tuple:
@@ -179,7 +218,11 @@ def _llama_attention(
 
 GATED_MLP = Sublayer(
     module="mlp",
-    projections=(Proj("mlp.gate_proj", rows=(MLP,)), Proj("mlp.up_proj", rows=(MLP,)), Proj("mlp.down_proj", cols=MLP)),
+    projections=(
+        Proj("mlp.gate_proj", rows=(MLP,)),
+        Proj("mlp.up_proj", rows=(MLP,)),
+        Proj("mlp.down_proj", cols=MLP),
+    ),
     attributes=(("mlp.intermediate_size", "mlp"),),
     width_field="intermediate_size",
     norms=("post_attention_layernorm",),
@@ -374,8 +417,12 @@ MODERNBERT_LAYOUT = ArchLayout(
         returns_tuple=True,
     ),
     mlps=(
-        Sublayer(module="mlp", projections=(Proj("mlp.Wi", rows=(MLP, MLP)), Proj("mlp.Wo", cols=MLP)),
-                 width_field="intermediate_size", norms=("mlp_norm",)),
+        Sublayer(
+            module="mlp",
+            projections=(Proj("mlp.Wi", rows=(MLP, MLP)), Proj("mlp.Wo", cols=MLP)),
+            width_field="intermediate_size",
+            norms=("mlp_norm",),
+        ),
     ),  # fmt: skip
     config_class="ModernBertConfig",
     model_classes=_encoder_classes("ModernBert"),
@@ -396,26 +443,67 @@ PHI_LAYOUT = _llama_like(
     "`qk_layernorm=True` it cannot express removed heads",
 )
 
+GEMMA2_LAYOUT = _llama_like(
+    "Gemma-2",
+    "Gemma2",
+    "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention.",
+    attention=GEMMA_ATTENTION,
+    mlps=(GEMMA_MLP,),
+)
+GEMMA3_TEXT_LAYOUT = _llama_like(
+    "Gemma-3 (text)",
+    "Gemma3Text",
+    "Per-head q/k RMSNorm (shared over head_dim), sandwich norms, local/global attention.",
+    model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM"),
+    attention=GEMMA_ATTENTION,
+    mlps=(GEMMA_MLP,),
+)
+MIXTRAL_LAYOUT = _llama_like(
+    "Mixtral",
+    "Mixtral",
+    "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.",
+    mlps=(_experts("intermediate_size"),),
+)
+QWEN2_MOE_LAYOUT = _llama_like(
+    "Qwen2-MoE",
+    "Qwen2Moe",
+    "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` "
+    "says.",
+    mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP),
+)
+QWEN3_MOE_LAYOUT = _llama_like(
+    "Qwen3-MoE",
+    "Qwen3Moe",
+    "Routed experts in fused 3-D tensors, per-head q/k RMSNorm.",
+    mlps=(_experts("moe_intermediate_size"), GATED_MLP),
+)
+STARCODER2_LAYOUT = _llama_like(
+    "Starcoder2",
+    "Starcoder2",
+    "Biases on every projection, plain MLP `c_fc`/`c_proj`.",
+    mlps=(_plain_mlp("c_fc", "c_proj"),),
+)
+
 # model_type -> layout. One entry per line, sorted.
 ARCHITECTURES: dict[str, ArchLayout] = {
     "bert": BERT_LAYOUT,
     "deberta-v2": DEBERTA_V2_LAYOUT,
-    "gemma2": _llama_like("Gemma-2", "Gemma2", "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention.", attention=GEMMA_ATTENTION, mlps=(GEMMA_MLP,)),  # noqa: E501
-    "gemma3_text": _llama_like("Gemma-3 (text)", "Gemma3Text", "Per-head q/k RMSNorm (shared over head_dim), sandwich norms, local/global attention.", model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM"), attention=GEMMA_ATTENTION, mlps=(GEMMA_MLP,)),  # noqa: E501
+    "gemma2": GEMMA2_LAYOUT,
+    "gemma3_text": GEMMA3_TEXT_LAYOUT,
     "gpt2": GPT2_LAYOUT,
     "gpt_neox": GPT_NEOX_LAYOUT,
     "llama": LLAMA_LAYOUT,
     "mistral": _llama_like("Mistral", "Mistral", "Llama layout with sliding-window attention."),
-    "mixtral": _llama_like("Mixtral", "Mixtral", "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.", mlps=(_experts("intermediate_size"),)),  # noqa: E501
+    "mixtral": MIXTRAL_LAYOUT,
     "modernbert": MODERNBERT_LAYOUT,
     "phi": PHI_LAYOUT,
     "qwen2": _llama_like("Qwen2", "Qwen2", "Llama layout with q/k/v biases."),
-    "qwen2_moe": _llama_like("Qwen2-MoE", "Qwen2Moe", "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` says.", mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP)),  # noqa: E501
+    "qwen2_moe": QWEN2_MOE_LAYOUT,
     "qwen3": _llama_like("Qwen3", "Qwen3", "Per-head q/k RMSNorm (shared over head_dim)."),
-    "qwen3_moe": _llama_like("Qwen3-MoE", "Qwen3Moe", "Routed experts in fused 3-D tensors, per-head q/k RMSNorm.", mlps=(_experts("moe_intermediate_size"), GATED_MLP)),  # noqa: E501
+    "qwen3_moe": QWEN3_MOE_LAYOUT,
     "roberta": _bert_like("RoBERTa", "Roberta"),
     "smollm3": _llama_like("SmolLM3", "SmolLM3", "Llama layout; some layers without rotary embeddings."),
-    "starcoder2": _llama_like("Starcoder2", "Starcoder2", "Biases on every projection, plain MLP `c_fc`/`c_proj`.", mlps=(_plain_mlp("c_fc", "c_proj"),)),  # noqa: E501
+    "starcoder2": STARCODER2_LAYOUT,
 }
 
 # The config key under which a slim model records its per-layer sizes.
@@ -542,7 +630,7 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
     layout = layout or get_layout(model_type)
     heads = config.num_attention_heads
     kv_heads = (getattr(config, layout.kv_heads_field, None) if layout.kv_heads_field else None) or heads
-    head_dim = (getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None)
+    head_dim = getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None
     return NormalizedConfig(
         model_type=model_type,
         num_layers=config.num_hidden_layers,

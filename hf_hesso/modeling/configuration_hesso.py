@@ -93,7 +93,11 @@ def make_config_class(model_type: str, stock: type) -> type:
 # stock model_type -> slim config class.
 HESSO_CONFIGS: dict[str, type] = {}
 for _model_type, _layout in ARCHITECTURES.items():
-    _cls = make_config_class(_model_type, getattr(transformers, _layout.config_class))
+    # Shipped beside every slim model: skip a family the installed transformers version does not have.
+    _stock = getattr(transformers, _layout.config_class, None)
+    if _stock is None:
+        continue
+    _cls = make_config_class(_model_type, _stock)
     # A real module attribute, so `auto_map` ("configuration_hesso.HessoLlamaConfig") resolves by name.
     globals()[_cls.__name__] = _cls
     HESSO_CONFIGS[_model_type] = _cls

@@ -15,7 +15,6 @@ same function, `apply_layer_shape`, is used by `hf_hesso.slim_model` to slice a 
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 import torch
@@ -432,7 +431,7 @@ class HessoModelMixin:
         prunable = {f".{p.path}." for sub in layout.sublayers for p in sub.projections}
         for key in sorted(loading_info.missing_keys):
             match = _LAYER_INDEX.search("." + key)
-            if match and any(p in "." + key for p in prunable):
+            if match and any(p in f".{key}." for p in prunable):
                 problems.append(f"layer {match.group(1)}: tensor `{key}` is missing from the checkpoint")
         if problems:
             # Cleared so that transformers' own report does not replace this error with a less precise one.
@@ -496,13 +495,20 @@ def register_layout(model_type: str, layout: ArchLayout, model_classes: list[tup
 
 
 for _model_type, _layout in ARCHITECTURES.items():
+    if _model_type not in HESSO_CONFIGS:
+        continue
     _family = []
     for _stock_name, _auto in _layout.model_classes:
-        _cls = _make_class(_model_type, getattr(transformers, _stock_name), _auto)
+        # This file is shipped beside every slim model and may run under another transformers version: a family
+        # whose classes that version lacks is skipped rather than breaking the import for all the others.
+        _stock = getattr(transformers, _stock_name, None)
+        if _stock is None:
+            continue
+        _cls = _make_class(_model_type, _stock, _auto)
         # A real module attribute, so `auto_map` ("modeling_hesso.HessoLlamaForCausalLM") resolves by name.
         globals()[_cls.__name__] = _cls
         HESSO_MODELS[_stock_name] = _cls
         _family.append((_cls, _auto))
-    _bare = next(c for c, auto in _family if auto == "AutoModel")
+    _bare = next((c for c, auto in _family if auto == "AutoModel"), None)
     for _cls, _ in _family:
         _cls._hesso_bare_class = _bare

@@ -24,7 +24,15 @@ from torch import nn
 from ..groups import build_groups
 from ..groups.infer import infer_layouts
 from ..groups.rules import InexpressibleKind, kind_partitions
-from ..modeling.architectures import ARCHITECTURES, KINDS, ArchLayout, base_model_type, normalize_config
+from ..modeling.architectures import (
+    ARCHITECTURES,
+    HESSO_PREFIX,
+    KINDS,
+    LAYER_SHAPES_KEY,
+    ArchLayout,
+    base_model_type,
+    normalize_config,
+)
 from ..modeling.modeling_hesso import layer_modules, layer_sublayers, register_layout, space_sizes
 from .core import can_stock, slim_model
 
@@ -105,6 +113,11 @@ def tiny_config(config):
         if isinstance(value, list) and len(value) == layers:
             setattr(small, key, value[:2])
     return type(config).from_dict(small.to_dict())
+
+
+def _stock_class(cls: type) -> type:
+    """The stock class a slim (`Hesso*`) class subclasses."""
+    return next(c for c in cls.__mro__ if not c.__name__.startswith(("Hesso", "_Hesso")))
 
 
 def _auto_classes(config) -> list[tuple[type, str]]:
@@ -249,9 +262,22 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
         config = model_or_config
         classes = _auto_classes(config)
     model_type = base_model_type(config.model_type)
+    if config.model_type.startswith(HESSO_PREFIX):
+        # A slim checkpoint: check its stock family.
+        stock = config.to_dict()
+        for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+            stock.pop(key, None)
+        config = next(c for c in type(config).__mro__ if not c.__name__.startswith(("Hesso", "_Hesso"))).from_dict(
+            stock
+        )
+        if isinstance(model_or_config, nn.Module):
+            stock_cls = _stock_class(type(model_or_config))
+            classes = [(stock_cls, _auto_of(stock_cls))]
+        else:
+            classes = _auto_classes(config)
     small = tiny_config(config)
     cls, auto = classes[0]
-    in_table = model_type in ARCHITECTURES and not ARCHITECTURES[model_type].notes.startswith("Inferred")
+    in_table = model_type in ARCHITECTURES and not ARCHITECTURES[model_type].inferred
     if in_table:
         candidates = [ARCHITECTURES[model_type]]
     else:
