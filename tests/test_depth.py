@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import resources
 import torch
 import transformers
-import resources
 from conftest import tiny_batch, tiny_config
-from test_architectures import FAMILIES, make
+from test_architectures import FAMILIES
 from test_save_load import run_fresh
 
 from hf_hesso import HESSO
@@ -29,7 +29,14 @@ from hf_hesso.modeling.architectures import LAYER_SHAPES_KEY, LayerShape, get_la
 from hf_hesso.modeling.modeling_hesso import RemovedSublayer, SkippedLayer, layer_modules
 from hf_hesso.slim import slim_copy, slim_model, uniform_stock_problem
 
-_PREFIX = {"llama": "Llama", "llama_mha": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "bert": "Bert"}
+_PREFIX = {
+    "llama": "Llama",
+    "llama_mha": "Llama",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+    "bert": "Bert",
+}
 BASIC = ["llama", "qwen2", "qwen3", "mistral", "bert"]
 MORE = ["gemma2", "starcoder2", "gpt2", "phi", "gpt_neox", "qwen3_moe", "modernbert"]
 
@@ -118,7 +125,9 @@ def test_removed_sublayers_match_masked_model(name, tmp_path):
 
     model.save_pretrained(tmp_path / "slim")
     torch.save(batch, tmp_path / "batch.pt")
-    auto = "AutoModelForSequenceClassification" if name == "bert" else FAMILIES.get(name, (0, "AutoModelForCausalLM"))[1]
+    auto = (
+        "AutoModelForSequenceClassification" if name == "bert" else FAMILIES.get(name, (0, "AutoModelForCausalLM"))[1]
+    )
     job = dict(dir=str(tmp_path / "slim"), auto=auto, remote=True, batch=str(tmp_path / "batch.pt"),
                impls=["eager" if name in ("gemma2",) else "sdpa"], generate=6 if is_decoder(name) else 0)  # fmt: skip
     out = run_fresh([job], tmp_path)[job["dir"]]

@@ -564,10 +564,16 @@ class LayerShape:
         """`"removed"`-aware one-line text of the layer's sizes."""
         if self.empty:
             return "layer removed"
-        attention = f"{self.num_attention_heads} heads / {self.num_key_value_heads} kv" if self.has_attention else (
-            "attention removed" + (" (bias kept)" if self.attention_bias else ""))
-        mlp = f"{self.intermediate_size} mlp channels" if self.has_mlp else (
-            "mlp removed" + (" (bias kept)" if self.mlp_bias else ""))
+        attention = (
+            f"{self.num_attention_heads} heads / {self.num_key_value_heads} kv"
+            if self.has_attention
+            else ("attention removed" + (" (bias kept)" if self.attention_bias else ""))
+        )
+        mlp = (
+            f"{self.intermediate_size} mlp channels"
+            if self.has_mlp
+            else ("mlp removed" + (" (bias kept)" if self.mlp_bias else ""))
+        )
         return f"{attention}, {mlp}"
 
     def space_sizes(self, head_dim: int) -> dict[str, int]:

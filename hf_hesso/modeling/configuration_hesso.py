@@ -56,7 +56,6 @@ class _HessoConfigMixin:
                     f"{shape['num_key_value_heads']} key/value heads; query heads must be a multiple of key/value heads."
                 )
 
-
     @property
     def kv_sharing_modes(self) -> list[str | None] | None:
         """Per layer, `"reuse"` where the attention is removed, so that `DynamicCache(config=...)` gives that layer a

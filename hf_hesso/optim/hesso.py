@@ -592,9 +592,7 @@ class HESSO(Optimizer):
         if self.target_param_sparsity is not None:
             scores = self._kind_relative(scores / self._cost) * self._cost  # ranked by `scores / cost` below
         select = select_uniform if self.layer_shapes == "uniform" else select_redundant
-        new = select(
-            scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
-        )
+        new = select(scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible)
         self._selection_period[new] = period
         self._refresh_indices()
         return new.nonzero().squeeze(1)

@@ -506,14 +506,22 @@ def _stock_layers(model: nn.Module) -> tuple[list[int], list[LayerShape], str | 
     distinct = sorted({shapes[i] for i in kept}, key=lambda s: tuple(s.to_dict().values()))
     partial = [i for i in kept if not (shapes[i].has_attention and shapes[i].has_mlp)]
     if partial:
-        return kept, distinct, (
-            f"layers {partial} lost their attention or their MLP but not both, and a stock layer has both (use "
-            "`layer_shapes='uniform'`, which removes whole layers only)"
+        return (
+            kept,
+            distinct,
+            (
+                f"layers {partial} lost their attention or their MLP but not both, and a stock layer has both (use "
+                "`layer_shapes='uniform'`, which removes whole layers only)"
+            ),
         )
     if len(distinct) != 1:
-        return kept, distinct, (
-            f"its layers have {len(distinct)} different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), "
-            "and a stock config holds one size per field"
+        return (
+            kept,
+            distinct,
+            (
+                f"its layers have {len(distinct)} different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), "
+                "and a stock config holds one size per field"
+            ),
         )
     return kept, distinct, None
 
