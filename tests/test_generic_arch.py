@@ -5,6 +5,10 @@ check; an inexact kind is excluded with the reason; an unknown structure gets an
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,3 +222,20 @@ def test_command_on_a_slim_checkpoint(tmp_path, capsys):
     assert check_main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "model_type 'qwen2' (layout table)" in out and "kv_group" in out
+
+
+@pytest.mark.slow
+def test_command_in_fresh_processes():
+    # Fresh processes: a slim Mixtral is the first model saved there (transformers' checkpoint renaming of fused
+    # experts must not apply to slim checkpoints), and Phi-3 is outside the table (fused `qkv_proj`, which its code
+    # splits with sizes read from the config: head removal fails the check and is excluded).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = {}
+    for model_type in ("mixtral", "phi3"):
+        proc = subprocess.run([sys.executable, "-m", "hf_hesso.check", model_type], capture_output=True, text=True,
+                              timeout=300, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        out[model_type] = proc.stdout
+    assert re.search(r"expert_channel +24  exact", out["mixtral"])
+    assert "(inferred from the module tree)" in out["phi3"]
+    assert re.search(r"mlp_channel +192  exact", out["phi3"]) and re.search(r"head +8  excluded: ", out["phi3"])

@@ -412,6 +412,18 @@ class HessoModelMixin:
         if getattr(config, LAYER_SHAPES_KEY, None):
             apply_layer_shapes(self, layer_shapes_from_config(config))
 
+    # transformers renames some checkpoints on save and load (fused MoE experts <-> per-expert legacy tensors), picking
+    # the renaming by class name or `model_type`, which a slim class matches only partly: a slim Mixtral could be saved
+    # in the legacy layout and then not be renamed back on load. A slim checkpoint always holds the tensors exactly as
+    # the model does: no renaming on save (on load, legacy patterns match none of these names).
+    @property
+    def _weight_conversions(self):
+        return []
+
+    @_weight_conversions.setter
+    def _weight_conversions(self, value) -> None:
+        pass
+
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # transformers re-initialises a weight whose checkpoint shape differs from the model (and only then raises,
         # without naming the tensor, unless `ignore_mismatched_sizes=True`, where it stays silent). A slim model

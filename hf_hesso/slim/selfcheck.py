@@ -108,6 +108,11 @@ def tiny_config(config):
     for key, value in fields.items():
         if getattr(config, key, None) is not None:
             setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
+    for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        # Special tokens must fall inside the tiny vocabulary (an embedding's `padding_idx` is checked).
+        current = getattr(config, key, None)
+        if isinstance(current, int) and current >= TINY_FIELDS["vocab_size"] or isinstance(current, list):
+            setattr(small, key, value)
     for key, value in vars(config).items():
         # Per-layer lists (`layer_types`, `no_rope_layers`) follow the layer count.
         if isinstance(value, list) and len(value) == layers:
