@@ -35,7 +35,9 @@ def magnitude_scores(groups: GroupSet) -> torch.Tensor:
     return torch.cat([b.squared_norms(params) for b in groups.blocks]).double().sqrt()
 
 
-def select_budget(groups: GroupSet, scores: torch.Tensor, param_sparsity: float) -> torch.Tensor:
+def select_budget(
+    groups: GroupSet, scores: torch.Tensor, param_sparsity: float, layer_shapes: str = "free"
+) -> torch.Tensor:
     """The groups HESSO would select with these saliency `scores` for `target_param_sparsity=param_sparsity`.
 
     Runs `HESSO.select` itself (one period holding the whole budget), so the kind-relative per-parameter ranking,
@@ -53,6 +55,7 @@ def select_budget(groups: GroupSet, scores: torch.Tensor, param_sparsity: float)
         start_pruning_step=0,
         pruning_periods=1,
         pruning_steps=2,
+        layer_shapes=layer_shapes,
     )
     return hesso.select(scores.double().cpu(), period=0)
 

@@ -11,6 +11,11 @@ machine load (median of `--reps`), under `torch.inference_mode` with the same th
 - per-token decode latency at batch 1 with a KV cache (`--decode_prompt` prompt tokens, then `--decode_tokens`
   greedy steps, one token each; the prompt pass is not timed).
 
+Four shapes per sparsity (`--shapes`): `free` (width kinds, every layer its own widths, the default HESSO run),
+`uniform` (width kinds with `layer_shapes="uniform"`: every layer the same widths, loadable as the stock class),
+`sublayers` (only the `attention_sublayer` / `mlp_sublayer` kinds: depth pruning), `all` (width and sublayer kinds
+ranked together: what HESSO chooses).
+
 The ideal speed-up is dense FLOPs / slim FLOPs for the same input, counted from the shapes: 2 x in x out per token
 for every `nn.Linear` of the model (the projections of every layer and the LM head, which is not pruned), plus
 2 x 2 x heads x head_dim per key attended to (Q K^T and A V, causal: position t attends to t keys; while decoding,
@@ -19,6 +24,7 @@ The realised fraction is measured speed-up / ideal speed-up.
 
     python benchmarks/slim_speed.py
     python benchmarks/slim_speed.py --sparsities 0.2 0.5 --reps 5 --threads 2
+    python benchmarks/slim_speed.py --shapes free uniform sublayers all
     python benchmarks/slim_speed.py --llama_cpp --gguf_dtype f16   # adds the llama.cpp decode column
 
 With `--llama_cpp` the same dense and slim models are also exported to GGUF and decoded by llama.cpp
@@ -45,6 +51,7 @@ from resources import load_smollm2
 from torch import nn
 
 from hf_hesso import build_groups, slim_model
+from hf_hesso.groups import KINDS, SUBLAYER_KINDS
 from hf_hesso.modeling.architectures import normalize_config
 from hf_hesso.slim import current_layer_shapes
 
@@ -87,11 +94,21 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def build_slim(dense: nn.Module, sparsity: float) -> tuple[nn.Module, float, float]:
+# shape name -> (group kinds, layer_shapes)
+SHAPES = {
+    "free": (None, "free"),
+    "uniform": (None, "uniform"),
+    "sublayers": (list(SUBLAYER_KINDS), "free"),
+    "all": (list(KINDS), "free"),
+}
+
+
+def build_slim(dense: nn.Module, sparsity: float, shape: str = "free") -> tuple[nn.Module, float, float]:
     """A slim copy with the lowest-magnitude groups removed; returns it, the removed fraction and a logit check."""
     model = copy.deepcopy(dense)
-    groups = build_groups(model)
-    groups.zero_(model, select_budget(groups, magnitude_scores(groups), sparsity))
+    kinds, layer_shapes = SHAPES[shape]
+    groups = build_groups(model, kinds=kinds)
+    groups.zero_(model, select_budget(groups, magnitude_scores(groups), sparsity, layer_shapes))
     fraction = removed_fraction(groups, model)
     probe = torch.arange(100, 132).unsqueeze(0)
     with torch.inference_mode():
@@ -114,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--llama_cpp", action="store_true", help="Add the llama.cpp decode column (GGUF export).")
     parser.add_argument("--gguf_dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    parser.add_argument("--shapes", nargs="+", default=["free"], choices=list(SHAPES))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     dense, tokenizer = load_smollm2()
     models = {"dense": (dense, 0.0, 0.0)}
     for s in args.sparsities:
-        models[f"slim {s:.0%}"] = build_slim(dense, s)
+        for shape in args.shapes:
+            models[f"{shape} {s:.0%}"] = build_slim(dense, s, shape)
 
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
@@ -157,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         ideal_f = ff0 / forward_flops(model, args.batch, args.seq)
         ideal_d = df0 / decode_flops(model, args.decode_prompt, args.decode_tokens)
         params = sum(p.numel() for p in model.parameters())
+        if name != "dense":
+            shapes = current_layer_shapes(model)
+            name += (
+                f" ({sum(not x.has_attention for x in shapes)} attn / {sum(not x.has_mlp for x in shapes)} mlp "
+                f"removed, {sum(x.empty for x in shapes)} layers)"
+            )
         print(
             f"| {name} | {params / 1e6:.1f}M | {fraction:.1%} | {f:.2f} | {f0 / f:.2f}x | {ideal_f:.2f}x | "
             f"{f0 / f / ideal_f:.2f} | {d * 1e3:.1f} | {d0 / d:.2f}x | {ideal_d:.2f}x | {d0 / d / ideal_d:.2f} |"

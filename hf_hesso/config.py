@@ -79,8 +79,9 @@ class HESSOConfig(TrainingArguments):
             measured better than 1, README *Quality*); 1 with `cric` (CRIC accumulates its own scores over its
             cycles). See [`HESSO`].
         prune_kinds (`list[str]`, *optional*):
-            Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"` and `"query_slot"`.
-            Default: every kind the architecture supports.
+            Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"`, `"query_slot"`,
+            `"expert_channel"`, `"shared_expert_channel"` and the whole-sublayer kinds `"attention_sublayer"` and
+            `"mlp_sublayer"` (see docs/depth.md). Default: every width kind the architecture supports (no sublayers).
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism. When the target cannot be
@@ -102,6 +103,13 @@ class HESSOConfig(TrainingArguments):
         dataloader_pin_memory (`bool`, *optional*):
             As in `TrainingArguments`, but the default is `True` only when an accelerator is available (pinning
             memory on a CPU-only run only makes the DataLoader warn).
+        layer_shapes (`str`, *optional*, defaults to `"free"`):
+            `"free"`: every layer ends with its own sizes; the slim model ships its code (`trust_remote_code`).
+            `"uniform"`: every layer keeps the same number of heads / key-value groups / MLP channels and only whole
+            layers go (with `prune_kinds` including both `"attention_sublayer"` and `"mlp_sublayer"`), so that the
+            saved model is the stock class (`to_stock`), loadable with nothing imported and by serving engines. A
+            kind whose reachable counts the stock config cannot express (Llama's `hidden_size % heads`) is refused
+            before training, with the fix. See docs/depth.md.
         cric (`bool`, *optional*, defaults to `False`):
             Identify the redundant groups with the Corrective Redundant Identification Cycle ([`CRIC`]) before one
             HESSO period of `pruning_steps` steps projects them to zero: block probing by the loss, then corrective
@@ -186,7 +194,10 @@ class HESSOConfig(TrainingArguments):
     )
     prune_kinds: list[str] | None = field(
         default=None,
-        metadata={"help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: all."},
+        metadata={
+            "help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: every width kind (add "
+            "attention_sublayer / mlp_sublayer to let HESSO remove whole sublayers)."
+        },
     )
     group_divisible: int = field(
         default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}
@@ -232,6 +243,14 @@ class HESSOConfig(TrainingArguments):
         metadata={"help": "Fractions of every block zeroed by the CRIC probes, each in (0, 1)."},
     )
     cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
+    layer_shapes: str = field(
+        default="free",
+        metadata={
+            "help": "'free': every layer ends with its own sizes (the slim model ships its code). 'uniform': every "
+            "layer keeps the same counts and only whole layers go, so the result saves as the stock class "
+            "(checked before training)."
+        },
+    )
 
     distill: bool = field(
         default=False, metadata={"help": "Distil from a frozen teacher (default: the model as it was at the start)."}
@@ -274,6 +293,13 @@ class HESSOConfig(TrainingArguments):
         Schedule(self.start_pruning_step, self.pruning_periods, self.pruning_steps, self.saliency_steps)
         if self.max_steps > 0:
             self.check_schedule_fits(self.max_steps)
+        if self.layer_shapes not in ("free", "uniform"):
+            raise ValueError(f"`layer_shapes` must be 'free' or 'uniform', got {self.layer_shapes!r}.")
+        if self.layer_shapes == "uniform" and self.cric:
+            raise ValueError(
+                "`layer_shapes='uniform'` is not available with `cric=True` (CRIC ranks single groups); use HESSO "
+                "(`cric=False`) or `layer_shapes='free'`."
+            )
         if self.saliency_steps > 1 and self.cric:
             raise ValueError(
                 f"`saliency_steps`={self.saliency_steps} applies to HESSO's periods; with `cric=True` CRIC accumulates "

@@ -25,7 +25,7 @@ from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
 from .optim.presets import resolve_saliency
-from .slim import gather_full_model
+from .slim import gather_full_model, uniform_stock_problem
 
 logger = get_logger(__name__)
 
@@ -303,12 +303,17 @@ class HESSOTrainer(DistillationMixin, Trainer):
                     "`cric_max_cycles`, `cric_sampling_steps`, `pruning_steps` or the number of `cric_trial_ratios`."
                 )
         else:
+            if args.layer_shapes == "uniform":
+                problem = uniform_stock_problem(self._unwrapped_model(model), self.groups, args.group_divisible)
+                if problem is not None:
+                    raise ValueError(problem)
             self.optimizer = HESSO(
                 self.optimizer,
                 self.groups,
                 start_pruning_step=args.start_pruning_step,
                 pruning_periods=args.pruning_periods,
                 saliency_steps=args.saliency_steps,
+                layer_shapes=args.layer_shapes,
                 **common,
             )
         return self.optimizer
@@ -460,6 +465,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
             training=self._card_training(),
             merge_adapters=merge_adapters,
             write_extra=write_extra,
+            stock=self.args.layer_shapes == "uniform" and merge_adapters,
         )
         saved.report.model_name = Path(self.args.hub_model_id or self.args.output_dir).name
         self._report = saved.report

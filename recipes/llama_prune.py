@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     held_out = lm_blocks(bbc["test"], tokenizer, script.seq_len, max_blocks=script.eval_blocks)
     ppl_before = perplexity(model, held_out, script.eval_batch_size)
     params_before = sum(p.numel() for p in model.parameters())
+    layers_before = model.config.num_hidden_layers
 
     peft_config = None
     if script.lora_r > 0:
@@ -183,6 +184,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"Parameters: {params_before:,} -> {params_after:,} "
         f"({1 - params_after / params_before:.1%} fewer; target: remove {target})"
+    )
+    # Which sublayers went: recorded per layer in a slim config; a stock export (`--layer_shapes uniform`) has
+    # fewer layers instead.
+    shapes = getattr(slim.config, "hesso_layer_shapes", None) or []
+    removed = {
+        "attention": [i for i, s in enumerate(shapes) if not s["num_attention_heads"]],
+        "mlp": [i for i, s in enumerate(shapes) if not (s["intermediate_size"] or s.get("shared_intermediate_size"))],
+        "layers_before": layers_before,
+        "layers_after": slim.config.num_hidden_layers - len([i for i, s in enumerate(shapes) if not (
+            s["num_attention_heads"] or s["intermediate_size"] or s.get("shared_intermediate_size"))]),
+    }  # fmt: skip
+    results["removed_sublayers"] = removed
+    print(
+        f"Removed sublayers: attention in layers {removed['attention'] or 'none'}, MLP in layers "
+        f"{removed['mlp'] or 'none'}; {removed['layers_after']} of {layers_before} layers kept"
+        + (" (stock export)" if not shapes and slim.config.model_type == model.config.model_type else "")
     )
     print(f"Slim model written to {args.output_dir} in {results['seconds']:.0f} s")
     return results

@@ -149,7 +149,7 @@ def test_unlisted_model_type_is_inferred_checked_and_prunable(tmp_path):
     report = check_architecture(model)
 
     assert not report.in_table and report.error is None
-    assert report.exact_kinds == [MLP_CHANNEL, HEAD]
+    assert report.exact_kinds == [MLP_CHANNEL, HEAD, "attention_sublayer", "mlp_sublayer"]
     kinds = {k.kind: k for k in report.kinds}
     assert kinds[HEAD].found == 8 and kinds[MLP_CHANNEL].found == 192
     # The fused `qkv` was read as [q; k; v] (the concatenated candidate passed the check).
@@ -201,7 +201,8 @@ def test_table_family_check_and_command(capsys):
     report = check_architecture(transformers.Qwen3Config(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=128))  # fmt: skip
-    assert report.in_table and report.exact_kinds == [MLP_CHANNEL, "kv_group", "query_slot"]
+    assert report.in_table
+    assert report.exact_kinds == [MLP_CHANNEL, "kv_group", "query_slot", "attention_sublayer", "mlp_sublayer"]
     assert all(k.stock_uniform is None for k in report.kinds)
     assert check_main(["gpt2"]) == 0
     out = capsys.readouterr().out

@@ -195,20 +195,6 @@ def test_partly_zero_groups_are_kept():
     assert summary.layers == summary.layers_before
 
 
-def test_empty_block_is_refused_and_model_unchanged():
-    model = make_model("llama", "ForCausalLM")
-    groups = build_groups(model)
-    block = next(b for b in groups.blocks if b.layer == 1 and b.kind == KV_GROUP)
-    mlp = next(b for b in groups.blocks if b.layer == 0 and b.kind == MLP_CHANNEL)
-    groups.zero_(model, [mlp.offset, *range(block.offset, block.offset + block.n)])
-    before = {n: p.shape for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"All 2 `kv_group` groups of layer 1 are zero"):
-        slim_model(model, groups)
-    assert type(model) is transformers.LlamaForCausalLM
-    assert model.config.model_type == "llama"
-    assert {n: p.shape for n, p in model.named_parameters()} == before
-
-
 def test_stale_groups_are_refused():
     model = make_model("qwen2", "ForCausalLM")
     groups = build_groups(model)

@@ -130,13 +130,17 @@ def render_model_card(report: PruningReport) -> str:
         "",
         "## Kept structures per layer",
         "",
-        "| Layer | Attention heads | Key/value groups | MLP channels |",
-        "|---:|---:|---:|---:|",
+        "| Layer | Attention heads | Key/value groups | MLP channels | Removed |",
+        "|---:|---:|---:|---:|---|",
     ]
     for i, (b, a) in enumerate(zip(report.layers_before, report.layers_after, strict=True)):
+        gone = [name for name, has in (("attention", a.has_attention), ("MLP", a.has_mlp)) if not has]
+        removed = "whole layer" if a.empty else " and ".join(gone) + ("" if not gone else
+                  " (output bias kept)" if a.attention_bias or a.mlp_bias else "")  # fmt: skip
         lines.append(
             f"| {i} | {a.num_attention_heads} / {b.num_attention_heads} | "
-            f"{a.num_key_value_heads} / {b.num_key_value_heads} | {a.intermediate_size} / {b.intermediate_size} |"
+            f"{a.num_key_value_heads} / {b.num_key_value_heads} | {a.intermediate_size} / {b.intermediate_size} | "
+            f"{removed} |"
         )
     lines += ["", "## HESSO settings", "", "| Setting | Value |", "|---|---|"]
     lines += [f"| `{k}` | `{v}` |" for k, v in report.settings.items()]

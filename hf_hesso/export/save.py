@@ -17,7 +17,15 @@ from ..groups import GroupSet, build_groups
 from ..groups.peft import is_peft_model
 from ..modeling.journal import MANIFEST_NAME
 from ..optim import HESSO
-from ..slim import ADAPTER_SUBDIR, SlimSummary, check_materialized, merge_and_slim, slim_copy, slim_with_adapters
+from ..slim import (
+    ADAPTER_SUBDIR,
+    SlimSummary,
+    check_materialized,
+    merge_and_slim,
+    slim_copy,
+    slim_with_adapters,
+    to_stock,
+)
 from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir
 from .card import MODEL_CARD_NAME, PruningReport, render_model_card
 
@@ -89,6 +97,7 @@ def save_slim(
     hub_token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload slim model (hf_hesso)",
+    stock: bool = False,
 ) -> SavedSlim:
     """Write the slim version of `model` to `output_dir`: weights, config, shipped code, tokenizer, model card.
 
@@ -118,6 +127,9 @@ def save_slim(
         optimizer (`HESSO`, *optional*): the optimizer that pruned `model`; its settings go into the model card.
         settings (`dict`, *optional*): settings for the card (override those read from `optimizer`).
         training (`dict`, *optional*): training facts for the card (data, steps, batch size...).
+        stock (`bool`, *optional*, defaults to `False`): save as the stock class and config (`to_stock`), loadable
+            with nothing imported and no remote code; every kept layer must have one shape the stock config can
+            express (what `layer_shapes="uniform"` gives). Raises otherwise.
         merge_adapters (`bool`, *optional*, defaults to `True`): LoRA models only. `True`: one merged slim model;
             `False`: the slim base model plus the adapters sliced alike in `output_dir/adapter` (load with
             `PeftModel.from_pretrained(base, output_dir + "/adapter")`).
@@ -168,6 +180,10 @@ def save_slim(
                 "adapters. Leave `merge_adapters` at its default."
             )
         slim, summary = slim_copy(model, groups)
+    if stock:
+        if adapters is not None:
+            raise ValueError("`stock=True` writes one merged stock model; it cannot keep LoRA adapters apart.")
+        to_stock(slim)
     card_settings["removed_groups"] = summary.removed_groups
     name = Path(hub_model_id or os.fspath(output_dir)).name
     report = build_report(model, summary, settings=card_settings, training=training, model_name=name)

@@ -1,11 +1,14 @@
 from ..modeling.architectures import (
+    ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
     KINDS,
     KV_GROUP,
     MLP_CHANNEL,
+    MLP_SUBLAYER,
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
+    SUBLAYER_KINDS,
 )
 from .group import (
     Block,
@@ -16,6 +19,9 @@ from .group import (
 from .rules import build_groups
 
 __all__ = [
+    "ATTENTION_SUBLAYER",
+    "MLP_SUBLAYER",
+    "SUBLAYER_KINDS",
     "EXPERT_CHANNEL",
     "SHARED_EXPERT_CHANNEL",
     "HEAD",

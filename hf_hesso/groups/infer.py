@@ -206,7 +206,16 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
             ArchLayout(
                 name=type(config).__name__.removesuffix("Config"),
                 layers=layers_path,
-                attention=Sublayer(module=module, projections=projections, attributes=attributes),
+                # transformers' attention modules return `(output, weights)`, and a removed one must too; for other
+                # code a guess (a plain tensor), which the numerical check of `attention_sublayer` confirms or rejects.
+                attention=Sublayer(
+                    module=module,
+                    projections=projections,
+                    attributes=attributes,
+                    returns_tuple=type(attention_module).__module__.startswith("transformers."),
+                ),
+                # Unknown residual structure: a layer that lost both sublayers is never assumed to be the identity.
+                pre_norm=False,
                 mlps=tuple(mlps),
                 config_class=type(config).__name__,
                 model_classes=((type(model).__name__, ""),),

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..modeling.architectures import (
+    ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     EXPERT_CHANNEL_UNIT,
     HEAD,
@@ -33,9 +34,11 @@ from ..modeling.architectures import (
     KV_GROUP,
     MLP,
     MLP_CHANNEL,
+    MLP_SUBLAYER,
     QUERY_SLOT,
     SHARED,
     SHARED_EXPERT_CHANNEL,
+    SUBLAYER_KINDS,
     ArchLayout,
     Proj,
     Q,
@@ -43,9 +46,12 @@ from ..modeling.architectures import (
     get_submodule,
     normalize_config,
 )
-from ..modeling.modeling_hesso import layer_sublayers, projection_tensors, space_sizes
+from ..modeling.modeling_hesso import SkippedLayer, layer_sublayers, projection_tensors, removed, space_sizes
 from .group import Block, GroupSet, Slice, exclude_frozen
 from .peft import LoraAdapter, is_lora_layer, is_lora_linear, lora_adapters, unwrap_peft
+
+# The kinds `build_groups` offers by default: everything but whole sublayers.
+WIDTH_KINDS = tuple(k for k in KINDS if k not in SUBLAYER_KINDS)
 
 # A kind's partition of an index space: group `g` owns `o * n * inner + g * inner + j` (see `Slice`).
 Partition = tuple[int, int, int]
@@ -136,8 +142,9 @@ def build_groups(
         model (`nn.Module`): a transformers model of a supported `model_type` (bare, `*ForCausalLM`,
             `*ForSequenceClassification`, `*ForMaskedLM`), on any device including `meta`, stock or slim.
         kinds (`Iterable[str]`, *optional*): restrict to these kinds (`"mlp_channel"`, `"head"`, `"kv_group"`,
-            `"query_slot"`, `"expert_channel"`, `"shared_expert_channel"`). Default: all kinds the architecture
-            supports.
+            `"query_slot"`, `"expert_channel"`, `"shared_expert_channel"`, and the whole-sublayer kinds
+            `"attention_sublayer"`, `"mlp_sublayer"`). Default: every width kind the architecture supports; the
+            sublayer kinds are opt-in (they let HESSO remove a layer's whole attention or MLP).
         layers (`Iterable[int]`, *optional*): restrict to these layer indices. Default: every layer.
         layout (`ArchLayout`, *optional*): the layout to read; default the table entry of `config.model_type`.
         prune_frozen (`bool`, *optional*, defaults to `False`): keep the groups that slice parameters with
@@ -152,7 +159,7 @@ def build_groups(
     config = model.config
     layout = layout or get_layout(config.model_type)
     norm = normalize_config(config, layout)
-    wanted = set(KINDS if kinds is None else kinds)
+    wanted = set(WIDTH_KINDS if kinds is None else kinds)
     unknown = wanted - set(KINDS)
     if unknown:
         raise ValueError(f"`kinds` contains unknown kinds {sorted(unknown)}; choose from {list(KINDS)}.")
@@ -174,18 +181,23 @@ def build_groups(
 
     for i in layer_ids:
         layer = layer_list[i]
+        if isinstance(layer, SkippedLayer):
+            continue
         where = f"{prefix}{layout.layers}.{i}"
         _refuse_lora_on_non_linear(layer, layout, where)
         sizes = space_sizes(layer, layout)
         heads, kv_heads = sizes[Q] // hd, sizes[KV] // hd
-        if heads * hd != sizes[Q] or kv_heads * hd != sizes[KV] or heads % kv_heads:
+        if heads * hd != sizes[Q] or kv_heads * hd != sizes[KV] or (heads and heads % kv_heads):
             raise ValueError(
                 f"Layer {i}: query/key widths {sizes[Q]}/{sizes[KV]} are not whole heads of size {hd} with query "
                 "heads a multiple of key/value heads."
             )
         attention, mlp = layer_sublayers(layer, layout)
         mha = heads == kv_heads and mha_config
-        partitions = kind_partitions(sizes, hd, mha, mlp.experts)
+        partitions = kind_partitions(sizes, hd, mha, mlp.experts) if heads else {}
+        if not heads:  # the attention is removed: only the MLP's kinds remain
+            partitions = {k: v for k, v in kind_partitions({**sizes, Q: hd, KV: hd}, hd, True, mlp.experts).items()
+                          if k not in (HEAD, KV_GROUP, QUERY_SLOT)}  # fmt: skip
         for kind, partition in partitions.items():
             n = next(iter(partition.values()))[1]
             if n < 2 or kind not in wanted or kind in excluded:
@@ -223,8 +235,40 @@ def build_groups(
                                 numel += s.numel_per_group(tensor.shape)
             offset = sum(b.n for b in blocks)
             blocks.append(Block(i, kind, n, tuple(slices), numel, offset))
+        for kind, sub in ((ATTENTION_SUBLAYER, attention), (MLP_SUBLAYER, mlp)):
+            if kind in wanted and not removed(layer, sub):
+                slices, numel = _sublayer_slices(layer, sub, where, adapters, shapes)
+                blocks.append(Block(i, kind, 1, slices, numel, sum(b.n for b in blocks)))
     groups = GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters, prune_frozen=prune_frozen)
     return groups if prune_frozen else exclude_frozen(groups)
+
+
+def _sublayer_slices(layer: nn.Module, sub, where: str, adapters: dict, shapes: dict) -> tuple[tuple[Slice, ...], int]:
+    """The one group of a whole sublayer: every projection's whole weight and bias (and LoRA `B`), and its size.
+
+    Zeroing them makes the sublayer's output exactly zero (zero queries and keys give uniform attention over zero
+    values; `act(0) * 0 = 0` in an MLP; a zero expert output stays zero under any routing weight), which is what
+    the residual stream gets once the sublayer is removed. Its own norms (`Sublayer.norms`) are not in the group: a
+    zero output does not depend on them, and they go with the sublayer when it is sliced out.
+    """
+    slices: list[Slice] = []
+    numel = 0
+    for proj in sub.projections:
+        entries = _tensor_entries(layer, proj, where, adapters)
+        if entries is None:
+            continue
+        t, weight_name, bias_name, lora = entries
+        named = [(weight_name, t.weight, t.out_dim, True)]
+        if bias_name is not None:
+            named.append((bias_name, t.bias, 0, True))
+        named.extend((name, x, t.out_dim, False) for ad in lora for name, x in ad.tensors_along(t.out_dim))
+        for full, tensor, d, counted in named:
+            s = Slice(full, d, 1, 1, tensor.shape[d])
+            shapes[full] = tuple(tensor.shape)
+            slices.append(s)
+            if counted:
+                numel += tensor.numel()
+    return tuple(slices), numel
 
 
 def _refuse_lora_on_non_linear(layer: nn.Module, layout: ArchLayout, where: str) -> None:

@@ -21,7 +21,7 @@ modules are laid out like a known family is one line in ``ARCHITECTURES``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Group kinds (re-exported by `hf_hesso.groups`; defined here so that the layout data can name them).
 MLP_CHANNEL = "mlp_channel"
@@ -30,7 +30,11 @@ KV_GROUP = "kv_group"
 QUERY_SLOT = "query_slot"
 EXPERT_CHANNEL = "expert_channel"
 SHARED_EXPERT_CHANNEL = "shared_expert_channel"
-KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT, EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL)
+# Whole sublayers: one group per layer holds every projection (and bias) of its attention or its MLP.
+ATTENTION_SUBLAYER = "attention_sublayer"
+MLP_SUBLAYER = "mlp_sublayer"
+SUBLAYER_KINDS = (ATTENTION_SUBLAYER, MLP_SUBLAYER)
+KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT, EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL, *SUBLAYER_KINDS)
 
 # Channels per `expert_channel` group. transformers runs fused experts with `grouped_mm`, whose kernels need every
 # row of a weight to span a multiple of 16 bytes: 8 channels in bf16. Groups of 8 channels keep every slim width a
@@ -78,6 +82,11 @@ class Sublayer:
         width_field (`str`, *optional*): for an MLP, the config field of its width (`to_stock`).
         shared_width_field (`str`, *optional*): the config field of the shared expert's width.
         experts (`bool`): an MLP whose `mlp` space is the channels of routed experts (kind `expert_channel`).
+        norms (`tuple[str, ...]`): the norms only this sublayer uses (its pre-norm, and a norm applied to its output
+            alone, e.g. Gemma-2's `post_attention_layernorm`), relative to the layer. A removed sublayer outputs zero,
+            whatever its input, and a norm maps zero to zero, so these norms go with it. A norm on the residual
+            path (BERT's `LayerNorm(x + sublayer(x))`) or shared with the other sublayer (Phi) is never listed.
+        returns_tuple (`bool`): the module returns `(output, weights)` (attention modules) rather than a tensor.
     """
 
     module: str
@@ -86,6 +95,8 @@ class Sublayer:
     width_field: str | None = None
     shared_width_field: str | None = None
     experts: bool = False
+    norms: tuple[str, ...] = ()
+    returns_tuple: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,10 @@ class ArchLayout:
         kv_heads_field (`str`, *optional*): the config field of the key/value head count (`None`: one per query head).
         stock_rule (`str`, *optional*): a rule of the stock config that `to_stock` cannot always meet, as text.
         notes (`str`): what the family brings, for the documentation.
+        pre_norm (`bool`): every sublayer adds its output to the residual stream and nothing else touches the
+            stream, so a layer whose attention and MLP are both removed is the identity and is dropped from the stack.
+            False for post-norm encoders (BERT: `LayerNorm(x + sublayer(x))` is not `x` when the sublayer is zero,
+            so their layers keep the LayerNorms after the sublayers are gone).
         excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
             whose numerical check failed for that kind).
         inferred (`bool`): inferred from a module tree (`check_architecture`), not written in this table.
@@ -121,6 +136,7 @@ class ArchLayout:
     kv_heads_field: str | None = "num_key_value_heads"
     stock_rule: str | None = None
     notes: str = ""
+    pre_norm: bool = True
     excluded: tuple[tuple[str, str], ...] = ()
     inferred: bool = False
 
@@ -183,7 +199,9 @@ def _encoder_classes(prefix: str) -> tuple:
 
 
 # Attention with separate q/k/v/o projections and grouped-query attention (`num_key_value_groups`).
-def _llama_attention(o: str = "o_proj", module: str = "self_attn") -> Sublayer:
+def _llama_attention(
+    o: str = "o_proj", module: str = "self_attn", norms: tuple[str, ...] = ("input_layernorm",)
+) -> Sublayer:
     return Sublayer(
         module=module,
         projections=(
@@ -193,6 +211,8 @@ def _llama_attention(o: str = "o_proj", module: str = "self_attn") -> Sublayer:
             Proj(f"{module}.{o}", cols=Q),
         ),
         attributes=((f"{module}.num_key_value_groups", "groups"),),
+        norms=norms,
+        returns_tuple=True,
     )
 
 
@@ -205,14 +225,25 @@ GATED_MLP = Sublayer(
     ),
     attributes=(("mlp.intermediate_size", "mlp"),),
     width_field="intermediate_size",
+    norms=("post_attention_layernorm",),
 )
+# Gemma-2/3: sandwich norms, each only on its sublayer's path (a norm of a zero output is zero).
+GEMMA_MLP = replace(GATED_MLP, norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+GEMMA_ATTENTION = _llama_attention(norms=("input_layernorm", "post_attention_layernorm"))
 
 
-def _plain_mlp(fc: str, out: str, module: str = "mlp", width_field: str = "intermediate_size") -> Sublayer:
+def _plain_mlp(
+    fc: str,
+    out: str,
+    module: str = "mlp",
+    width_field: str = "intermediate_size",
+    norms: tuple[str, ...] = ("post_attention_layernorm",),
+) -> Sublayer:
     return Sublayer(
         module=module,
         projections=(Proj(f"{module}.{fc}", rows=(MLP,)), Proj(f"{module}.{out}", cols=MLP)),
         width_field=width_field,
+        norms=norms,
     )
 
 
@@ -233,6 +264,7 @@ def _experts(width_field: str, shared: bool = False) -> Sublayer:
         width_field=width_field,
         shared_width_field="shared_expert_intermediate_size" if shared else None,
         experts=True,
+        norms=("post_attention_layernorm",),
     )
 
 
@@ -289,6 +321,7 @@ def _bert_like(name: str, prefix: str) -> ArchLayout:
                 Proj("attention.output.dense", cols=Q),
             ),
             attributes=_BERT_SELF_ATTRIBUTES,
+            returns_tuple=True,
         ),
         mlps=(BERT_MLP,),
         config_class=prefix + "Config",
@@ -296,6 +329,7 @@ def _bert_like(name: str, prefix: str) -> ArchLayout:
         head_dim_field=None,
         kv_heads_field=None,
         notes="Post-norm encoder; every projection has a bias.",
+        pre_norm=False,
     )
 
 
@@ -316,8 +350,10 @@ DEBERTA_V2_LAYOUT = ArchLayout(
             Proj("attention.output.dense", cols=Q),
         ),
         attributes=_BERT_SELF_ATTRIBUTES,
+        returns_tuple=True,
     ),
     mlps=(BERT_MLP,),
+    pre_norm=False,
     config_class="DebertaV2Config",
     model_classes=_encoder_classes("DebertaV2"),
     head_dim_field="attention_head_size",
@@ -335,8 +371,10 @@ GPT2_LAYOUT = ArchLayout(
         module="attn",
         projections=(Proj("attn.c_attn", rows=(Q, KV, KV)), Proj("attn.c_proj", cols=Q)),
         attributes=(("attn.num_heads", "heads"), ("attn.split_size", "q_width")),
+        norms=("ln_1",),
+        returns_tuple=True,
     ),
-    mlps=(_plain_mlp("c_fc", "c_proj", width_field="n_inner"),),
+    mlps=(_plain_mlp("c_fc", "c_proj", width_field="n_inner", norms=("ln_2",)),),
     config_class="GPT2Config",
     model_classes=(
         ("GPT2Model", "AutoModel"),
@@ -357,6 +395,8 @@ GPT_NEOX_LAYOUT = ArchLayout(
             Proj("attention.query_key_value", rows=(Q, KV, KV), interleaved=True),
             Proj("attention.dense", cols=Q),
         ),
+        norms=("input_layernorm",),
+        returns_tuple=True,
     ),
     mlps=(_plain_mlp("dense_h_to_4h", "dense_4h_to_h"),),
     config_class="GPTNeoXConfig",
@@ -373,12 +413,15 @@ MODERNBERT_LAYOUT = ArchLayout(
     attention=Sublayer(
         module="attn",
         projections=(Proj("attn.Wqkv", rows=(Q, KV, KV)), Proj("attn.Wo", cols=Q)),
+        norms=("attn_norm",),
+        returns_tuple=True,
     ),
     mlps=(
         Sublayer(
             module="mlp",
             projections=(Proj("mlp.Wi", rows=(MLP, MLP)), Proj("mlp.Wo", cols=MLP)),
             width_field="intermediate_size",
+            norms=("mlp_norm",),
         ),
     ),  # fmt: skip
     config_class="ModernBertConfig",
@@ -393,8 +436,9 @@ PHI_LAYOUT = _llama_like(
     "Phi",
     "Output projection `dense`, plain MLP `fc1`/`fc2`, biases, parallel residual, partial rotary, optional per-head "
     "q/k LayerNorm.",
-    attention=_llama_attention(o="dense"),
-    mlps=(_plain_mlp("fc1", "fc2"),),
+    # Parallel residual: both sublayers read the one `input_layernorm`, which stays while either is kept.
+    attention=_llama_attention(o="dense", norms=()),
+    mlps=(_plain_mlp("fc1", "fc2", norms=()),),
     stock_rule="stock Phi sizes `q_layernorm`/`k_layernorm` by `hidden_size // num_attention_heads`, so with "
     "`qk_layernorm=True` it cannot express removed heads",
 )
@@ -403,12 +447,16 @@ GEMMA2_LAYOUT = _llama_like(
     "Gemma-2",
     "Gemma2",
     "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention.",
+    attention=GEMMA_ATTENTION,
+    mlps=(GEMMA_MLP,),
 )
 GEMMA3_TEXT_LAYOUT = _llama_like(
     "Gemma-3 (text)",
     "Gemma3Text",
     "Per-head q/k RMSNorm (shared over head_dim), sandwich norms, local/global attention.",
     model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM"),
+    attention=GEMMA_ATTENTION,
+    mlps=(GEMMA_MLP,),
 )
 MIXTRAL_LAYOUT = _llama_like(
     "Mixtral",
@@ -470,12 +518,33 @@ class LayerShape:
 
     `intermediate_size` is the MLP width: of the dense MLP, or of every routed expert in a mixture-of-experts layer.
     `shared_intermediate_size` is the width of a shared expert (Qwen2-MoE), `None` where there is none.
+
+    Zero heads means the layer's attention is removed (no compute, no key/value cache entry); an MLP width of zero
+    (and no shared expert width) means its MLP is removed. A removed sublayer whose output projection had a bias
+    that was not zero still adds that constant bias to the residual stream: `attention_bias` / `mlp_bias` say so. A
+    layer whose attention and MLP are both removed and that adds no bias is dropped from the stack (`dropped`), in
+    families where that layer is then the identity (pre-norm).
     """
 
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
     shared_intermediate_size: int | None = field(default=None)
+    attention_bias: bool = field(default=False)
+    mlp_bias: bool = field(default=False)
+
+    @property
+    def has_attention(self) -> bool:
+        return self.num_attention_heads > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.intermediate_size > 0 or bool(self.shared_intermediate_size)
+
+    @property
+    def empty(self) -> bool:
+        """Attention and MLP both removed, and no constant bias left: the layer is the identity in pre-norm families."""
+        return not (self.has_attention or self.has_mlp or self.attention_bias or self.mlp_bias)
 
     def to_dict(self) -> dict[str, int]:
         out = {
@@ -485,7 +554,27 @@ class LayerShape:
         }
         if self.shared_intermediate_size is not None:
             out["shared_intermediate_size"] = self.shared_intermediate_size
+        if self.attention_bias:
+            out["attention_bias"] = True
+        if self.mlp_bias:
+            out["mlp_bias"] = True
         return out
+
+    def describe(self) -> str:
+        """`"removed"`-aware one-line text of the layer's sizes."""
+        if self.empty:
+            return "layer removed"
+        attention = (
+            f"{self.num_attention_heads} heads / {self.num_key_value_heads} kv"
+            if self.has_attention
+            else ("attention removed" + (" (bias kept)" if self.attention_bias else ""))
+        )
+        mlp = (
+            f"{self.intermediate_size} mlp channels"
+            if self.has_mlp
+            else ("mlp removed" + (" (bias kept)" if self.mlp_bias else ""))
+        )
+        return f"{attention}, {mlp}"
 
     def space_sizes(self, head_dim: int) -> dict[str, int]:
         """The size of every index space of a layer of this shape."""
@@ -559,11 +648,16 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
     )
 
 
+def layer_shape_from_dict(shape: dict) -> LayerShape:
+    return LayerShape(**{k: (bool(v) if k in ("attention_bias", "mlp_bias") else (None if v is None else int(v)))
+                         for k, v in shape.items()})  # fmt: skip
+
+
 def layer_shapes_from_config(config) -> list[LayerShape]:
     """Per-layer sizes: the recorded ones of a slim config, else the uniform sizes of a stock config."""
     recorded = getattr(config, LAYER_SHAPES_KEY, None)
     if recorded:
-        return [LayerShape(**{k: int(v) for k, v in shape.items()}) for shape in recorded]
+        return [layer_shape_from_dict(shape) for shape in recorded]
     norm = normalize_config(config)
     uniform = LayerShape(norm.num_attention_heads, norm.num_key_value_heads, norm.intermediate_size)
     return [uniform] * norm.num_layers

@@ -47,16 +47,35 @@ class _HessoConfigMixin:
                 value = shape.get(key)
                 if key == "shared_intermediate_size" and value is None:
                     continue
-                if not isinstance(value, int) or value < 1:
+                if not isinstance(value, int) or value < 0:
                     raise ValueError(
-                        f"`{LAYER_SHAPES_KEY}[{i}][{key!r}]` is {value!r}; every layer needs a positive integer "
-                        f"`{key}` (a slim model never empties a layer)."
+                        f"`{LAYER_SHAPES_KEY}[{i}][{key!r}]` is {value!r}; every layer needs a non-negative integer "
+                        f"`{key}` (0 means the sublayer is removed)."
                     )
-            if shape["num_attention_heads"] % shape["num_key_value_heads"]:
+            if (shape["num_attention_heads"] == 0) != (shape["num_key_value_heads"] == 0):
+                raise ValueError(
+                    f"`{LAYER_SHAPES_KEY}[{i}]` has {shape['num_attention_heads']} query heads and "
+                    f"{shape['num_key_value_heads']} key/value heads; a removed attention has 0 of both."
+                )
+            if shape["num_attention_heads"] and shape["num_attention_heads"] % shape["num_key_value_heads"]:
                 raise ValueError(
                     f"`{LAYER_SHAPES_KEY}[{i}]` has {shape['num_attention_heads']} query heads and "
                     f"{shape['num_key_value_heads']} key/value heads; query heads must be a multiple of key/value heads."
                 )
+
+    @property
+    def kv_sharing_modes(self) -> list[str | None] | None:
+        """Per layer, `"reuse"` where the attention is removed, so that `DynamicCache(config=...)` gives that layer a
+        cache slot that stores nothing (transformers' `DummyLayer`) and `get_seq_length()` / the mask code read the
+        first layer that has attention; `None` when every layer has attention.
+
+        transformers reads this name for models whose layers reuse another layer's cache; here the layer has no
+        attention at all, which the cache treats the same way. It is derived from `hesso_layer_shapes`, never saved.
+        """
+        shapes = getattr(self, LAYER_SHAPES_KEY, None)
+        if not shapes or all(shape.get("num_attention_heads") for shape in shapes):
+            return None
+        return [None if shape.get("num_attention_heads") else "reuse" for shape in shapes]
 
 
 def make_config_class(model_type: str, stock: type) -> type:

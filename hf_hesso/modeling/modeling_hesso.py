@@ -24,10 +24,14 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import (
     ARCHITECTURES,
+    KV,
     LAYER_SHAPES_KEY,
+    MLP,
+    SHARED,
     ArchLayout,
     LayerShape,
     Proj,
+    Q,
     Sublayer,
     get_layout,
     get_submodule,
@@ -86,8 +90,80 @@ def projection_tensors(layer: nn.Module, proj: Proj) -> Tensors | None:
     return Tensors(obj, "weight", 0, 1, bias)
 
 
+class RemovedSublayer(nn.Module):
+    """Stands in for a removed attention or MLP module: no compute, no parameters but an optional constant bias.
+
+    The layer still calls it where it called the sublayer, and adds its output to the residual stream: a zero (a
+    0-dim tensor, which broadcasts), or the bias that the sublayer's output projection kept adding once every head or
+    channel was gone. Where the output projection lives outside the module (BERT's `attention.output.dense`, kept at
+    zero input width with its bias), the output is an empty `(..., 0)` tensor for that projection to read.
+    Attention modules return `(output, None)`; an attention that is gone writes nothing into the key/value cache
+    (the config marks its cache layer as one that stores nothing, see `HessoConfig.kv_sharing_modes`).
+    """
+
+    def __init__(self, bias: torch.Tensor | None, empty: bool, returns_tuple: bool, variant: int = 0):
+        super().__init__()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.empty = empty
+        self.returns_tuple = returns_tuple
+        self.variant = variant  # which MLP variant of the layout this was (mixture-of-experts layouts have two)
+
+    def extra_repr(self) -> str:
+        return f"empty={self.empty}, bias={self.bias is not None}"
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if self.empty:
+            out = x.new_zeros(*x.shape[:-1], 0)
+        elif self.bias is not None:
+            out = self.bias
+        else:
+            out = x.new_zeros(())
+        return (out, None) if self.returns_tuple else out
+
+
+class SkippedLayer(nn.Module):
+    """A layer whose attention and MLP are both removed: the identity, with no parameters.
+
+    It keeps its place in the layer list so that the indices of the other layers (their key/value cache slots,
+    `config.layer_types`, checkpoint names) stay what they were; it costs one Python call.
+    """
+
+    def __init__(self, shape: LayerShape, mlp_variant: int = 0, attention_type: str | None = None):
+        super().__init__()
+        self.hesso_shape = shape
+        self.mlp_variant = mlp_variant
+        if attention_type is not None:
+            self.attention_type = attention_type  # read by some models' layer loops to pick the mask
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _module_or_none(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return get_submodule(layer, path)
+    except AttributeError:
+        return None
+
+
+def removed(layer: nn.Module, sub: Sublayer) -> bool:
+    """Whether `sub` of `layer` has been removed (the layer is skipped, or the module is a `RemovedSublayer`)."""
+    return isinstance(layer, SkippedLayer) or isinstance(_module_or_none(layer, sub.module), RemovedSublayer)
+
+
+def _inside(proj: Proj, sub: Sublayer) -> bool:
+    return proj.path.startswith(sub.module + ".")
+
+
 def mlp_variant(layer: nn.Module, layout: ArchLayout) -> Sublayer:
     """The MLP variant of `layout` this layer has (the first whose first projection exists)."""
+    if isinstance(layer, SkippedLayer):
+        return layout.mlps[layer.mlp_variant]
+    for variant in layout.mlps:
+        module = _module_or_none(layer, variant.module)
+        if isinstance(module, RemovedSublayer):
+            return layout.mlps[module.variant]
     for variant in layout.mlps:
         try:
             projection_tensors(layer, variant.projections[0])
@@ -110,7 +186,20 @@ def space_sizes(layer: nn.Module, layout: ArchLayout) -> dict[str, int]:
     Input columns name one space each; output rows of a fused projection give the one space left unknown.
     """
     sizes: dict[str, int] = {}
-    projections = [p for sub in layer_sublayers(layer, layout) for p in sub.projections]
+    if isinstance(layer, SkippedLayer):
+        shape = layer.hesso_shape
+        return {Q: 0, KV: 0, MLP: 0, **({} if shape.shared_intermediate_size is None else {SHARED: 0})}
+    projections = []
+    for sub in layer_sublayers(layer, layout):
+        if removed(layer, sub):
+            # A removed sublayer's spaces are empty; only projections outside its module remain (at width zero).
+            for p in sub.projections:
+                for space in (*p.rows, p.cols):
+                    if space is not None:
+                        sizes[space] = 0
+            projections += [p for p in sub.projections if not _inside(p, sub)]
+        else:
+            projections += list(sub.projections)
     found = [(p, projection_tensors(layer, p)) for p in projections]
     found = [(p, t) for p, t in found if t is not None]
     for p, t in found:
@@ -121,7 +210,7 @@ def space_sizes(layer: nn.Module, layout: ArchLayout) -> dict[str, int]:
         if unknown:
             known = sum(sizes[s] for s in p.rows if s in sizes)
             share, rest = divmod(t.weight.shape[t.out_dim] - known, len(unknown))
-            if rest or len(set(unknown)) != 1:
+            if rest or len(set(unknown)) != 1 or share < 0:
                 raise ValueError(f"Cannot read the sizes of {p.rows} from `{p.path}` {tuple(t.weight.shape)}.")
             sizes[unknown[0]] = share
     return sizes
@@ -213,9 +302,18 @@ def apply_layer_shape(
             kept[space] = idx.cpu().to(torch.long)
     changed = {space: _indices(sizes[space], kept[space]) is not None for space in sizes}
 
-    sublayers = layer_sublayers(layer, layout)
+    attention, mlp = sublayers = layer_sublayers(layer, layout)
+    # Sublayers that go now (their module is replaced, its projections with it) or went before.
+    goes = {attention.module: not shape.has_attention, mlp.module: not shape.has_mlp}
     for sub in sublayers:
+        if not goes[sub.module] and removed(layer, sub):
+            raise ValueError(
+                f"The shape {shape.to_dict()} asks for a `{sub.module}` that this layer no longer has: a removed "
+                "sublayer cannot come back."
+            )
         for proj in sub.projections:
+            if goes[sub.module] and (_inside(proj, sub) or removed(layer, sub)):
+                continue
             t = projection_tensors(layer, proj)
             if t is None:
                 continue
@@ -224,19 +322,54 @@ def apply_layer_shape(
             if rows is not None or cols is not None:
                 _select(t, rows, cols)
 
+    for sub, keep_bias in ((attention, shape.attention_bias), (mlp, shape.mlp_bias)):
+        if goes[sub.module] and not removed(layer, sub):
+            _remove_sublayer(layer, layout, sub, keep_bias)
+
     heads, kv_heads = shape.num_attention_heads, shape.num_key_value_heads
     quantities = {
         "heads": heads,
         "kv_heads": kv_heads,
-        "groups": heads // kv_heads,
+        "groups": heads // kv_heads if kv_heads else 0,
         "q_width": heads * head_dim,
         "mlp": shape.intermediate_size,
         "shared": shape.shared_intermediate_size,
     }
     for sub in sublayers:
+        if goes[sub.module]:
+            continue
         for path, quantity in sub.attributes:
             parent_path, _, name = path.rpartition(".")
             setattr(get_submodule(layer, parent_path), name, quantities[quantity])
+
+
+def _remove_sublayer(layer: nn.Module, layout: ArchLayout, sub: Sublayer, keep_bias: bool) -> None:
+    """Replace `sub`'s module by a `RemovedSublayer` and its own norms by `nn.Identity`, in place."""
+    out = next((p for p in sub.projections if p.cols is not None), None)
+    empty = out is not None and not _inside(out, sub)
+    bias = None
+    if keep_bias:
+        t = projection_tensors(layer, out) if out is not None and not empty else None
+        if t is None or t.bias is None:
+            raise ValueError(
+                f"The shape keeps a bias for the removed `{sub.module}`, but its output projection has none."
+            )
+        bias = t.bias
+    variant = layout.mlps.index(sub) if sub in layout.mlps else 0
+    parent_path, _, name = sub.module.rpartition(".")
+    setattr(get_submodule(layer, parent_path), name, RemovedSublayer(bias, empty, sub.returns_tuple, variant))
+    for norm in sub.norms:
+        parent_path, _, name = norm.rpartition(".")
+        setattr(get_submodule(layer, parent_path), name, nn.Identity())
+
+
+def skip_layer(layers: nn.ModuleList, index: int, layout: ArchLayout, shape: LayerShape) -> None:
+    """Put a `SkippedLayer` in place of `layers[index]` when `shape` empties it and the family allows it."""
+    layer = layers[index]
+    if not (shape.empty and layout.pre_norm) or isinstance(layer, SkippedLayer):
+        return
+    variant = layout.mlps.index(mlp_variant(layer, layout))
+    layers[index] = SkippedLayer(shape, variant, getattr(layer, "attention_type", None))
 
 
 def layer_modules(model: nn.Module) -> nn.ModuleList:
@@ -255,8 +388,9 @@ def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
             "per layer."
         )
     head_dim = normalize_config(model.config).head_dim
-    for layer, shape in zip(layers, shapes, strict=True):
-        apply_layer_shape(layer, layout, shape, head_dim)
+    for i, shape in enumerate(shapes):
+        apply_layer_shape(layers[i], layout, shape, head_dim)
+        skip_layer(layers, i, layout, shape)
 
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h)\.(\d+)\.")

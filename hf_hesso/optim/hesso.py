@@ -41,6 +41,7 @@ from .schedule import Schedule, check_pruning_settings
 from .scoring import SaliencyWindow, Scorer, score_problem
 from .selection import ParamCounter, block_capacity, reachable_groups, select_redundant
 from .state import STATE_KEY, PruningState, pack_state, unpack_state
+from .uniform import LAYER_SHAPES, check_uniform_groups, select_uniform
 
 _FIXED_POINT_OPTIMIZERS = (
     torch.optim.SGD,
@@ -119,7 +120,14 @@ class HESSO(WrappedOptimizer):
             needs. Not available for LoRA models (the gradient of the effective weight is never formed).
         group_divisible (`int`, *optional*, defaults to `1`):
             Within every block (one kind in one layer) groups are removed so that the number kept is a multiple of
-            this value and at least this value; a block of `group_divisible` groups or fewer is never pruned.
+            this value and at least this value; a block of `group_divisible` groups or fewer is never pruned. A
+            whole-sublayer group (`attention_sublayer`, `mlp_sublayer`: one per layer) may go, but never every one
+            of its kind.
+        layer_shapes (`str`, *optional*, defaults to `"free"`):
+            `"free"`: every layer ends with its own sizes. `"uniform"`: every layer keeps the same number of heads /
+            key-value groups / query slots / MLP channels (the `j`-th least salient group of a kind in every layer
+            goes as one unit) and whole layers (their attention and MLP sublayer groups together) may go, so that
+            `to_stock` can express the result. See `hf_hesso.optim.uniform` and docs/depth.md.
         hold_zeros (`str`, *optional*, defaults to `"auto"`):
             How pruned groups are held at zero after their period. `"always"` zeroes the gradient of every slice of
             every pruned group before each step. `"auto"` only zeroes the slices whose gradient can be non-zero:
@@ -173,6 +181,7 @@ class HESSO(WrappedOptimizer):
         saliency_direction: str | None = None,
         saliency_steps: int | None = None,
         saliency: str | None = None,
+        layer_shapes: str = "free",
     ):
         check_base_optimizer(optimizer)
         if not isinstance(groups, GroupSet):
@@ -206,6 +215,10 @@ class HESSO(WrappedOptimizer):
                 "projections are scored on the effective weight `W0 + s * B @ A`, whose gradient is never formed. "
                 "Use `saliency_direction='update'` with LoRA."
             )
+        if layer_shapes not in LAYER_SHAPES:
+            raise ValueError(f"`layer_shapes` must be one of {list(LAYER_SHAPES)}, got {layer_shapes!r}.")
+        if layer_shapes == "uniform":
+            check_uniform_groups(groups)
 
         # Resolve the live parameters once and check that the base optimizer updates every one of them.
         # FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions hide the rows and columns that the groups cut.
@@ -243,6 +256,7 @@ class HESSO(WrappedOptimizer):
         self.group_divisible = group_divisible
         self.hold_zeros = hold_zeros
         self.saliency = saliency
+        self.layer_shapes = layer_shapes
         self.saliency_direction = saliency_direction
         self.weights = weights
         # The activation criterion reads the groups' outputs through forward hooks, on the scoring steps only.
@@ -548,9 +562,8 @@ class HESSO(WrappedOptimizer):
             budget = self._target_total * fraction
             removed = self._counter.count
             scores = self._kind_relative(scores / self._cost) * self._cost  # ranked by `scores / cost` below
-        return select_redundant(
-            scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible
-        )
+        select = select_uniform if self.layer_shapes == "uniform" else select_redundant
+        return select(scores, selected, self.groups, self._cost, budget, removed, group_divisible=self.group_divisible)
 
     def select(self, scores: torch.Tensor, period: int) -> torch.Tensor:
         """Add the least salient groups to the redundant set for `period`; returns their indices."""
@@ -593,6 +606,7 @@ class HESSO(WrappedOptimizer):
             "saliency_direction": self.saliency_direction,
             "saliency_steps": self.saliency_steps,
             "group_divisible": self.group_divisible,
+            "layer_shapes": self.layer_shapes,
         }
 
     # ---- Checkpointing ----

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..groups import QUERY_SLOT, Block, GroupSet, Slice
+from ..groups import QUERY_SLOT, SUBLAYER_KINDS, Block, GroupSet, Slice
 from .distributed import SliceOps, local
 
 
@@ -69,7 +69,8 @@ class GroupMasks:
                 entry = (s, self.ops[s].factor(keep))
                 self.pruned_slices.append(entry)
                 # See `hold_zeros`: only a pruned query slot's output columns (dim 1) can still get gradient.
-                if not minimal or (block.kind == QUERY_SLOT and s.dim == 1):
+                # A pruned whole sublayer's output bias is read by the loss too: guarded as well.
+                if not minimal or (block.kind == QUERY_SLOT and s.dim == 1) or block.kind in SUBLAYER_KINDS:
                     self.guarded_slices.append(entry)
         self._refresh_fading(block_indices(self.groups, fading, self.params))
 

@@ -7,7 +7,35 @@ from __future__ import annotations
 
 import torch
 
-from ..groups import KV_GROUP, QUERY_SLOT, GroupSet
+from ..groups import (
+    ATTENTION_SUBLAYER,
+    EXPERT_CHANNEL,
+    HEAD,
+    KV_GROUP,
+    MLP_CHANNEL,
+    MLP_SUBLAYER,
+    QUERY_SLOT,
+    SHARED_EXPERT_CHANNEL,
+    SUBLAYER_KINDS,
+    GroupSet,
+)
+
+# The width kinds that lie inside each sublayer kind (a selected sublayer group covers them).
+_COVERS = {
+    ATTENTION_SUBLAYER: (HEAD, KV_GROUP, QUERY_SLOT),
+    MLP_SUBLAYER: (MLP_CHANNEL, EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL),
+}
+
+
+def covering_sublayer(groups: GroupSet) -> torch.Tensor:
+    """Per group, the global index of the sublayer group (same layer) that contains it, or -1."""
+    cover = torch.full((groups.num_groups,), -1, dtype=torch.long)
+    sublayer = {(b.layer, b.kind): b.offset for b in groups.blocks if b.kind in SUBLAYER_KINDS}
+    for b in groups.blocks:
+        for kind, inner in _COVERS.items():
+            if b.kind in inner and (b.layer, kind) in sublayer:
+                cover[b.offset : b.offset + b.n] = sublayer[(b.layer, kind)]
+    return cover
 
 
 class ParamCounter:
@@ -15,34 +43,58 @@ class ParamCounter:
 
     A key/value group and a query slot of the same layer share the query rows and output columns of one head, so
     removing `a` key/value groups and `b` query slots of a layer removes `a * b` shared head slices less than the
-    sum of their sizes. That correction is applied here; every other kind is disjoint.
+    sum of their sizes. That correction is applied here. A whole-sublayer group (`attention_sublayer`,
+    `mlp_sublayer`) contains every width group of its sublayer: when it is in the mask, those count nothing more.
     """
 
     def __init__(self, groups: GroupSet):
         self.numel = groups.numel.double()
+        self.cover = covering_sublayer(groups)
         kv = {b.layer: b for b in groups.blocks if b.kind == KV_GROUP}
-        # (kv offset, kv n, slot offset, slot n, elements shared by one kv group and one slot)
+        attention = {b.layer: b.offset for b in groups.blocks if b.kind == ATTENTION_SUBLAYER}
+        # (kv offset, kv n, slot offset, slot n, elements shared by one kv group and one slot, attention group or -1)
         self.pairs = [
-            (kv[b.layer].offset, kv[b.layer].n, b.offset, b.n, b.group_numel // kv[b.layer].n)
+            (kv[b.layer].offset, kv[b.layer].n, b.offset, b.n, b.group_numel // kv[b.layer].n,
+             attention.get(b.layer, -1))
             for b in groups.blocks
             if b.kind == QUERY_SLOT and b.layer in kv
-        ]
+        ]  # fmt: skip
         self.total = self.count(torch.ones(groups.num_groups, dtype=torch.bool))
 
     def count(self, mask: torch.Tensor) -> float:
         """Number of distinct parameters held by the groups where `mask` is True."""
-        total = float((self.numel * mask).sum())
-        for kv_off, kv_n, qs_off, qs_n, shared in self.pairs:
+        covered = (self.cover >= 0) & mask[self.cover.clamp_min(0)]
+        total = float((self.numel * (mask & ~covered)).sum())
+        for kv_off, kv_n, qs_off, qs_n, shared, attention in self.pairs:
+            if attention >= 0 and bool(mask[attention]):
+                continue
             a = int(mask[kv_off : kv_off + kv_n].sum())
             b = int(mask[qs_off : qs_off + qs_n].sum())
             total -= a * b * shared
         return total
 
 
+def _block_rules(groups: GroupSet, group_divisible: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, `(chunk size, groups it always keeps)`: `group_divisible` for width kinds; a whole-sublayer block
+    (one group) may go whole, in chunks of one."""
+    sub = torch.tensor([b.kind in SUBLAYER_KINDS for b in groups.blocks], dtype=torch.bool)
+    div = torch.where(sub, 1, group_divisible).to(torch.long)
+    keep = torch.where(sub, 0, group_divisible).to(torch.long)
+    return div, keep
+
+
 def block_capacity(groups: GroupSet, group_divisible: int) -> torch.Tensor:
-    """Per block, the most groups that may ever be removed: every block keeps `group_divisible` (at least one)."""
+    """Per block, the most groups that may ever be removed: every width block keeps `group_divisible` (at least
+    one); of the one-group blocks of a whole-sublayer kind, all but one may go (a model always keeps at least one
+    attention and one MLP)."""
     sizes = torch.tensor([b.n for b in groups.blocks], dtype=torch.long)
-    return (sizes - group_divisible).clamp_min(0)
+    div, keep = _block_rules(groups, group_divisible)
+    capacity = (sizes - keep).clamp_min(0)
+    for kind in SUBLAYER_KINDS:
+        first = next((i for i, b in enumerate(groups.blocks) if b.kind == kind), None)
+        if first is not None:
+            capacity[first] = 0
+    return capacity
 
 
 def select_redundant(
@@ -80,9 +132,12 @@ def select_redundant(
         `torch.Tensor`: bool per group, the newly selected groups.
     """
     num_blocks = len(groups.blocks)
-    div = group_divisible
+    div_b, keep_b = _block_rules(groups, group_divisible)
     new = torch.zeros_like(selected)
-    candidates = (~selected).nonzero().squeeze(1)
+    # A width group inside an already selected sublayer goes with it: not a candidate.
+    cover = covering_sublayer(groups)
+    inside = (cover >= 0) & selected[cover.clamp_min(0)]
+    candidates = (~selected & ~inside).nonzero().squeeze(1)
     if candidates.numel() == 0:
         return new
     block = groups.block_ids[candidates]
@@ -94,13 +149,24 @@ def select_redundant(
     left = torch.bincount(block, minlength=num_blocks)
     start = torch.cumsum(left, 0) - left
     rank = torch.arange(len(candidates)) - start[block]
-    first = (left % div)[block]
+    div = div_b[block]
+    first = left[block] % div
     chunk = torch.where(
         first > 0,
         torch.where(rank < first, 0, 1 + (rank - first).div(div, rounding_mode="floor")),
         rank.div(div, rounding_mode="floor"),
     )
-    allowed = rank < (left[block] - div)
+    allowed = rank < (left[block] - keep_b[block])
+    # Whole sublayers: never every one of a kind (the most salient one left always stays).
+    for kind in SUBLAYER_KINDS:
+        of_kind = torch.tensor([b.kind == kind for b in groups.blocks] + [False], dtype=torch.bool)[groups.block_ids]
+        if not bool(of_kind.any()):
+            continue
+        room = int(of_kind.sum()) - 1 - int((selected & of_kind).sum())
+        mine = (of_kind[candidates] & allowed).nonzero().squeeze(1)
+        if mine.numel() > max(room, 0):
+            by_key = mine[torch.sort(key[mine], stable=True).indices]
+            allowed[by_key[max(room, 0) :]] = False
     candidates, block, key, chunk = candidates[allowed], block[allowed], key[allowed], chunk[allowed]
     if candidates.numel() == 0:
         return new

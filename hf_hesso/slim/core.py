@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,12 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from ..groups import (
+    ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
     KV_GROUP,
     MLP_CHANNEL,
+    MLP_SUBLAYER,
     QUERY_SLOT,
     SHARED_EXPERT_CHANNEL,
     GroupSet,
@@ -38,10 +41,22 @@ from ..modeling.architectures import (
     Q,
     base_model_type,
     get_layout,
+    get_submodule,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
-from ..modeling.modeling_hesso import HESSO_MODELS, apply_layer_shape, layer_modules, mlp_variant, space_sizes
+from ..modeling.modeling_hesso import (
+    HESSO_MODELS,
+    RemovedSublayer,
+    SkippedLayer,
+    apply_layer_shape,
+    layer_modules,
+    layer_sublayers,
+    mlp_variant,
+    projection_tensors,
+    skip_layer,
+    space_sizes,
+)
 
 __all__ = [
     "SlimSummary",
@@ -51,6 +66,7 @@ __all__ = [
     "slim_copy",
     "slim_model",
     "to_stock",
+    "uniform_stock_problem",
 ]
 
 
@@ -97,6 +113,7 @@ class SlimSummary:
             "removed_groups": self.removed_groups,
             "layers": [s.to_dict() for s in self.layers],
             "layers_before": [s.to_dict() for s in self.layers_before],
+            "removed_sublayers": self.removed_sublayers(),
         }
 
     def __str__(self) -> str:
@@ -107,11 +124,32 @@ class SlimSummary:
             "layer  heads      kv_heads   mlp_channels",
         ]
         for i, (a, b) in enumerate(zip(self.layers_before, self.layers, strict=True)):
-            lines.append(
+            line = (
                 f"{i:>5}  {b.num_attention_heads:>3}/{a.num_attention_heads:<6} {b.num_key_value_heads:>3}/"
                 f"{a.num_key_value_heads:<6} {b.intermediate_size:>6}/{a.intermediate_size}"
             )
+            gone = [name for name, had, has in (("attention", a.has_attention, b.has_attention),
+                                                ("mlp", a.has_mlp, b.has_mlp)) if had and not has]  # fmt: skip
+            if b.empty and not a.empty:
+                line += "  layer removed"
+            elif gone:
+                line += "  removed: " + ", ".join(gone)
+            lines.append(line)
+        removed = self.removed_sublayers()
+        if any(removed.values()):
+            lines.append(
+                f"removed sublayers: attention in layers {removed['attention'] or 'none'}, mlp in layers "
+                f"{removed['mlp'] or 'none'}; whole layers {removed['layers'] or 'none'}"
+            )
         return "\n".join(lines)
+
+    def removed_sublayers(self) -> dict[str, list[int]]:
+        """Layer indices whose attention / MLP / both are gone (removed by this slimming or before)."""
+        return {
+            "attention": [i for i, s in enumerate(self.layers) if not s.has_attention],
+            "mlp": [i for i, s in enumerate(self.layers) if not s.has_mlp],
+            "layers": [i for i, s in enumerate(self.layers) if s.empty],
+        }
 
 
 def _num_params(model: nn.Module) -> int:
@@ -125,8 +163,15 @@ def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
     hd = normalize_config(model.config).head_dim
     shapes = []
     for layer in layer_modules(model):
+        if isinstance(layer, SkippedLayer):
+            shapes.append(layer.hesso_shape)
+            continue
         sizes = space_sizes(layer, layout)
-        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED)))
+        bias = [
+            isinstance(m := get_submodule(layer, sub.module), RemovedSublayer) and m.bias is not None
+            for sub in layer_sublayers(layer, layout)
+        ]
+        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED), *bias))
     return shapes
 
 
@@ -160,23 +205,17 @@ def keep_plan(
         zero = groups.zero_mask(model).cpu()
     keep: dict[int, dict[str, torch.Tensor]] = {}
     for block in groups.blocks:
-        kept = ~zero[block.offset : block.offset + block.n]
-        if not bool(kept.any()):
-            raise ValueError(
-                f"All {block.n} `{block.kind}` groups of layer {block.layer} are zero; removing them would empty the "
-                f"layer's {block.kind} block, which transformers cannot run. Keep at least one group per block "
-                "(the HESSO optimizer never selects a whole block), or restore some weights before `slim_model`."
-            )
-        keep.setdefault(block.layer, {})[block.kind] = kept
+        keep.setdefault(block.layer, {})[block.kind] = ~zero[block.offset : block.offset + block.n]
 
+    layout = get_layout(model.config.model_type)
     plans = []
-    for i, shape in enumerate(before):
+    for i, (layer, shape) in enumerate(zip(layer_modules(model), before, strict=True)):
         heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
-        rep = heads // kv_heads
+        rep = heads // kv_heads if kv_heads else 0
         ks = keep.get(i, {})
         expected = {HEAD: heads, KV_GROUP: kv_heads, QUERY_SLOT: rep, MLP_CHANNEL: width,
-                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size,
-                    EXPERT_CHANNEL: width // math.gcd(width, EXPERT_CHANNEL_UNIT)}  # fmt: skip
+                    SHARED_EXPERT_CHANNEL: shape.shared_intermediate_size, ATTENTION_SUBLAYER: 1, MLP_SUBLAYER: 1,
+                    EXPERT_CHANNEL: width // math.gcd(width, EXPERT_CHANNEL_UNIT) if width else 0}  # fmt: skip
         for kind, mask in ks.items():
             if mask.numel() != expected[kind]:
                 raise ValueError(
@@ -191,24 +230,59 @@ def keep_plan(
             slot_keep = ks.get(QUERY_SLOT, torch.ones(rep, dtype=torch.bool))
             # Query head g * rep + j reads key/value head g and sits in slot j.
             q_head_keep = (kv_keep.view(-1, 1) & slot_keep.view(1, -1)).reshape(-1)
+        if not bool(ks.get(ATTENTION_SUBLAYER, torch.ones(1, dtype=torch.bool)).all()) or not bool(q_head_keep.any()):
+            # The whole attention is zero (its sublayer group, or every head): it goes, key/value heads with it.
+            kv_keep, q_head_keep = torch.zeros_like(kv_keep), torch.zeros_like(q_head_keep)
         mlp_keep = ks.get(MLP_CHANNEL, torch.ones(width, dtype=torch.bool))
         if EXPERT_CHANNEL in ks:
             # One expert-channel group is `EXPERT_CHANNEL_UNIT` consecutive channels of every expert.
             mlp_keep = ks[EXPERT_CHANNEL].repeat_interleave(width // ks[EXPERT_CHANNEL].numel())
+        shared_keep = None
+        if shape.shared_intermediate_size is not None:
+            shared_keep = ks.get(SHARED_EXPERT_CHANNEL, torch.ones(shape.shared_intermediate_size, dtype=torch.bool))
+        mlp_gone = not bool(ks.get(MLP_SUBLAYER, torch.ones(1, dtype=torch.bool)).all())
+        if mlp_gone:
+            mlp_keep = torch.zeros_like(mlp_keep)
+            shared_keep = None if shared_keep is None else torch.zeros_like(shared_keep)
+        elif width and not bool(mlp_keep.any()) and shared_keep is not None and bool(shared_keep.any()):
+            raise ValueError(
+                f"Every routed-expert channel of layer {i} is zero but its shared expert is not: a mixture-of-experts "
+                "layer without routed experts cannot run. Prune the whole MLP with the `mlp_sublayer` kind, or keep "
+                "at least one expert-channel group."
+            )
         kept = {
             Q: q_head_keep.repeat_interleave(hd).nonzero().squeeze(1),
             KV: kv_keep.repeat_interleave(hd).nonzero().squeeze(1),
             MLP: mlp_keep.nonzero().squeeze(1),
         }
         shared = None
-        if shape.shared_intermediate_size is not None:
-            shared_keep = ks.get(SHARED_EXPERT_CHANNEL, torch.ones(shape.shared_intermediate_size, dtype=torch.bool))
+        if shared_keep is not None:
             kept[SHARED] = shared_keep.nonzero().squeeze(1)
             shared = int(shared_keep.sum())
-        new_shape = LayerShape(int(q_head_keep.sum()), int(kv_keep.sum()), int(mlp_keep.sum()), shared)
+        heads_after, width_after = int(q_head_keep.sum()), int(mlp_keep.sum())
+        attention, mlp = layer_sublayers(layer, layout)
+        new_shape = LayerShape(
+            heads_after,
+            int(kv_keep.sum()),
+            width_after,
+            shared,
+            attention_bias=shape.attention_bias or (shape.has_attention and not heads_after
+                                                    and _bias_left(layer, attention)),
+            mlp_bias=shape.mlp_bias or (shape.has_mlp and not (width_after or shared) and _bias_left(layer, mlp)),
+        )  # fmt: skip
         plans.append((new_shape, kept))
 
     return before, plans
+
+
+def _bias_left(layer: nn.Module, sub) -> bool:
+    """Whether `sub`'s output projection, inside its module, has a bias that is not zero (a removed sublayer then
+    keeps adding it)."""
+    out = next((p for p in sub.projections if p.cols is not None), None)
+    if out is None or not out.path.startswith(sub.module + "."):
+        return False  # no output projection, or one outside the module, which stays (BERT)
+    t = projection_tensors(layer, out)
+    return t is not None and t.bias is not None and bool((t.bias != 0).any())
 
 
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
@@ -239,9 +313,14 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     Returns:
         `SlimSummary`: parameter counts before/after and the kept sizes of every layer.
 
+    A layer whose attention is entirely zero (its `attention_sublayer` group, or every head / key-value group)
+    loses its attention module (no compute, no key/value cache entry); one whose MLP is entirely zero loses its MLP;
+    their own norms go with them, and a layer left with neither is replaced by a pass-through `SkippedLayer` (in
+    pre-norm families), keeping the indices of the others. `config.hesso_layer_shapes` records 0 heads / 0 width.
+
     Raises:
-        `ValueError`: when a block (all groups of one kind in one layer) is entirely zero, or when the model's
-            weights are on the meta device; nothing is changed then.
+        `ValueError`: when the zeros cannot be sliced out exactly (e.g. every routed expert of a layer zero but not
+            its shared expert), or when the model's weights are on the meta device; nothing is changed then.
     """
     check_materialized(model, "slim_model")
     config = model.config
@@ -257,8 +336,10 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     zero = groups.zero_mask(model).cpu()
     _, plans = keep_plan(model, groups, zero=zero)
 
-    for layer, (new_shape, kept) in zip(layer_modules(model), plans, strict=True):
-        apply_layer_shape(layer, layout, new_shape, hd, kept)
+    layers = layer_modules(model)
+    for i, (new_shape, kept) in enumerate(plans):
+        apply_layer_shape(layers[i], layout, new_shape, hd, kept)
+        skip_layer(layers, i, layout, new_shape)
     summary = _finish(model, slim_cls, plans, before, params_before, int(zero.sum()))
     if stock:
         to_stock(model)
@@ -330,7 +411,9 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     for layer, (new_shape, kept) in zip(layers, plans, strict=True):
         small = copy.deepcopy(layer, {**cpu_copy_memo(layer), **shared_config})
         apply_layer_shape(small, layout, new_shape, hd, kept)
-        memo[id(layer)] = small
+        holder = nn.ModuleList([small])
+        skip_layer(holder, 0, layout, new_shape)
+        memo[id(layer)] = holder[0]
     # Everything but the layers (embeddings, norms, heads), straight to the CPU.
     layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     memo.update(cpu_copy_memo(model, skip=layer_tensors))
@@ -371,18 +454,48 @@ def _stock_base(cls: type) -> type:
     return next(c for c in cls.__mro__ if not c.__name__.startswith(("Hesso", "_Hesso")))
 
 
-def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | None]:
-    """The stock config dict for `shape`, and why the stock classes cannot express it (None when they can).
+def _per_layer_updates(config, kept: list[int]) -> dict:
+    """The per-layer config lists (`layer_types`, `no_rope_layers`, ...) restricted to the `kept` layers, and the
+    layer count, for a stock config without the dropped layers."""
+    n = config.num_hidden_layers
+    updates: dict = {"num_hidden_layers": len(kept)}
+    for key, value in config.to_dict().items():
+        if key != LAYER_SHAPES_KEY and isinstance(value, list) and len(value) == n:
+            updates[key] = [value[i] for i in kept]
+    return updates
+
+
+def _renamed(model: nn.Module, kept: list[int]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of `model` under the names they get once the dropped layers are gone."""
+    layout = get_layout(model.config.model_type)
+    new_index = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(r"(^|\.)" + re.escape(layout.layers) + r"\.(\d+)\.")
+
+    def rename(name: str) -> str:
+        return pattern.sub(lambda m: f"{m.group(1)}{layout.layers}.{new_index[int(m.group(2))]}.", name, count=1)
+
+    return {rename(name): tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None = None) -> tuple[dict, str | None]:
+    """The stock config dict for `shape` (on the `kept` layers, default all), and why the stock classes cannot
+    express it (None when they can).
 
     Decided by construction: the stock model is built from the candidate config on the meta device (no memory)
     and the shapes of all its parameters are compared with the slim model's.
     """
     config = model.config
     layout = get_layout(config.model_type)
-    variants = {mlp_variant(layer, layout) for layer in layer_modules(model)}
+    layers = layer_modules(model)
+    kept = list(range(len(layers))) if kept is None else kept
+    variants = {mlp_variant(layers[i], layout) for i in kept}
     if len(variants) != 1:
         return {}, f"its layers mix MLP kinds ({', '.join(sorted(v.module for v in variants))})"
     updates = stock_updates(config, shape, next(iter(variants)))
+    if len(kept) != len(layers):
+        if getattr(config, "mlp_only_layers", None):
+            return updates, "its config lists `mlp_only_layers` by index, which dropping layers would renumber"
+        updates.update(_per_layer_updates(config, kept))
     trial = config.to_dict()
     for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
         trial.pop(key, None)
@@ -396,23 +509,114 @@ def _stock_problem(model: nn.Module, shape: LayerShape) -> tuple[dict, str | Non
         return updates, f"{stock_rule(layout)} ({error})"
     # Every tensor must come out the same shape (not only the projections: Phi sizes its q/k LayerNorm by
     # `hidden_size // num_attention_heads`).
-    want = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    want = _renamed(model, kept)
     got = {name: tuple(p.shape) for name, p in built.named_parameters()}
     if got != want:
         return updates, stock_rule(layout)
     return updates, None
 
 
-def can_stock(model: nn.Module) -> str | None:
-    """None when `to_stock(model)` would succeed, else the reason it cannot."""
+def _stock_layers(model: nn.Module) -> tuple[list[int], list[LayerShape], str | None]:
+    """The layers a stock model keeps (all but the dropped ones), their distinct shapes, and why no stock config can
+    hold them (None when one shape might)."""
     shapes = current_layer_shapes(model)
-    distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
+    dropped = [isinstance(layer, SkippedLayer) for layer in layer_modules(model)]
+    kept = [i for i, d in enumerate(dropped) if not d]
+    distinct = sorted({shapes[i] for i in kept}, key=lambda s: tuple(s.to_dict().values()))
+    partial = [i for i in kept if not (shapes[i].has_attention and shapes[i].has_mlp)]
+    if partial:
+        return (
+            kept,
+            distinct,
+            (
+                f"layers {partial} lost their attention or their MLP but not both, and a stock layer has both (use "
+                "`layer_shapes='uniform'`, which removes whole layers only)"
+            ),
+        )
     if len(distinct) != 1:
         return (
-            f"its layers have {len(distinct)} different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), "
-            "and a stock config holds one size per field"
+            kept,
+            distinct,
+            (
+                f"its layers have {len(distinct)} different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), "
+                "and a stock config holds one size per field"
+            ),
         )
-    return _stock_problem(model, distinct[0])[1]
+    return kept, distinct, None
+
+
+def can_stock(model: nn.Module) -> str | None:
+    """None when `to_stock(model)` would succeed, else the reason it cannot."""
+    kept, distinct, problem = _stock_layers(model)
+    if problem is not None:
+        return problem
+    return _stock_problem(model, distinct[0], kept)[1]
+
+
+def _kept_counts(n: int, divisible: int) -> list[int]:
+    """The counts a block of `n` groups can end with under `group_divisible`."""
+    return sorted({n} | {k for k in range(divisible, n + 1, divisible)})
+
+
+def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: int = 1) -> str | None:
+    """Before a `layer_shapes="uniform"` run: None when every uniform result these groups can reach loads as the
+    stock class, else what cannot, with the fix.
+
+    Every reachable head / key-value head count is tried by building a one-layer stock model of that shape on the
+    meta device (MLP widths and dropped layers never trouble a stock config of the families in the table).
+    """
+    config = model.config
+    layout = get_layout(config.model_type)
+    kinds = {b.kind for b in groups.blocks}
+    shape = current_layer_shapes(model)[0]
+    heads, kv = shape.num_attention_heads, shape.num_key_value_heads
+    rep = heads // kv
+
+    def candidates(div: int) -> set[tuple[int, int]]:
+        if HEAD in kinds:
+            return {(h, h) for h in _kept_counts(heads, div)}
+        kvs = _kept_counts(kv, div) if KV_GROUP in kinds else [kv]
+        slots = _kept_counts(rep, div) if QUERY_SLOT in kinds else [rep]
+        return {(k * r, k) for k in kvs for r in slots}
+
+    def failing(div: int) -> list[tuple[int, int]]:
+        bad = []
+        for h, k in sorted(candidates(div)):
+            if (h, k) == (heads, kv):
+                continue
+            trial = config.to_dict()
+            for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+                trial.pop(key, None)
+            trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
+                                       mlp_variant(layer_modules(model)[0], layout)))  # fmt: skip
+            trial.update(_per_layer_updates(config, [0]))
+            try:
+                stock_config = _stock_base(type(config)).from_dict(trial)
+                with torch.device("meta"):
+                    built = _stock_base(type(model))(stock_config)
+                got = current_layer_shapes(built)[0]
+                ok = (got.num_attention_heads, got.num_key_value_heads) == (h, k) and (
+                    normalize_config(built.config).head_dim == normalize_config(config).head_dim
+                )
+            except (ValueError, TypeError, StrictDataclassError):
+                ok = False
+            if not ok:
+                bad.append((h, k))
+        return bad
+
+    bad = failing(group_divisible)
+    if not bad:
+        return None
+    fix = next((d for d in range(group_divisible + 1, max(heads, 2) + 1) if not failing(d)), None)
+    attention_kinds = sorted(kinds & {HEAD, KV_GROUP, QUERY_SLOT})
+    return (
+        f"`layer_shapes='uniform'` with kinds {attention_kinds} can end with (query heads, key/value heads) in "
+        f"{bad[:6]}{' ...' if len(bad) > 6 else ''}, which the stock {layout.config_class} cannot express "
+        f"({stock_rule(layout)}). Fix: leave {attention_kinds} out of `prune_kinds` (prune MLP channels and whole "
+        "layers only)"
+        + (f", or set `group_divisible={fix}`" if fix else "")
+        + ", or keep `layer_shapes='free'` (the slim model then ships its code)."
+    )
 
 
 def to_stock(model: nn.Module) -> nn.Module:
@@ -437,22 +641,31 @@ def to_stock(model: nn.Module) -> nn.Module:
         return model
     model_type = base_model_type(config.model_type)
     norm = normalize_config(config)
-    shapes = current_layer_shapes(model)
-    distinct = sorted(set(shapes), key=lambda s: tuple(s.to_dict().values()))
-    if len(distinct) != 1:
+    kept, distinct, problem = _stock_layers(model)
+    if problem is not None:
         raise ValueError(
-            f"`model` cannot be converted to the stock `{model_type}` class: its layers have {len(distinct)} "
-            f"different shapes ({', '.join(str(s.to_dict()) for s in distinct[:4])}), and a stock config holds one "
-            "size per field. Save it as a slim model instead (`save_pretrained` writes the code it needs)."
+            f"`model` cannot be converted to the stock `{model_type}` class: {problem}. Save it as a slim model "
+            "instead (`save_pretrained` writes the code it needs)."
         )
     shape = distinct[0]
-    updates, problem = _stock_problem(model, shape)
+    updates, problem = _stock_problem(model, shape, kept)
     if problem is not None:
         raise ValueError(
             f"`model` cannot be converted to the stock `{model_type}` class with {shape.num_attention_heads} heads "
             f"of size {norm.head_dim} and hidden size {norm.hidden_size}: {problem}. Save it as a slim model instead "
             "(`save_pretrained` writes the code it needs)."
         )
+    layers = layer_modules(model)
+    if len(kept) != len(layers):
+        # Drop the skipped layers for good and renumber the others (their cache slots and attention types follow).
+        layout = get_layout(config.model_type)
+        parent_path, _, name = layout.layers.rpartition(".")
+        remaining = nn.ModuleList([layers[i] for i in kept])
+        for new, layer in enumerate(remaining):
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new
+        setattr(get_submodule(model.base_model, parent_path), name, remaining)
     config.__class__ = _stock_base(type(config))
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
     config.__dict__.pop("auto_map", None)

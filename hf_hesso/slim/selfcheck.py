@@ -173,7 +173,10 @@ def _zero_some(model: nn.Module, groups, uniform: bool) -> int:
     rng = random.Random(0)
     chosen = []
     for b in groups.blocks:
-        idx = [b.n - 1] if uniform else rng.sample(range(b.n), rng.randint(1, b.n - 1))
+        if b.n == 1:  # a whole sublayer: removed in the first layer only (never uniform)
+            idx = [0] if b.layer == 0 and not uniform else []
+        else:
+            idx = [b.n - 1] if uniform else rng.sample(range(b.n), rng.randint(1, b.n - 1))
         chosen += [b.offset + i for i in idx]
     groups.zero_(model, chosen)
     return len(chosen)
