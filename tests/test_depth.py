@@ -18,9 +18,9 @@ import pytest
 import resources
 import torch
 import transformers
+from arch_families import FAMILIES
 from conftest import tiny_batch, tiny_config
-from test_architectures import FAMILIES
-from test_save_load import run_fresh
+from fresh_process import run_fresh
 
 from hf_hesso import HESSO
 from hf_hesso.export.card import PruningReport, render_model_card

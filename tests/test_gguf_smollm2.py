@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import resources
 import torch
-from test_gguf import cpp_greedy, cpp_logits, hf_greedy, hf_logits, llama_cpp_model, read
+from gguf_helpers import cpp_greedy, cpp_logits, hf_greedy, hf_logits, llama_cpp_model, read
 
 from hf_hesso import export_gguf, slim_model, to_stock
 from hf_hesso.groups import build_groups

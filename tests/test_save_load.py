@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from conftest import DECODERS, tiny_batch
+from fresh_process import run_fresh
 from safetensors.torch import load_file, save_file
-from test_slim import CASES, PREFIX, expected_shapes, make_model, outputs, zero_random_groups
+from slim_helpers import CASES, PREFIX, expected_shapes, make_model, outputs, zero_random_groups
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from hf_hesso.groups import KV_GROUP, MLP_CHANNEL, QUERY_SLOT, build_groups
@@ -52,67 +50,6 @@ def uniform_prune(model, kv_groups=(), slots=(), heads=(), mlp=()):
 
 # A script run by a fresh `python -I` in which `import hf_hesso` is made impossible: everything it loads comes
 # from the saved directories (remote code) or from stock transformers.
-FRESH_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class _BlockHfHesso(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_hesso" or name.startswith("hf_hesso."):
-                raise ImportError("hf_hesso is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, _BlockHfHesso())
-    try:
-        import hf_hesso  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_hesso is importable in the fresh process")
-
-    import torch
-    import transformers
-
-    jobs = json.loads(open(sys.argv[1]).read())
-    results = {}
-    for job in jobs:
-        auto = getattr(transformers, job["auto"])
-        kwargs = {"trust_remote_code": True} if job["remote"] else {}
-        batch = torch.load(job["batch"])
-        out = {}
-        for impl in job["impls"]:
-            model = auto.from_pretrained(job["dir"], attn_implementation=impl, **kwargs).eval()
-            out["class"] = type(model).__module__ + "." + type(model).__name__
-            with torch.no_grad():
-                out["logits_" + impl] = model(**batch)[0]
-                if job["generate"]:
-                    out["generate_" + impl] = model.generate(
-                        **batch, max_new_tokens=job["generate"], do_sample=False, pad_token_id=0, use_cache=True
-                    )
-        results[job["dir"]] = out
-    assert not any(m == "hf_hesso" or m.startswith("hf_hesso.") for m in sys.modules), "hf_hesso was imported"
-    torch.save(results, sys.argv[2])
-    """
-)
-
-
-def run_fresh(jobs: list[dict], tmp: Path) -> dict:
-    (tmp / "jobs.json").write_text(json.dumps(jobs))
-    (tmp / "fresh.py").write_text(FRESH_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(
-        [sys.executable, "-I", str(tmp / "fresh.py"), str(tmp / "jobs.json"), str(tmp / "out.pt")],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(tmp / "out.pt")
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Every family x head: a masked-dense model, slimmed and saved; references computed before slimming."""
