@@ -285,6 +285,40 @@ def _bias_left(layer: nn.Module, sub) -> bool:
     return t is not None and t.bias is not None and bool((t.bias != 0).any())
 
 
+@dataclass
+class _SlimPlan:
+    """Everything `slim_model` and `slim_copy` decide before slicing: the layout, the kept indices per layer and the
+    figures of the summary."""
+
+    layout: object
+    head_dim: int
+    slim_cls: type | None
+    plans: list
+    before: list[LayerShape]
+    params_before: int
+    removed: int
+
+    @classmethod
+    def of(cls, model: nn.Module, groups: GroupSet | None, what: str) -> _SlimPlan:
+        check_materialized(model, what)
+        if groups is None:
+            groups = build_groups(model)
+        zero = groups.zero_mask(model).cpu()
+        _, plans = keep_plan(model, groups, zero=zero)
+        return cls(
+            layout=get_layout(model.config.model_type),
+            head_dim=normalize_config(model.config).head_dim,
+            slim_cls=_slim_class(model),
+            plans=plans,
+            before=current_layer_shapes(model),
+            params_before=_num_params(model),
+            removed=int(zero.sum()),
+        )
+
+    def finish(self, model: nn.Module) -> SlimSummary:
+        return _finish(model, self.slim_cls, self.plans, self.before, self.params_before, self.removed)
+
+
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
     """Physically remove every group whose slices are all exactly zero, in place.
 
@@ -322,25 +356,13 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
         `ValueError`: when the zeros cannot be sliced out exactly (e.g. every routed expert of a layer zero but not
             its shared expert), or when the model's weights are on the meta device; nothing is changed then.
     """
-    check_materialized(model, "slim_model")
-    config = model.config
-    layout = get_layout(config.model_type)
-    hd = normalize_config(config).head_dim
-    if groups is None:
-        groups = build_groups(model)
-    slim_cls = _slim_class(model)
-    before = current_layer_shapes(model)
-    params_before = _num_params(model)
-
     # Decide everything before touching the model, so an error leaves it unchanged.
-    zero = groups.zero_mask(model).cpu()
-    _, plans = keep_plan(model, groups, zero=zero)
-
+    plan = _SlimPlan.of(model, groups, "slim_model")
     layers = layer_modules(model)
-    for i, (new_shape, kept) in enumerate(plans):
-        apply_layer_shape(layers[i], layout, new_shape, hd, kept)
-        skip_layer(layers, i, layout, new_shape)
-    summary = _finish(model, slim_cls, plans, before, params_before, int(zero.sum()))
+    for i, (new_shape, kept) in enumerate(plan.plans):
+        apply_layer_shape(layers[i], plan.layout, new_shape, plan.head_dim, kept)
+        skip_layer(layers, i, plan.layout, new_shape)
+    summary = plan.finish(model)
     if stock:
         to_stock(model)
     return summary
@@ -392,18 +414,8 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     Raises:
         `ValueError`: when the model's weights are on the meta device (load the real weights first).
     """
-    check_materialized(model, "slim_copy")
-    config = model.config
-    layout = get_layout(config.model_type)
-    hd = normalize_config(config).head_dim
-    if groups is None:
-        groups = build_groups(model)
-    slim_cls = _slim_class(model)
-    before = current_layer_shapes(model)
-    params_before = _num_params(model)
-    zero = groups.zero_mask(model).cpu()
-    _, plans = keep_plan(model, groups, zero=zero)
-
+    plan = _SlimPlan.of(model, groups, "slim_copy")
+    config, layout, hd, plans = model.config, plan.layout, plan.head_dim, plan.plans
     layers = layer_modules(model)
     # One config object for the whole copy (every module of a transformers model holds the same one).
     shared_config = {id(config): copy.deepcopy(config)}
@@ -418,7 +430,7 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     memo.update(cpu_copy_memo(model, skip=layer_tensors))
     out = copy.deepcopy(model, memo)
-    summary = _finish(out, slim_cls, plans, before, params_before, int(zero.sum()))
+    summary = plan.finish(out)
     return out, summary
 
 
