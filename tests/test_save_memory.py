@@ -88,8 +88,9 @@ def test_peak_extra_memory_of_a_save(tmp_path):
         f"{new['extra'] / full:.2f}x, save_slim {save['extra'] / full:.2f}x, deepcopy baseline {old['extra'] / full:.2f}x"
     )
     assert old["extra"] >= 0.95 * full  # the baseline: a full second copy is seen
-    # The slim copy costs the slim model plus one full-size layer, never a second full model.
-    assert new["extra"] <= (new["kept"] + 0.15) * full
+    # The slim copy costs the slim model plus one full-size layer (a sixth of the layers here) and allocator slack,
+    # never a second full model.
+    assert new["extra"] <= (new["kept"] + 0.25) * full
     assert new["extra"] < 0.75 * full
     # The whole save (slim copy + serialisation) stays under one full copy as well.
     assert save["extra"] < full
