@@ -20,15 +20,6 @@ from .optim.schedule import Schedule, check_cric_settings, check_pruning_setting
 IMPORTANCE_CRITERIA = tuple(CRITERIA)
 
 
-# `HESSOConfig` settings that spell out the default `saliency="taylor"` as custom weights (the elementwise Taylor
-# criterion on the raw gradient; not with LoRA, where the preset falls back to the update direction).
-GRADIENT_SALIENCY: dict[str, Any] = {
-    **{f"importance_{name}": 0.0 for name in IMPORTANCE_CRITERIA},
-    "importance_taylor_elementwise": 1.0,
-    "saliency_direction": "gradient",
-}
-
-
 @dataclass
 class HESSOConfig(TrainingArguments):
     r"""
