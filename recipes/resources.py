@@ -359,6 +359,28 @@ def lm_blocks(dataset, tokenizer, seq_len: int, text_column: str = "text", max_b
     return blocks
 
 
+def spread_blocks(dataset, tokenizer, seq_len: int, count: int, text_column: str = "text"):
+    """`count` blocks of `seq_len` tokens that do not overlap, spread evenly over the whole text, first to last.
+
+    Packs the whole text with `lm_blocks` and keeps blocks `0, ..., last` at even spacing, so that an evaluation
+    covers every part of the text instead of its first articles. The same text, tokenizer and arguments give the
+    same blocks.
+
+    Returns:
+        `datasets.Dataset`: blocks as `lm_blocks` returns them.
+    """
+    if count < 1:
+        raise ValueError(f"`count` must be positive, got {count}.")
+    blocks = lm_blocks(dataset, tokenizer, seq_len, text_column=text_column)
+    if len(blocks) < count:
+        raise ValueError(
+            f"The text holds {len(blocks)} blocks of {seq_len} tokens, fewer than the {count} asked for: lower "
+            "`count` or `seq_len`."
+        )
+    picks = [round(i * (len(blocks) - 1) / max(count - 1, 1)) for i in range(count)]
+    return blocks.select(picks)
+
+
 @torch.no_grad()
 def perplexity(model, dataset, batch_size: int = 8) -> float:
     """Perplexity of a causal LM on packed blocks: `exp` of the token-weighted mean next-token NLL.

@@ -153,10 +153,14 @@ def test_llama_recipe_tiny(tmp_path):
     flags = ["--max_steps", "6", "--start_pruning_step", "1", "--pruning_steps", "4", "--pruning_periods", "2"]
     flags += ["--seq_len", "32", "--train_blocks", "64", "--eval_blocks", "4", "--logging_steps", "2"]
     stdout = _run("llama_prune", tmp_path, *flags)
-    ppl = re.search(r"perplexity \(128 BBC test tokens\): ([\d.]+) before, ([\d.]+) after", stdout)
-    assert ppl, stdout
-    # A random model over a 49k vocabulary: perplexity near the vocabulary size, finite after pruning.
-    assert 1e3 < float(ppl.group(1)) < 1e6 and 1 < float(ppl.group(2)) < 1e6
+    assert "Perplexity on 4 windows of 512 tokens per text" in stdout, stdout
+    for text in (r"BBC news test split \(in-domain\)", r"Shakespeare's comedies \(general text, never trained on\)"):
+        ppl = re.search(text + r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", stdout)
+        assert ppl, stdout
+        before, after, ratio = (float(v) for v in ppl.groups())
+        # A random model over a 49k vocabulary: perplexity near the vocabulary size, finite after pruning.
+        assert 1e3 < before < 1e6 and 1 < after < 1e6
+        assert ratio == pytest.approx(after / before, abs=0.01)
 
 
 @pytest.mark.real_model
@@ -177,7 +181,7 @@ def test_llama_recipe_tiny_lora(tmp_path):
         "1e-3",
     ]
     stdout = _run("llama_prune", tmp_path, *flags)
-    assert "perplexity (128 BBC test tokens)" in stdout
+    assert re.search(r"BBC news test split \(in-domain\)\s+[\d.]+\s+[\d.]+", stdout), stdout
     # One merged model: no adapter folder, no LoRA tensors.
     assert not (tmp_path / "slim" / "adapter").exists()
     from safetensors import safe_open

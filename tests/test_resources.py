@@ -214,3 +214,33 @@ def test_minilm():
         assert torch.equal(
             classifier.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight
         )
+
+
+class _NumberTokenizer:
+    """Text of space-separated integers -> those integers as token ids; EOS 0. Enough to pack with `lm_blocks`."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+
+def test_spread_blocks_cover_the_whole_text_without_overlap():
+    # 50 documents of 99 distinct tokens (+ EOS): 5,000 tokens, 500 blocks of 10, every block distinct.
+    docs = Dataset.from_dict({"text": [" ".join(str(1000 * d + j) for j in range(1, 100)) for d in range(50)]})
+    tok = _NumberTokenizer()
+    every = [list(r) for r in resources.lm_blocks(docs, tok, 10)["input_ids"]]
+    picked = resources.spread_blocks(docs, tok, 10, 6)
+    assert len(every) == 500 and len(picked) == 6
+    index = [every.index(list(r)) for r in picked["input_ids"]]
+    # The first and the last block, evenly spaced in between: no two windows share a token.
+    assert index == [0, 100, 200, 299, 399, 499]
+    assert picked["input_ids"] == resources.spread_blocks(docs, tok, 10, 6)["input_ids"]  # deterministic
+
+
+def test_spread_blocks_errors():
+    docs = Dataset.from_dict({"text": [" ".join(str(j) for j in range(1, 30))]})  # 29 tokens + EOS: 3 blocks
+    with pytest.raises(ValueError, match=r"holds 3 blocks of 10 tokens, fewer than the 4 asked for"):
+        resources.spread_blocks(docs, _NumberTokenizer(), 10, 4)
+    with pytest.raises(ValueError, match=r"`count` must be positive, got 0"):
+        resources.spread_blocks(docs, _NumberTokenizer(), 10, 0)
