@@ -129,10 +129,7 @@ def test_kl_refuses_different_output_spaces():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_training_loss_is_the_hand_computed_formula(name, tmp_path):
     """`compute_loss` = alpha * T^2 * KL + (1 - alpha) * task loss, on the positions the task loss counts."""
-    model = tiny_model(name)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # the hand computation runs its own forward pass
+    model = _no_dropout(tiny_model(name))  # the hand computation runs its own forward pass
     alpha, temperature = 0.3, 2.0
     args = hesso_args(str(tmp_path), distill=True, distill_alpha=alpha, distill_temperature=temperature)
     trainer = HESSOTrainer(model=model, args=args, train_dataset=_dataset(name))
