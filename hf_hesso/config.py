@@ -128,8 +128,9 @@ class HESSOConfig(TrainingArguments):
         distill_temperature (`float`, *optional*, defaults to `1.0`):
             Softmax temperature `T` of both distributions, `> 0`.
         distill_top_k (`int`, *optional*):
-            Compare the two distributions renormalised over the teacher's `k` largest logits of each position, which
-            bounds the softmax tensors on large vocabularies. Default: the full distributions.
+            Compare the two distributions on `k + 1` buckets: the teacher's `k` largest logits of each position and
+            one bucket for all the other classes (both softmaxes over the whole vocabulary, so the student's mass
+            outside the teacher's top k counts). Default: the full distributions.
         importance_activation (`float`, *optional*):
             Weight of the activation criterion `||a_g||`, the magnitude of the group's output on the scoring batches
             (Minitron; forward-only, through forward hooks). Not with `cric`.
@@ -249,7 +250,8 @@ class HESSOConfig(TrainingArguments):
     distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
     distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
     distill_top_k: int | None = field(
-        default=None, metadata={"help": "KL on the teacher's top-k logits (renormalised). Default: all logits."}
+        default=None,
+        metadata={"help": "KL on the teacher's top-k classes plus one bucket for the rest. Default: all logits."},
     )
     importance_activation: float | None = field(
         default=None, metadata={"help": "Weight of the activation criterion ||a_g|| (group output, forward-only)."}

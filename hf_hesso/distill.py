@@ -4,8 +4,9 @@ The loss of every micro-batch is `alpha * T^2 * KL(teacher || student) + (1 - al
 taken between the softmaxes of the teacher's and the student's logits at temperature `T` (Hinton et al.; the `T^2`
 keeps the gradient scale independent of `T`), on the positions the task loss counts: for a causal LM the positions
 whose next-token label is not `-100` (or, without labels, whose next token is attended), for a sequence classifier
-every example. With `top_k`, both distributions are renormalised over the teacher's `k` largest logits of each
-position, so the softmax tensors are `k` wide instead of the vocabulary.
+every example. With `top_k`, the two distributions are compared on `k + 1` buckets: the teacher's `k` largest logits of
+each position and one bucket for all the other classes, both softmaxes taken over the whole vocabulary (a true KL
+between two `(k + 1)`-way distributions, no larger than the full KL, equal to it when `k + 1 >= classes`).
 
 The teacher is a separate module that takes no gradient and is never stepped:
 - default: a frozen copy of the model as it was when the trainer was built (before any training step);
@@ -68,9 +69,10 @@ def distillation_kl(
         student_logits (`torch.Tensor`): `(..., classes)`; gradients flow through it.
         teacher_logits (`torch.Tensor`): same shape, no gradient needed.
         temperature (`float`): the softmax temperature `T`.
-        top_k (`int`, *optional*): compare the two distributions renormalised over the teacher's `top_k` largest
-            logits of each position (both restricted to the same support, so the KL stays >= 0 and is 0 when they
-            agree there).
+        top_k (`int`, *optional*): compare the two distributions on `top_k + 1` buckets: the teacher's `top_k`
+            largest logits of each position, and one "rest" bucket holding the probability of all the other classes
+            (see `top_k_log_probs`). Both softmaxes are taken over all the classes, so a student that puts its mass
+            outside the teacher's top k pays for it, and the KL equals the full one when `top_k + 1 >= classes`.
         mask (`torch.Tensor`, *optional*): bool, `student_logits.shape[:-1]`; positions to count (all when None).
 
     Returns:
@@ -88,13 +90,38 @@ def distillation_kl(
     if mask is not None:
         keep = mask.reshape(-1).to(s.device, torch.bool)
         s, t = s[keep], t[keep]
+    s = s.float() / temperature
+    t = t.float() / temperature
     if top_k is not None and top_k < classes:
-        t, index = t.topk(top_k, dim=-1)
-        s = s.gather(-1, index)
-    log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
+        index = t.topk(top_k, dim=-1).indices
+        log_p_t = top_k_log_probs(t, index)
+        log_p_s = top_k_log_probs(s, index)
+    else:
+        log_p_t = F.log_softmax(t, dim=-1)
+        log_p_s = F.log_softmax(s, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
     return kl, torch.tensor(float(s.shape[0]), device=kl.device)
+
+
+def top_k_log_probs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The log-probabilities of `softmax(logits)` at `index`, and of everything else as one last "rest" bucket.
+
+    Args:
+        logits (`torch.Tensor`): float `(n, classes)`.
+        index (`torch.Tensor`): `(n, k)` distinct class indices of each row, `k < classes`.
+
+    Returns:
+        `torch.Tensor`: `(n, k + 1)`, the log of a distribution over `k + 1` buckets (each row's exps sum to 1).
+
+    The rest bucket is a log-sum-exp over the classes outside `index` (the indexed ones set to the most negative
+    float, whose exp is 0), not `log(1 - sum of the top k)`: it stays exact when the rest holds a tiny mass (no
+    cancellation) and finite when it holds none, and its gradient reaches every logit outside `index`. The
+    normaliser over all the classes is then `logaddexp` of the top-k and the rest log-sum-exps.
+    """
+    top = logits.gather(-1, index)
+    rest = logits.scatter(-1, index, torch.finfo(logits.dtype).min).logsumexp(-1, keepdim=True)
+    total = torch.logaddexp(top.logsumexp(-1, keepdim=True), rest)
+    return torch.cat([top, rest], dim=-1) - total
 
 
 def prediction_mask(inputs: dict, shifts_labels: bool, logits: torch.Tensor) -> torch.Tensor | None:
@@ -157,7 +184,7 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
 
 @dataclass
 class DistillTerms:
-    """The two terms of one micro-batch's loss, each on the scale of the task loss the Trainer would return."""
+    """The two terms of one micro-batch's loss, each multiplied by the same factor (see `Distiller.terms`)."""
 
     loss: torch.Tensor
     kl: torch.Tensor
@@ -171,7 +198,7 @@ class Distiller:
         teacher (`nn.Module`): the frozen teacher (see `frozen_copy`, `load_teacher`).
         alpha (`float`): weight of the KL term, in `[0, 1]`.
         temperature (`float`): softmax temperature `T`, > 0.
-        top_k (`int`, *optional*): the KL on the teacher's `top_k` largest logits, renormalised.
+        top_k (`int`, *optional*): the KL on the teacher's `top_k` largest logits plus one bucket for the rest.
     """
 
     def __init__(self, teacher: nn.Module, alpha: float, temperature: float, top_k: int | None = None):
@@ -184,6 +211,8 @@ class Distiller:
         self._kl_sum = 0.0
         self._task_sum = 0.0
         self._steps_logged = 0
+        # The task term of the last micro-batch, as scaled for `backward` (what CRIC's probes read).
+        self.last_task: torch.Tensor | None = None
 
     @torch.no_grad()
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
@@ -194,30 +223,29 @@ class Distiller:
         self,
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
-        task_loss: torch.Tensor,
+        task_mean: torch.Tensor,
         mask: torch.Tensor | None,
-        num_items: torch.Tensor | int | None,
-        scale: float = 1.0,
+        factor: torch.Tensor | float = 1.0,
     ) -> DistillTerms:
-        """The loss of one micro-batch.
+        """The loss of one micro-batch, `factor * (alpha * T^2 * KL + (1 - alpha) * task_mean)`.
 
-        The KL is normalised as the task loss is: by `num_items` (the label tokens of the whole accumulated batch,
-        which the Trainer passes when the model normalises its loss by it), else by this micro-batch's positions;
-        then multiplied by `scale` (the factor the Trainer applies to the task loss across processes).
+        Args:
+            task_mean (`torch.Tensor`): the task loss averaged over this micro-batch's items.
+            factor (`torch.Tensor` or `float`): what the caller multiplies both terms by (e.g. the micro-batch's
+                share of the label tokens of the accumulated batch). The KL is averaged over the micro-batch's
+                positions like the task loss, and both terms get the same factor, so the mix stays `alpha`.
         """
         kl_sum, count = distillation_kl(student_logits, teacher_logits, self.temperature, self.top_k, mask)
-        if num_items is not None:
-            denominator = torch.as_tensor(num_items, dtype=torch.float32, device=kl_sum.device)
-        else:
-            denominator = count
-        kl = kl_sum / denominator.clamp_min(1) * scale
-        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * task_loss
-        return DistillTerms(loss=loss, kl=kl, task=task_loss)
+        kl = kl_sum / count.clamp_min(1) * factor
+        task = task_mean * factor
+        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * task
+        return DistillTerms(loss=loss, kl=kl, task=task)
 
     def record(self, terms: DistillTerms, divisor: float) -> None:
         """Add a micro-batch's terms (divided as the Trainer divides the loss for gradient accumulation)."""
+        self.last_task = terms.task.detach().mean() / divisor
         self._kl_sum += float(terms.kl.detach()) / divisor
-        self._task_sum += float(terms.task.detach()) / divisor
+        self._task_sum += float(self.last_task)
 
     def step_done(self) -> None:
         self._steps_logged += 1
@@ -287,32 +315,76 @@ class DistillationMixin:
     ):
         """`Trainer.compute_loss`; in training with a teacher, `alpha * T^2 * KL + (1 - alpha) * task loss`.
 
-        Evaluation keeps the task loss. The KL is normalised like the task loss: per label token of the accumulated
-        batch when the Trainer passes `num_items_in_batch` to the model, else per position of the micro-batch, and
-        scaled across processes as the Trainer scales the task loss.
+        Evaluation keeps the task loss. Both terms are means over the micro-batch multiplied by the same factor:
+        when the Trainer counts the label tokens of the accumulated batch (`num_items_in_batch`), the model gets
+        this micro-batch's count instead, so its loss is the micro-batch mean whether or not it reads the count
+        (BERT's sequence classifier accepts `**kwargs` and ignores it), and both terms are multiplied by the
+        micro-batch's share of the count and the Trainer's scale across processes; without a count, both are
+        means that the Trainer divides by the accumulation steps.
         """
         if self.distiller is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self.accelerator.autocast():
             teacher_logits = self.distiller.teacher_logits(inputs)
         mask = prediction_mask(inputs, self._loss_shifts_labels, teacher_logits)
-        task, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        # The factors that `Trainer.compute_loss` and `training_step` apply to the task loss, applied to the KL alike.
-        scaled_by_items = (self.model_accepts_loss_kwargs or self.compute_loss_func is not None) and (
-            num_items_in_batch is not None
+        factor: torch.Tensor | float = 1.0
+        micro_items = None
+        if num_items_in_batch is not None:
+            micro_items = self._micro_batch_items(inputs)
+            total = torch.as_tensor(num_items_in_batch, device=micro_items.device).float().clamp_min(1)
+            factor = micro_items.float() / total
+        task, outputs = super().compute_loss(
+            model, inputs, True, None if micro_items is None else micro_items.clamp_min(1)
         )
-        scale = 1.0
-        if scaled_by_items and self.args.average_tokens_across_devices:
-            scale = self.accelerator.num_processes // self.get_tp_size()
-        ga_scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else scaled_by_items
+        # `Trainer.compute_loss` multiplies a loss normalised by a count by the number of processes (the count is
+        # the global one); the task loss here is normalised by the local count, so the scale goes to both terms.
+        scale = self._items_scale(micro_items is not None)
+        if scale != 1:
+            task = task / scale
+            factor = factor * scale
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        terms = self.distiller.terms(
-            logits, teacher_logits, task, mask, num_items_in_batch if scaled_by_items else None, scale
-        )
+        terms = self.distiller.terms(logits, teacher_logits, task, mask, factor)
+        # As `Trainer.training_step` decides whether to divide the loss by the accumulation steps.
+        if self.loss_is_scaled_for_ga is not None:
+            ga_scaled = self.loss_is_scaled_for_ga
+        else:
+            ga_scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
         # Set by the training loop (the last cycle of an epoch may be shorter); a call outside it divides by the setting.
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         self.distiller.record(terms, 1.0 if ga_scaled else float(accumulation))
         return (terms.loss, outputs) if return_outputs else terms.loss
+
+    def _micro_batch_items(self, inputs: dict) -> torch.Tensor:
+        """The label tokens of this micro-batch, counted as `Trainer._get_num_items_in_batch` counts them."""
+        if "shift_labels" in inputs:
+            labels = inputs["shift_labels"]
+        elif self._loss_shifts_labels:
+            labels = inputs["labels"][..., 1:]
+        else:
+            labels = inputs["labels"]
+        return labels.ne(-100).sum()
+
+    def _items_scale(self, counted: bool) -> float:
+        """The factor `Trainer.compute_loss` applies to a loss normalised by `num_items_in_batch`."""
+        if not (
+            counted
+            and self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+        ):
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+
+    def task_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The task term of the last training micro-batch as scaled for `backward`; `loss` itself without a teacher.
+
+        `loss` is what `training_step` returned for that micro-batch (the mixed loss when distilling).
+        """
+        if self.distiller is None or self.distiller.last_task is None:
+            return loss
+        task, self.distiller.last_task = self.distiller.last_task, None
+        return task
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; a resumed run reloads the teacher stored in the checkpoint."""

@@ -319,16 +319,18 @@ class HESSOTrainer(DistillationMixin, Trainer):
         return self.optimizer
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        """`Trainer.training_step`, then hand the loss to [`CRIC`] on the steps that read it.
+        """`Trainer.training_step`, then hand the task loss to [`CRIC`] on the steps that read it.
 
-        The returned loss is already scaled for gradient accumulation, so the optimizer sums the micro-batches'
-        values; it is averaged across processes so that every rank takes the same decisions.
+        CRIC's probes read the task loss, also when distilling (the KL term is left out), as scaled for gradient
+        accumulation, so the optimizer sums the micro-batches' values; it is averaged across processes so that
+        every rank takes the same decisions.
         """
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.selection_diagnostics.observe_loss(loss)
+        task = self.task_loss(loss)
         cric = self.hesso_optimizer
         if isinstance(cric, CRIC) and cric.needs_loss:
-            value = loss.detach().float().reshape(())
+            value = task.detach().float().reshape(())
             if self.accelerator.num_processes > 1:
                 value = self.accelerator.reduce(value.clone(), reduction="mean")
             cric.observe_loss(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -284,3 +285,51 @@ def test_trainer_end_to_end_gqa(tmp_path, caplog):
     assert reloaded["params"] < trainer.model.num_parameters()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| `cric` | `True` |" in card and "| `cric_trial_ratios` | `[0.5]` |" in card
+
+
+def test_probes_read_the_task_loss_under_distillation(tmp_path, monkeypatch):
+    """With a teacher, CRIC's reference and probe losses are the task term of the loss, not the mixed loss."""
+    from hf_hesso.trainer import HESSOTrainer
+
+    observed: dict[int, float] = {}
+    original = CRIC.observe_loss
+
+    def observe(self, loss):
+        step = self.num_steps + 1  # the optimizer step the value belongs to (the Trainer's next global_step)
+        observed[step] = observed.get(step, 0.0) + float(loss)
+        original(self, loss)
+
+    monkeypatch.setattr(CRIC, "observe_loss", observe)
+    args = hesso_args(
+        str(tmp_path / "out"),
+        max_steps=20,
+        cric=True,
+        pruning_periods=1,
+        pruning_steps=4,
+        start_pruning_step=1,
+        cric_sampling_steps=2,
+        cric_max_cycles=2,
+        cric_trial_ratios=[0.5],
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        distill=True,
+        distill_alpha=0.5,
+    )
+    trainer = HESSOTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=lm_dataset(), teacher_model=tiny_model("llama", seed=3)
+    )
+    trainer.train()
+    cric = trainer.hesso_optimizer
+    assert isinstance(cric, CRIC) and cric.phase == "done"
+    logs = {e["step"]: e for e in trainer.state.log_history if "distill/task" in e}
+    probes = cric.probe_loss_ratios.numel()
+    assert len(observed) == 1 + probes  # the reference step and one step per probe
+    for step, value in observed.items():
+        entry = logs[step]
+        assert math.isclose(value, entry["distill/task"], rel_tol=1e-6), (step, value, entry)
+        # The mixed loss differs (the teacher is another model): the probes would read something else.
+        assert abs(entry["loss"] - entry["distill/task"]) > 0.05
+    first = min(observed)
+    assert math.isclose(cric._ref_loss, observed[first], rel_tol=1e-6)
+    ratios = [observed[step] / observed[first] for step in sorted(observed)[1:]]
+    torch.testing.assert_close(cric.probe_loss_ratios.flatten(), torch.tensor(ratios, dtype=torch.float64))

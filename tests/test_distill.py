@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from dist_train_worker import cls_dataset, hesso_args, lm_dataset, tiny_model
+from transformers import TrainerCallback
 
 from hf_hesso import HESSOConfig, HESSOTrainer
 from hf_hesso.distill import TEACHER_WEIGHTS_NAME, distillation_kl
@@ -30,6 +31,26 @@ def _hand_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tens
     return (p_t * (p_t.log() - p_s.log())).sum(-1)
 
 
+def _hand_top_k_kl(s: torch.Tensor, t: torch.Tensor, temperature: float, k: int) -> torch.Tensor:
+    """Per row, the KL between the `k + 1`-way distributions: the teacher's top k classes and the rest, both
+    softmaxes over all classes, the rest as `1 - sum of the top k` (float64)."""
+    t, s = t.double() / temperature, s.double() / temperature
+    p_t = t.exp() / t.exp().sum(-1, keepdim=True)
+    p_s = s.exp() / s.exp().sum(-1, keepdim=True)
+    index = t.topk(k, dim=-1).indices
+    q_t, q_s = p_t.gather(-1, index), p_s.gather(-1, index)
+    q_t = torch.cat([q_t, 1 - q_t.sum(-1, keepdim=True)], -1)
+    q_s = torch.cat([q_s, 1 - q_s.sum(-1, keepdim=True)], -1)
+    return (q_t * (q_t.log() - q_s.log())).sum(-1)
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def test_kl_matches_a_hand_computation_with_mask_and_top_k():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
@@ -37,14 +58,67 @@ def test_kl_matches_a_hand_computation_with_mask_and_top_k():
     kl, count = distillation_kl(s, t, temperature=2.0, mask=mask)
     assert count.item() == 4
     torch.testing.assert_close(kl.double(), _hand_kl(s[mask], t[mask], 2.0).sum(), rtol=1e-5, atol=1e-6)
-    # Top-k: both distributions renormalised over the teacher's 3 largest logits of each position.
+    # Top-k: the teacher's 3 largest logits of each position and one bucket for the other 4 classes.
     kl_k, _ = distillation_kl(s, t, temperature=2.0, top_k=3, mask=mask)
-    idx = t[mask].topk(3, dim=-1).indices
-    expected = _hand_kl(s[mask].gather(-1, idx), t[mask].gather(-1, idx), 2.0).sum()
+    expected = _hand_top_k_kl(s[mask], t[mask], 2.0, 3).sum()
     torch.testing.assert_close(kl_k.double(), expected, rtol=1e-5, atol=1e-6)
-    # Equal logits: zero; top_k >= classes: the full KL.
+    # Equal logits: zero, with and without top_k.
     assert distillation_kl(t, t)[0].abs().item() < 1e-6
-    torch.testing.assert_close(distillation_kl(s, t, 2.0, top_k=7)[0], distillation_kl(s, t, 2.0)[0])
+    assert distillation_kl(t, t, top_k=3)[0].abs().item() < 1e-6
+    # top_k = classes - 1 (the rest bucket is one class) and top_k >= classes: the full KL.
+    full = distillation_kl(s, t, 2.0)[0]
+    torch.testing.assert_close(distillation_kl(s, t, 2.0, top_k=6)[0], full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(distillation_kl(s, t, 2.0, top_k=7)[0], full)
+    # Grouping classes never raises a KL: every top-k KL is at most the full one.
+    for k in range(1, 6):
+        assert distillation_kl(s, t, 2.0, top_k=k)[0] <= full + 1e-6
+
+
+def test_top_k_kl_counts_the_student_mass_outside_the_teachers_top_k():
+    """A student that matches the teacher on the teacher's top 5 up to a constant, but puts 99% of its mass on the
+    other classes: renormalised over the top 5 the two agree (KL 0, no gradient on the other logits); the top-k KL
+    sees the 99%."""
+    vocab, k = 50, 5
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, vocab, generator=g)
+    top = t.topk(k, dim=-1).indices
+    t = t.scatter_add(-1, top, torch.full((3, k), 4.0))  # the teacher's mass is mostly on its top 5
+    outside = torch.ones_like(t, dtype=torch.bool).scatter(-1, top, False)
+    top_mass = (t.exp() * ~outside).sum(-1, keepdim=True)
+    rest_mass = (t.exp() * outside).sum(-1, keepdim=True)
+    s = (t + (99 * top_mass / rest_mass).log() * outside).requires_grad_()
+    torch.testing.assert_close((s.detach().softmax(-1) * outside).sum(-1), torch.full((3,), 0.99))
+    kl, count = distillation_kl(s, t, top_k=k)
+    torch.testing.assert_close(kl.double(), _hand_top_k_kl(s.detach(), t, 1.0, k).sum(), rtol=1e-5, atol=1e-6)
+    # About log(100) per position from the teacher's top-k mass (over 0.9 here) that the student misses.
+    assert count.item() == 3 and kl.item() / 3 > 3.5
+    kl.backward()
+    # Every logit outside the top k gets a gradient that pushes its mass down.
+    assert bool((s.grad[outside] > 0).all())
+
+
+@pytest.mark.parametrize("case", ["random", "student_rest_empty", "student_all_outside", "teacher_rest_empty"])
+def test_top_k_kl_is_finite_with_bf16_logits(case):
+    vocab, k = 128, 8
+    g = torch.Generator().manual_seed(1)
+    t = 30 * torch.randn(6, vocab, generator=g)
+    s = 30 * torch.randn(6, vocab, generator=g)
+    top = t.topk(k, dim=-1).indices
+    outside = torch.ones_like(t, dtype=torch.bool).scatter(-1, top, False)
+    if case == "student_rest_empty":
+        s = s.masked_fill(outside, -1e4)
+    elif case == "student_all_outside":
+        s = s.masked_fill(~outside, -1e4)
+    elif case == "teacher_rest_empty":
+        t = t.masked_fill(outside, -1e4)
+    s = s.bfloat16().requires_grad_()
+    t = t.bfloat16()
+    kl, _ = distillation_kl(s, t, temperature=2.0, top_k=k)
+    assert kl.dtype == torch.float32 and math.isfinite(kl.item()) and kl.item() >= 0
+    kl.backward()
+    assert bool(s.grad.isfinite().all())
+    # The same KL as from the bf16 values in fp32 (the KL is computed in fp32).
+    torch.testing.assert_close(kl, distillation_kl(s.detach().float(), t.float(), 2.0, top_k=k)[0])
 
 
 def test_kl_refuses_different_output_spaces():
@@ -55,10 +129,7 @@ def test_kl_refuses_different_output_spaces():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_training_loss_is_the_hand_computed_formula(name, tmp_path):
     """`compute_loss` = alpha * T^2 * KL + (1 - alpha) * task loss, on the positions the task loss counts."""
-    model = tiny_model(name)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # the hand computation runs its own forward pass
+    model = _no_dropout(tiny_model(name))  # the hand computation runs its own forward pass
     alpha, temperature = 0.3, 2.0
     args = hesso_args(str(tmp_path), distill=True, distill_alpha=alpha, distill_temperature=temperature)
     trainer = HESSOTrainer(model=model, args=args, train_dataset=_dataset(name))
@@ -182,11 +253,75 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 def test_top_k_and_bf16_train(tmp_path):
-    args = hesso_args(str(tmp_path), distill=True, distill_top_k=8, bf16=True)
-    trainer = HESSOTrainer(model=tiny_model("llama"), args=args, train_dataset=lm_dataset())
-    trainer.train()
-    kl = [e["distill/kl"] for e in trainer.state.log_history if "distill/kl" in e]
-    assert len(kl) == args.max_steps and all(math.isfinite(v) and v >= 0 for v in kl)
+    """bf16 training with `distill_top_k` stays finite, and the top-k KL is the one logged: on the first step (same
+    student, teacher and batch) it is below the full KL, as grouping classes lowers a KL."""
+    kl = {}
+    for top_k in (8, None):
+        args = hesso_args(str(tmp_path / str(top_k)), distill=True, distill_top_k=top_k, bf16=True)
+        trainer = HESSOTrainer(
+            model=tiny_model("llama"), args=args, train_dataset=lm_dataset(), teacher_model=tiny_model("llama", seed=3)
+        )
+        trainer.train()
+        kl[top_k] = [e["distill/kl"] for e in trainer.state.log_history if "distill/kl" in e]
+        assert len(kl[top_k]) == args.max_steps and all(math.isfinite(v) and v >= 0 for v in kl[top_k])
+    assert kl[8][0] < 0.95 * kl[None][0]
+
+
+class _FirstStepGradients(TrainerCallback):
+    """Keeps the gradients of the first optimizer step (after accumulation, before the step), then stops."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_gradient_accumulation_keeps_the_distillation_mix(name, tmp_path):
+    """Batch 4 and 2 x 2 accumulated give the same gradients and the same two terms, so `alpha` means the same.
+
+    The LLaMA normalises its loss by the Trainer's `num_items_in_batch`; BERT's sequence classifier accepts
+    `**kwargs` but ignores it (its loss is the micro-batch mean), so the Trainer divides neither term by the
+    accumulation steps and the task term alone would count twice at 2 steps.
+    """
+    runs = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        args = hesso_args(
+            str(tmp_path / f"ga{accumulation}"),
+            distill=True,
+            distill_alpha=0.5,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=0.0,
+        )
+        spy = _FirstStepGradients()
+        teacher = _no_dropout(tiny_model(name, seed=3))
+        if name == "bert":
+            with torch.no_grad():  # a confident teacher: the fresh heads' logits are close to 0
+                teacher.classifier.weight.mul_(30)
+        trainer = HESSOTrainer(
+            model=_no_dropout(tiny_model(name)),
+            args=args,
+            train_dataset=_dataset(name),
+            teacher_model=teacher,
+            callbacks=[spy],
+        )
+        trainer.train()
+        logged = [e for e in trainer.state.log_history if "distill/kl" in e]
+        assert trainer.state.global_step == 1 and len(logged) == 1
+        runs.append((spy.grads, logged[0]))
+    (grads, log), (grads_ga, log_ga) = runs
+    assert log["distill/kl"] > 0.01 and log["distill/task"] > 0.1
+    for key in ("distill/kl", "distill/task"):
+        assert math.isclose(log_ga[key], log[key], rel_tol=1e-5), (key, log_ga[key], log[key])
+    assert grads.keys() == grads_ga.keys()
+    for key, value in grads.items():
+        torch.testing.assert_close(grads_ga[key], value, rtol=1e-4, atol=1e-7, msg=key)
 
 
 def test_teacher_model_argument(tmp_path):

@@ -66,7 +66,8 @@ class CRIC(HESSO):
     actual end. Steps on which the loss is needed (`needs_loss`): `S + 1 ... S + 1 + B * R`.
 
     Loss contract: the optimizer reads the loss of each step. [`HESSOTrainer`] hands it over on its own (summed over
-    gradient accumulation micro-batches, averaged across processes). In a hand-written loop call
+    gradient accumulation micro-batches, averaged across processes); with distillation it hands over the task loss
+    alone, so the probes measure the same quantity with and without a teacher. In a hand-written loop call
     `opt.observe_loss(loss)` before `opt.step()` (with gradient accumulation, once per micro-batch with the loss as
     scaled for `backward`: the values are summed). A closure passed to `step` that returns the loss works too.
 
