@@ -554,7 +554,9 @@ class HESSOTrainer(DistillationMixin, Trainer):
         tokenizer, card, training arguments, `adapter/`), each replaced atomically after all are on disk, and
         removes only the files of the previous hf_hesso save there that it does not write again (its manifest):
         your other files and the `checkpoint-*` folders in `output_dir` are never touched. A `README.md` that
-        hf_hesso did not write is kept (the card is then skipped, with a warning). See `docs/saving.md`.
+        hf_hesso did not write is kept (the card is then skipped, with a warning); any other file of a name the save
+        writes that hf_hesso did not write (your own `model.safetensors`) makes it raise before anything moves. See
+        `docs/saving.md`.
 
         Called before `train()`, it warns that the model is unpruned and writes it in the slim format anyway.
         The checkpoints the Trainer writes during training (`_internal_call=True`) stay full size, so training can

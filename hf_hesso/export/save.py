@@ -134,6 +134,12 @@ def save_slim(
     A `README.md` that hf_hesso did not write (or that was edited since) is kept: the card is then not written
     and a warning says so (`SavedSlim.card_written` is `False`); delete or rename that README to get the card.
 
+    Any other file the save would write that is already in `output_dir` and was not written by an earlier hf_hesso
+    save there (or was changed since), e.g. your own `model.safetensors`, is never replaced: the save raises before
+    anything moves, naming it (a file with exactly the bytes the save writes is the exception). Two saves into one
+    `output_dir` at the same time are refused (`ConcurrentSaveError`): each save holds the lock file
+    `output_dir/.hf_hesso-save.lock` while it runs.
+
     Args:
         model (`nn.Module`): the trained transformers model (or LoRA `PeftModel`), its pruned groups at zero.
             Its weights must be real tensors (not on the meta device).
