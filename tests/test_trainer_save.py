@@ -555,6 +555,17 @@ def test_a_users_file_of_a_name_the_save_writes_is_never_replaced(tmp_path, name
     assert sorted(os.listdir(out)) == [name] and (out / name).read_bytes() == b"the user's own file"
 
 
+def test_trainer_save_model_keeps_a_users_model_safetensors_in_output_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights the user put there")
+    trainer = make_trainer(str(out))
+    with pytest.raises(ValueError, match=r"model\.safetensors' was not written by an earlier hf_hesso save"):
+        save_quietly(trainer)
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"weights the user put there"
+
+
 def test_only_files_of_our_last_save_or_identical_ones_are_replaced(tmp_path):
     model = tiny_model("llama")
     first = tmp_path / "first"

@@ -277,7 +277,11 @@ def _escapes(output_dir: Path, relative: str) -> str | None:
         return "it goes up with '..'"
     root = os.path.realpath(output_dir)
     real = os.path.realpath(output_dir / relative)
-    if os.path.commonpath([root, real]) != root:
+    try:
+        inside = os.path.commonpath([root, real]) == root
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
         return f"a symlink leads it out of the folder, to {real!r}"
     return None
 

@@ -481,7 +481,11 @@ def _output_target(model_or_dir, path: str | os.PathLike) -> Path:
                 f"The GGUF output {given!r}{resolved} is the checkpoint folder the export reads. Pass a file path, e.g. "
                 f"{os.path.join(os.fspath(model_or_dir), 'model.gguf')!r} or a path outside the folder."
             )
-        if os.path.commonpath([source, str(target)]) == source and target.suffix != ".gguf":
+        try:
+            inside = os.path.commonpath([source, str(target)]) == source
+        except ValueError:  # another drive (Windows)
+            inside = False
+        if inside and target.suffix != ".gguf":
             raise ValueError(
                 f"The GGUF output {given!r}{resolved} is inside the checkpoint folder the export reads "
                 f"({os.fspath(model_or_dir)!r}), under a name that is not `.gguf` (a file transformers may read: "

@@ -117,7 +117,10 @@ def _outside(directory: Path, relative: str) -> bool:
     if not isinstance(relative, str) or os.path.isabs(relative) or ".." in Path(relative).parts:
         return True
     root = os.path.realpath(directory)
-    return os.path.commonpath([root, os.path.realpath(directory / relative)]) != root
+    try:
+        return os.path.commonpath([root, os.path.realpath(directory / relative)]) != root
+    except ValueError:  # another drive (Windows)
+        return True
 
 
 def _remove_empty_parents(directory: Path, path: Path) -> None:
