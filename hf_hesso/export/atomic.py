@@ -10,9 +10,9 @@ A save never renames, replaces or deletes the output directory itself, and never
 2. the caller writes the new model into a staging folder `output_dir/.hf_hesso-save-<id>/` (inside `output_dir`:
    the same filesystem as the files it replaces, whether `output_dir` is the working directory, a mount point or a
    symlink to another filesystem), and every file is flushed to disk;
-3. the journal is written into the staging folder with `os.replace`: the commit point;
-   Before it, a staged file whose destination exists and was not written by the previous save of ours (or was
-   changed since) stops the save, unless the two are identical: nothing of the user's is ever replaced;
+3. a staged file whose destination exists and was not written by the previous save of ours (or was changed since)
+   stops the save, unless the two are identical: nothing of the user's is ever replaced. Then the journal is
+   written into the staging folder with `os.replace`: the commit point;
 4. each staged file replaces its destination with `os.replace` (atomic per file), the files that the previous save
    of ours wrote (its manifest `.hf_hesso_manifest.json`) and this one does not are removed, the new manifest is
    written, then the journal and the staging folder go; the lock is removed last.
