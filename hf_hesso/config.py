@@ -18,6 +18,32 @@ from .optim.schedule import Schedule, check_cric_settings, check_pruning_setting
 # Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`, `activation`); `HESSOConfig`
 # has one `importance_<name>` weight each.
 IMPORTANCE_CRITERIA = tuple(CRITERIA)
+# The criteria that read the direction `d` (the others read only the weights or the activations).
+DIRECTION_CRITERIA = ("cosine_similarity", "taylor_first_order", "taylor_second_order", "taylor_elementwise")
+
+
+def check_update_direction(
+    saliency: str, weights: dict[str, float], direction: str, learning_rate: float, lora: bool
+) -> None:
+    """Refuse scoring on the update direction with `learning_rate=0`: every update is zero, so the criteria that
+    read it (`DIRECTION_CRITERIA`) are constant and the selection silently rests on the others alone."""
+    used = [name for name in DIRECTION_CRITERIA if weights.get(name)]
+    if direction != "update" or not used or learning_rate != 0:
+        return
+    rest = [name for name, w in weights.items() if w and name not in DIRECTION_CRITERIA]
+    outcome = f"on {', '.join(rest)} alone" if rest else "on nothing (ties)"
+    fix = (
+        "With LoRA the gradient of the merged weight is not available: use a positive `learning_rate`, or "
+        "`saliency='activation'`."
+        if lora
+        else "Use `saliency='taylor'` (the default: it reads the raw gradient, whatever the learning rate), or "
+        "`saliency_direction='gradient'`, or a positive `learning_rate`."
+    )
+    raise ValueError(
+        f"`saliency={saliency!r}`{' with LoRA' if lora else ''} scores groups with {', '.join(used)} on the update "
+        "direction (the base optimizer's step), but `learning_rate` is 0: every update is zero, so those criteria "
+        f"are the same for every group and the groups would be selected {outcome}. {fix}"
+    )
 
 
 @dataclass
@@ -139,6 +165,7 @@ class HESSOConfig(TrainingArguments):
             `taylor_first_order` on the update), `"paper"` (HESSO's mix, 0.2 each of its five criteria, update
             direction), `"activation"` (the activation criterion) or `"custom"` (the `importance_*` weights you set).
             Default: `"custom"` when any `importance_*` weight is set, else `"taylor"`. See `docs/saliency.md`.
+            A criterion on the update direction with `learning_rate=0` is refused (every update is zero).
     """
 
     target_group_sparsity: float | None = field(
@@ -273,7 +300,7 @@ class HESSOConfig(TrainingArguments):
         self._check_saliency()
         self._default_saliency_steps()
         # The same checks, with the same messages, as `HESSO` and `CRIC` (`hf_hesso.optim.schedule`).
-        _, _, direction = resolve_saliency(
+        _, weights, direction = resolve_saliency(
             self.saliency, self.explicit_importance, self.saliency_direction, lora=False
         )
         check_pruning_settings(
@@ -283,6 +310,7 @@ class HESSOConfig(TrainingArguments):
             group_divisible=self.group_divisible,
             saliency_direction=direction,
         )
+        check_update_direction(self.saliency, weights, direction, self.learning_rate, lora=False)
         Schedule(self.start_pruning_step, self.pruning_periods, self.pruning_steps, self.saliency_steps)
         if self.max_steps > 0:
             self.check_schedule_fits(self.max_steps)

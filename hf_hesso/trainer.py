@@ -15,10 +15,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .config import HESSOConfig
+from .config import HESSOConfig, check_update_direction
 from .diagnostics import SelectionDiagnostics
 from .distill import DistillationMixin, frozen_copy, load_teacher
 from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_save, render_model_card, save_slim
+from .export.atomic import adopt_files
 from .export.save import upload_folder
 from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
@@ -35,6 +36,20 @@ def _unwrap_hesso(optimizer: Any):
     while optimizer is not None and not isinstance(optimizer, HESSO):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
+
+
+def _top_level_files(directory: str) -> dict[str, tuple[int, int, int]]:
+    """Name -> (size, mtime in ns, inode) of the regular files directly in `directory`."""
+    out = {}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return out
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            out[entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
 
 
 class _PruningProgressCallback(TrainerCallback):
@@ -70,13 +85,37 @@ class _PruningProgressCallback(TrainerCallback):
 _CONSOLE_HIDDEN = ("hesso/", "cric/")
 
 
-def console_summary(logs: dict[str, Any], pruning_periods: int) -> str | None:
-    """One line of HESSO progress from the `hesso/*` (and `cric/*`) metrics of a log, or None if it has none.
+# The longest string transformers' progress callback prints (`ProgressCallback(max_str_len=100)`); a longer one is
+# replaced by "[String too long to display, ...]".
+CONSOLE_MAX_LEN = 100
 
-    E.g. `period 2/4, 25.0% of groups pruned (mlp_channel 40, kv_group 2), 11.3% of params`.
+
+def _chunks(items: list[str], max_len: int) -> list[str]:
+    """`items` joined with ", " into as few strings as fit `max_len` characters each (an item longer is cut)."""
+    out: list[str] = []
+    for item in items:
+        item = item[:max_len]
+        if out and len(out[-1]) + 2 + len(item) <= max_len:
+            out[-1] += ", " + item
+        else:
+            out.append(item)
+    return out
+
+
+def console_summary(logs: dict[str, Any], pruning_periods: int, max_len: int = CONSOLE_MAX_LEN) -> dict[str, str]:
+    """HESSO's progress from the `hesso/*` (and `cric/*`) metrics of a log, as a few short console entries.
+
+    Each value fits `max_len` characters, so that transformers' progress callback prints it whole:
+
+    - `hesso`: the phase and the sparsity, e.g. `period 2/4, 25.0% of groups, 11.3% of params pruned`;
+    - `hesso_pruned`: the pruned groups per kind, e.g. `mlp_channel 40, kv_group 2` (continued in `hesso_pruned_2`,
+      ... when the kinds do not fit one entry);
+    - `cric`: CRIC's phase and cycles, e.g. `probing, 0 cycles`.
+
+    Empty when the log has no HESSO metrics.
     """
     if "hesso/period" not in logs:
-        return None
+        return {}
     period = int(logs["hesso/period"])
     if period < 0:
         phase = "warm-up"
@@ -84,38 +123,38 @@ def console_summary(logs: dict[str, Any], pruning_periods: int) -> str | None:
         phase = "pruning done"
     else:
         phase = f"period {period + 1}/{pruning_periods}"
-    kinds = ", ".join(
+    out = {
+        "hesso": f"{phase}, {logs.get('hesso/group_sparsity', 0.0):.1%} of groups, "
+        f"{logs.get('hesso/param_sparsity', 0.0):.1%} of params pruned"[:max_len]
+    }
+    kinds = [
         f"{kind} {int(logs[f'hesso/pruned_groups/{kind}'])}" for kind in KINDS if f"hesso/pruned_groups/{kind}" in logs
-    )
-    line = (
-        f"{phase}, {logs.get('hesso/group_sparsity', 0.0):.1%} of groups pruned ({kinds}), "
-        f"{logs.get('hesso/param_sparsity', 0.0):.1%} of params"
-    )
+    ]
+    for i, chunk in enumerate(_chunks(kinds, max_len)):
+        out["hesso_pruned" if i == 0 else f"hesso_pruned_{i + 1}"] = chunk
     if "cric/phase" in logs:
         phases = ("warmup", "probing", "cycles", "done")
-        line += f"; CRIC {phases[int(logs['cric/phase'])]}, {int(logs.get('cric/cycles', 0))} cycles"
-    return line
+        out["cric"] = f"{phases[int(logs['cric/phase'])]}, {int(logs.get('cric/cycles', 0))} cycles"
+    return out
 
 
-def console_logs(logs: dict[str, Any], pruning_periods: int) -> dict[str, Any]:
-    """The logs as the console shows them: without the `hesso/*` and `cric/*` keys, with one `hesso` summary."""
+def console_logs(logs: dict[str, Any], pruning_periods: int, max_len: int = CONSOLE_MAX_LEN) -> dict[str, Any]:
+    """The logs as the console shows them: without the `hesso/*` and `cric/*` keys, with the `console_summary`."""
     out = {k: v for k, v in logs.items() if not k.startswith(_CONSOLE_HIDDEN)}
-    summary = console_summary(logs, pruning_periods)
-    if summary is not None:
-        out["hesso"] = summary
+    out.update(console_summary(logs, pruning_periods, max_len))
     return out
 
 
 class _HESSOProgressCallback(ProgressCallback):
-    """The progress bar's log lines, with one HESSO summary instead of the per-kind and per-layer metrics."""
+    """The progress bar's log lines, with a short HESSO summary instead of the per-kind and per-layer metrics."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = console_logs(logs or {}, getattr(args, "pruning_periods", 1))
+        logs = console_logs(logs or {}, getattr(args, "pruning_periods", 1), self.max_str_len)
         return super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class _HESSOPrinterCallback(PrinterCallback):
-    """`PrinterCallback` (`disable_tqdm=True`) with one HESSO summary instead of the per-layer metrics."""
+    """`PrinterCallback` (`disable_tqdm=True`) with a short HESSO summary instead of the per-layer metrics."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = console_logs(logs or {}, getattr(args, "pruning_periods", 1))
@@ -209,6 +248,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self._check_train_dataset()
         self.groups = groups
         self._report: PruningReport | None = None
         self.add_callback(_PruningProgressCallback())
@@ -239,6 +279,30 @@ class HESSOTrainer(DistillationMixin, Trainer):
             else:
                 continue
             callbacks[i] = quiet
+
+    def _check_train_dataset(self) -> None:
+        """Refuse an empty training dataset with its name (torch's sampler would say only `num_samples=0`)."""
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return
+        try:
+            size = len(dataset)
+        except TypeError:  # `__len__` that cannot tell (some iterable wrappers)
+            return
+        if size == 0:
+            info = getattr(dataset, "info", None)
+            name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+            raise ValueError(
+                f"`train_dataset` ({type(dataset).__name__}{f' {name!r}' if name else ''}) has no examples: HESSO has "
+                "nothing to train and score the groups on. Check the split and any filtering or `select` that "
+                "emptied it (e.g. sequences dropped as too short), and pass a dataset with at least "
+                "`per_device_train_batch_size` examples."
+            )
+
+    def get_train_dataloader(self):
+        """`Trainer.get_train_dataloader`, after refusing an empty `train_dataset` with a clear error."""
+        self._check_train_dataset()
+        return super().get_train_dataloader()
 
     # ---- Optimizer ----
 
@@ -271,6 +335,11 @@ class HESSOTrainer(DistillationMixin, Trainer):
                 "than 2 groups are never pruned). Allow more kinds with `prune_kinds`, or pass `groups=`."
             )
         args = self.args
+        # `HESSOConfig` checked this without LoRA; with it, 'taylor' reads the update direction too.
+        preset, weights, direction = resolve_saliency(
+            args.saliency, args.explicit_importance, args.saliency_direction, lora=self._is_lora()
+        )
+        check_update_direction(preset, weights, direction, args.learning_rate, lora=self._is_lora())
         common = dict(
             target_group_sparsity=args.target_group_sparsity,
             target_param_sparsity=args.target_param_sparsity,
@@ -487,7 +556,9 @@ class HESSOTrainer(DistillationMixin, Trainer):
         tokenizer, card, training arguments, `adapter/`), each replaced atomically after all are on disk, and
         removes only the files of the previous hf_hesso save there that it does not write again (its manifest):
         your other files and the `checkpoint-*` folders in `output_dir` are never touched. A `README.md` that
-        hf_hesso did not write is kept (the card is then skipped, with a warning). See `docs/saving.md`.
+        hf_hesso did not write is kept (the card is then skipped, with a warning); any other file of a name the save
+        writes that hf_hesso did not write (your own `model.safetensors`) makes it raise before anything moves. See
+        `docs/saving.md`.
 
         Called before `train()`, it warns that the model is unpruned and writes it in the slim format anyway.
         The checkpoints the Trainer writes during training (`_internal_call=True`) stay full size, so training can
@@ -527,6 +598,21 @@ class HESSOTrainer(DistillationMixin, Trainer):
         self._save_slim(output_dir, merge_adapters)
         if self.args.push_to_hub:
             self._upload(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """`Trainer._push_from_checkpoint` (`push_to_hub=True` while training), which copies the checkpoint's
+        weights, config, tokenizer and training arguments into `args.output_dir`; the files it wrote there are then
+        recorded as owned by the last save (its manifest), so that the slim save at the end replaces them (and
+        removes those it does not write again), where it refuses to replace a file hf_hesso did not write."""
+        output_dir = self.args.output_dir
+        before = _top_level_files(output_dir) if self.is_world_process_zero() else {}
+        super()._push_from_checkpoint(checkpoint_folder)
+        if not self.is_world_process_zero() or not os.path.isdir(output_dir):
+            return
+        after = _top_level_files(output_dir)
+        written = sorted(name for name, stat in after.items() if before.get(name) != stat)
+        if written:
+            adopt_files(output_dir, written)
 
     # ---- Resuming ----
 

@@ -196,6 +196,40 @@ def test_refusals_name_the_reason(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def _tree(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_output_path_never_overwrites_a_file_it_did_not_write(tmp_path):
+    ckpt = tmp_path / "slim"
+    tiny_model("llama", UNEVEN).save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    checkpoint = _tree(ckpt)
+    (tmp_path / "link.gguf").symlink_to(ckpt / "model.safetensors")
+    (tmp_path / "user.gguf").write_bytes(b"GGUF from another tool")
+    # What the export reads: refused before anything is loaded or written.
+    for out in (ckpt / "model.safetensors", str(ckpt) + "/model.safetensors", ckpt / "config.json"):
+        with pytest.raises(ValueError, match=r"is inside the checkpoint folder the export reads .*not `\.gguf`"):
+            export_gguf(ckpt, out, "f32")
+    with pytest.raises(ValueError, match=r"link\.gguf' \(which resolves to .*model\.safetensors'\) is inside the"):
+        export_gguf(ckpt, tmp_path / "link.gguf", "f32")
+    with pytest.raises(ValueError, match=r"is the checkpoint folder the export reads\. Pass a file path"):
+        export_gguf(ckpt, ckpt, "f32")
+    # Any file the export did not write, whatever its name, and from a model object too.
+    for source, kwargs in ((ckpt, {}), (tiny_model("llama", UNEVEN), {"tokenizer": tiny_tokenizer()})):
+        with pytest.raises(FileExistsError, match=r"user\.gguf' already exists and was not written by `export_gguf`"):
+            export_gguf(source, tmp_path / "user.gguf", "f32", **kwargs)
+    assert _tree(ckpt) == checkpoint and (tmp_path / "user.gguf").read_bytes() == b"GGUF from another tool"
+    assert (tmp_path / "link.gguf").is_symlink()
+    # A GGUF of its own is replaced (a new export of the same model), beside the checkpoint or inside it.
+    first = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    assert read(first.path)[0]["hf_hesso.writer"] == "hf_hesso export_gguf"
+    second = export_gguf(ckpt, tmp_path / "m.gguf", "f16")
+    assert read(second.path)[1]["blk.0.attn_q.weight"][1] == "F16"
+    export_gguf(ckpt, ckpt / "model.gguf", "f32")
+    assert {k: v for k, v in _tree(ckpt).items() if k != "model.gguf"} == checkpoint
+
+
 def test_imports_without_gguf_and_names_the_extra():
     code = (
         "import sys; sys.modules['gguf'] = None\n"

@@ -153,6 +153,24 @@ def test_bad_inputs():
         groups.parameters(other)
 
 
+def test_a_model_without_a_transformers_config_is_refused_with_the_fix():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(8, 16)
+            self.down = torch.nn.Linear(16, 8)
+
+    for model, has in ((Tiny(), "no `config`"), (torch.nn.Linear(3, 3), "no `config`")):
+        with pytest.raises(
+            TypeError, match=rf"{type(model).__name__} has {has}\. Pass a transformers `PreTrainedModel`"
+        ):
+            build_groups(model)
+    model = Tiny()
+    model.config = {"hidden_size": 8}  # a dict, not a transformers config
+    with pytest.raises(TypeError, match=r"Tiny has a `config` without `model_type`.*`PreTrainedModel`"):
+        build_groups(model)
+
+
 def test_empty_group_set():
     groups = build_groups(AutoModel.from_config(tiny_config("llama")), kinds=[HEAD])
     assert len(groups) == 0 and groups.numel.numel() == 0 and groups.layers().numel() == 0

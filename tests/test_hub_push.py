@@ -118,3 +118,38 @@ def test_push_with_a_bad_token_fails_after_the_local_save(hub, tmp_path):
         )
     assert "testuser/nope" not in hub.state.repos
     AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+
+
+def test_push_during_training_then_the_slim_save_replaces_what_the_trainer_copied(hub, tmp_path):
+    """`push_to_hub=True` while training: transformers copies each checkpoint's full-size weights, config and
+    tokenizer into `output_dir` and pushes them. hf_hesso records those files as its own, so the slim save at the end
+    replaces them (a save never replaces a file it did not write) and the Hub ends with the slim model."""
+    import json
+
+    from hf_hesso.export import MANIFEST_NAME
+
+    out = tmp_path / "out"
+    args = hesso_args(
+        str(out),
+        push_to_hub=True,
+        hub_model_id=REPO,
+        hub_token=TOKEN,
+        hub_strategy="every_save",
+        save_strategy="steps",
+        save_steps=7,
+    )
+    trainer = HESSOTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=lm_dataset(), processing_class=tiny_tokenizer()
+    )
+    (out / "notes.txt").write_text("private notes: stay local")
+    trainer.train()
+    full = (out / "model.safetensors").read_bytes()  # the Trainer's copy of the last checkpoint
+    assert (out / "model.safetensors").read_bytes() == (out / "checkpoint-14" / "model.safetensors").read_bytes()
+    assert "model.safetensors" in json.loads((out / MANIFEST_NAME).read_text())["files"]
+
+    trainer.push_to_hub()
+    slim = (out / "model.safetensors").read_bytes()
+    assert len(slim) < len(full)
+    assert hub.state.repos[REPO].files["model.safetensors"] == slim
+    assert (out / "notes.txt").read_text() == "private notes: stay local"
+    assert "notes.txt" not in json.loads((out / MANIFEST_NAME).read_text())["files"]

@@ -155,6 +155,22 @@ def test_peft_config_with_peft_model_is_refused(tmp_path):
         HESSOTrainer(model=model, args=hesso_args(str(tmp_path)), peft_config=lora_config())
 
 
+def test_zero_learning_rate_is_refused_where_lora_scores_on_the_update(tmp_path):
+    # 'taylor' reads the raw gradient, so `HESSOConfig` accepts lr=0; with LoRA it falls back to the update direction,
+    # which is zero at lr=0: the trainer refuses before the first step instead of selecting on ties.
+    args = hesso_args(str(tmp_path), learning_rate=0.0)
+    trainer = HESSOTrainer(
+        model=tiny_model("llama"), args=args, train_dataset=lm_dataset(8), peft_config=lora_config()
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"`saliency='taylor'` with LoRA scores groups with taylor_first_order on the update direction .* "
+        r"`learning_rate` is 0.*use a positive `learning_rate`, or `saliency='activation'`",
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_merge_adapters_false_without_adapters_is_refused(tmp_path):
     trainer = HESSOTrainer(model=tiny_model("llama"), args=hesso_args(str(tmp_path)), train_dataset=lm_dataset(8))
     with pytest.raises(ValueError, match=r"`merge_adapters=False` keeps LoRA adapters apart.*has no adapters"):

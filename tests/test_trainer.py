@@ -151,6 +151,18 @@ def test_schedule_checked_against_planned_steps(tmp_path):
         trainer.train()
 
 
+def test_empty_train_dataset_is_refused_with_its_name_and_the_fix(tmp_path):
+    empty = lm_dataset().select([])
+    match = r"`train_dataset` \(Dataset\) has no examples.*Check the split and any filtering.*at least"
+    with pytest.raises(ValueError, match=match):
+        HESSOTrainer(model=tiny_model("llama"), args=hesso_args(str(tmp_path)), train_dataset=empty)
+    # Emptied after the trainer was built: `train()` says the same, before torch's sampler does.
+    trainer = HESSOTrainer(model=tiny_model("llama"), args=hesso_args(str(tmp_path)), train_dataset=lm_dataset(8))
+    trainer.train_dataset = empty
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
 def test_args_must_be_hesso_config(tmp_path):
     from transformers import TrainingArguments
 

@@ -153,11 +153,29 @@ def test_hf_argument_parser(tmp_path):
             dict(saliency_steps=2, cric=True, pruning_periods=1),
             r"with `cric=True` CRIC accumulates its own scores.*Leave `saliency_steps` at 1",
         ),
+        # The update direction is zero with no learning rate: the paper's mix would select on magnitude alone.
+        (
+            dict(saliency="paper", learning_rate=0.0),
+            r"`saliency='paper'` scores groups with cosine_similarity, taylor_first_order, taylor_second_order on the "
+            r"update direction .* `learning_rate` is 0: .* selected on magnitude, avg_magnitude alone\. Use "
+            r"`saliency='taylor'` .* or `saliency_direction='gradient'`, or a positive `learning_rate`",
+        ),
+        (
+            dict(importance_taylor_first_order=1.0, learning_rate=0),
+            r"`saliency='custom'` scores groups with taylor_first_order .* selected on nothing \(ties\)",
+        ),
     ],
 )
 def test_bad_config_raises(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(tmp_path, **kwargs)
+
+
+def test_zero_learning_rate_is_fine_where_the_direction_is_the_gradient_or_unused(tmp_path):
+    assert make(tmp_path, learning_rate=0.0).saliency == "taylor"  # the raw gradient
+    assert make(tmp_path, saliency="paper", saliency_direction="gradient", learning_rate=0.0).saliency == "paper"
+    assert make(tmp_path, importance_magnitude=1.0, learning_rate=0.0).saliency == "custom"  # no direction read
+    assert make(tmp_path, saliency="paper", learning_rate=1e-5).saliency == "paper"
 
 
 def test_prune_kinds_string_becomes_list(tmp_path):

@@ -9,11 +9,14 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_hesso import save_slim, slim_copy, slim_model
-from hf_hesso.export import MANIFEST_NAME, atomic_save
+from hf_hesso.export import MANIFEST_NAME, ConcurrentSaveError, atomic_save
 from hf_hesso.trainer import HESSOTrainer
 
 HERE = Path(__file__).resolve().parent
@@ -461,3 +464,218 @@ def test_tokenizer_of_a_slim_dir_loads_silently_the_ways_the_card_shows(tmp_path
     assert "IDS [5, 6]" in run.stdout
     output = run.stdout + run.stderr
     assert "[y/N]" not in output and "custom code" not in output and "model of type" not in output, output
+
+
+# ---- Probes of a new user (issue 23) ----
+
+
+def test_save_slim_takes_the_optimizer_a_trainer_user_holds(tmp_path):
+    trainer = make_trainer(str(tmp_path / "run"))
+    trainer.train()
+    # `trainer.optimizer` is accelerate's `AcceleratedOptimizer` around HESSO.
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    saved = save_slim(trainer.model, tmp_path / "slim", optimizer=trainer.optimizer, tokenizer=tiny_tokenizer())
+    direct = save_slim(trainer.model, tmp_path / "direct", optimizer=trainer.hesso_optimizer)
+    assert saved.report.settings == direct.report.settings
+    assert saved.report.settings["target_group_sparsity"] == 0.4
+    assert saved.summary.params_after == direct.summary.params_after < saved.summary.params_before
+    torch.testing.assert_close(
+        logits_of(tmp_path / "slim", BATCH), live_logits(trainer.model, BATCH), rtol=0, atol=1e-5
+    )
+
+    plain = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"`optimizer` must be the `HESSO` \(or `CRIC`\).*got SGD.*hesso_optimizer"):
+        save_slim(trainer.model, tmp_path / "never", optimizer=plain)
+    assert not (tmp_path / "never").exists()
+
+
+def _tamper_manifest(out: Path, entry: str, size: int) -> None:
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["files"][entry] = {"size": size}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_manifest_naming_a_file_outside_the_folder_is_refused_before_anything_moves(tmp_path, how):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.bin").write_bytes(b"precious")
+    out = tmp_path / "out"
+    model = tiny_model("llama")
+    save_slim(model, out)
+    entry = {"dotdot": "../outside/x.bin", "absolute": str(outside / "x.bin"), "symlink": "link/x.bin"}[how]
+    if how == "symlink":
+        (out / "link").symlink_to(outside, target_is_directory=True)
+    # As if the previous save had written it: same size, so it would be stale and removed.
+    _tamper_manifest(out, entry, len(b"precious"))
+    before, before_outside = snapshot(out), snapshot(outside)
+    for _ in range(2):  # refused, and refused again the same way (no half-done save in between)
+        with pytest.raises(
+            ValueError, match=rf"names files that are not inside .*{re.escape(repr(entry))}.*Nothing was written"
+        ):
+            save_slim(model, out)
+        assert snapshot(out) == before and snapshot(outside) == before_outside
+        assert leftovers(out) == [] and not (out / ".hf_hesso-save.lock").exists()
+    # Fixed as the message says: the folder is saveable again, and nothing outside was ever touched.
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["files"][entry]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    save_slim(model, out)
+    assert (outside / "x.bin").read_bytes() == b"precious" and leftovers(out) == []
+    assert entry not in manifest_files(out)
+
+
+def test_committed_journal_of_an_older_version_naming_a_file_outside_is_finished_without_touching_it(tmp_path):
+    # What an earlier hf_hesso left after such a manifest: a committed journal whose stale list goes out of the folder.
+    (tmp_path / "x.bin").write_bytes(b"precious")
+    out = tmp_path / "out"
+    model = tiny_model("llama")
+    save_slim(model, out)
+    staging = out / ".hf_hesso-save-old"
+    staging.mkdir()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    journal = {"version": 1, "files": [], "stale": ["../x.bin", str(tmp_path / "x.bin")], "manifest": manifest}
+    (staging / "journal.json").write_text(json.dumps(journal))
+    save_slim(model, out)  # finishes that save first, then saves
+    assert (tmp_path / "x.bin").read_bytes() == b"precious"
+    assert leftovers(out) == [] and "model.safetensors" in manifest_files(out)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_users_file_of_a_name_the_save_writes_is_never_replaced(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"the user's own file")
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(repr(str(out / name)))} was not written by an earlier hf_hesso save.*never replaces a file "
+        r"it did not write\. Nothing was written\. Choose another output_dir, or move or delete",
+    ):
+        save_slim(tiny_model("llama"), out, tokenizer=tiny_tokenizer())
+    assert sorted(os.listdir(out)) == [name] and (out / name).read_bytes() == b"the user's own file"
+
+
+def test_trainer_save_model_keeps_a_users_model_safetensors_in_output_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights the user put there")
+    trainer = make_trainer(str(out))
+    with pytest.raises(ValueError, match=r"model\.safetensors' was not written by an earlier hf_hesso save"):
+        save_quietly(trainer)
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"weights the user put there"
+
+
+def test_only_files_of_our_last_save_or_identical_ones_are_replaced(tmp_path):
+    model = tiny_model("llama")
+    first = tmp_path / "first"
+    save_slim(model, first, tokenizer=tiny_tokenizer())
+    # The same bytes as the save writes (a tokenizer saved there beforehand): nothing is lost, the save goes on.
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(first / "tokenizer.json", out / "tokenizer.json")
+    save_slim(model, out, tokenizer=tiny_tokenizer())
+    assert "tokenizer.json" in manifest_files(out)
+    # A file of our last save, edited by hand since, is the user's now.
+    (out / "config.json").write_text('{"edited": true}')
+    with pytest.raises(
+        ValueError, match=r"config\.json' was not written by an earlier hf_hesso save .*or changed since"
+    ):
+        save_slim(model, out, tokenizer=tiny_tokenizer())
+    assert (out / "config.json").read_text() == '{"edited": true}'
+
+
+CONCURRENT_SAVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from hf_hesso.export import atomic_save
+    out, ready, go = sys.argv[1:4]
+    with atomic_save(out) as staging:
+        (Path(staging) / "config.json").write_text("from the other process")
+        Path(ready).write_text("staged")
+        while not os.path.exists(go):
+            time.sleep(0.02)
+    print("OTHER SAVE DONE")
+    """
+)
+
+
+def _start_other_save(tmp_path, out, tag):
+    ready, go = tmp_path / f"ready-{tag}", tmp_path / f"go-{tag}"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONCURRENT_SAVER, str(out), str(ready), str(go)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(3000):
+        if ready.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert ready.exists(), proc.communicate()[1][-3000:]
+    return proc, go
+
+
+def test_a_second_save_into_a_folder_while_another_process_saves_there_is_refused(tmp_path):
+    out = tmp_path / "out"
+    model = tiny_model("llama")
+    proc, go = _start_other_save(tmp_path, out, "a")
+    try:
+        staging = [e for e in os.listdir(out) if e.startswith(".hf_hesso-save-")]
+        with pytest.raises(
+            ConcurrentSaveError,
+            match=rf"Another save into .* is running \(process {proc.pid} on .*does not support two saves into one "
+            r"folder at the same time.*Wait for the other save to finish, or save to another folder",
+        ):
+            save_slim(model, out)
+        # The other save's staging folder is intact, and it completes.
+        assert [e for e in os.listdir(out) if e.startswith(".hf_hesso-save-")] == staging
+    finally:
+        go.write_text("go")
+        stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "OTHER SAVE DONE" in stdout, stderr[-3000:]
+    assert (out / "config.json").read_text() == "from the other process"
+    assert not (out / ".hf_hesso-save.lock").exists()
+    save_slim(model, out)  # the folder is free again
+    assert leftovers(out) == [] and "model.safetensors" in manifest_files(out)
+
+    # A save killed while holding the lock does not block the folder: its process is gone, the lock is taken over.
+    proc, _ = _start_other_save(tmp_path, out, "b")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert (out / ".hf_hesso-save.lock").exists()
+    save_slim(model, out)
+    assert leftovers(out) == [] and not (out / ".hf_hesso-save.lock").exists()
+
+
+def test_a_second_save_from_another_thread_is_refused(tmp_path):
+    out = tmp_path / "out"
+    model = tiny_model("llama")
+    staged, go = threading.Event(), threading.Event()
+    errors = []
+
+    def wait_inside(directory):
+        staged.set()
+        go.wait(timeout=300)
+
+    def first_save():
+        try:
+            save_slim(model, out, write_extra=wait_inside)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=first_save)
+    thread.start()
+    try:
+        assert staged.wait(timeout=300)
+        with pytest.raises(ConcurrentSaveError, match=rf"Another save into .* is running \(process {os.getpid()} "):
+            save_slim(model, out)
+    finally:
+        go.set()
+        thread.join(timeout=300)
+    assert errors == []
+    torch.testing.assert_close(logits_of(out, BATCH), live_logits(model, BATCH), rtol=0, atol=1e-5)
+    assert leftovers(out) == [] and not (out / ".hf_hesso-save.lock").exists()

@@ -4,12 +4,13 @@ llama.cpp / Ollama file (needs the optional `gguf` package, imported inside `try
 without it)."""
 
 from ..modeling.journal import MANIFEST_NAME, recover
-from .atomic import atomic_save, owned_by_last_save, owned_files
+from .atomic import ConcurrentSaveError, atomic_save, owned_by_last_save, owned_files
 from .card import MODEL_CARD_NAME, PruningReport, render_model_card
 from .gguf import GgufExport, export_gguf
 from .save import SavedSlim, save_slim
 
 __all__ = [
+    "ConcurrentSaveError",
     "MANIFEST_NAME",
     "MODEL_CARD_NAME",
     "GgufExport",

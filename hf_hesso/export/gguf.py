@@ -78,6 +78,10 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLIT_PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+# The metadata key that marks a GGUF file written by `export_gguf`: only such a file may be replaced by a new export.
+WRITER_KEY = "hf_hesso.writer"
+WRITER_VALUE = "hf_hesso export_gguf"
+
 # The rope types whose frequencies llama.cpp's `llama`/`deci` graphs reproduce exactly (as per-frequency divisors).
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -449,6 +453,55 @@ def _encode(name: str, tensor: torch.Tensor, dtype: str, notes: list[str]):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _written_by_us(path: str) -> bool:
+    """Whether `path` is a GGUF file that `export_gguf` wrote (it carries `WRITER_KEY`)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        field = gguf.GGUFReader(path).fields.get(WRITER_KEY)
+        return field is not None and field.contents() == WRITER_VALUE
+    except Exception:  # unreadable or not a valid GGUF: not ours
+        return False
+
+
+def _output_target(model_or_dir, path: str | os.PathLike) -> Path:
+    """The file the export writes (`path`, symlinks followed); refuses a path it must not write.
+
+    Refused: the input checkpoint folder itself, a file inside it that is not a `.gguf` (transformers may read it:
+    weights, config, tokenizer, code), and any existing file that `export_gguf` did not write.
+    """
+    given = os.fspath(path)
+    target = Path(os.path.realpath(given))
+    resolved = f" (which resolves to {str(target)!r})" if os.path.abspath(given) != str(target) else ""
+    if not isinstance(model_or_dir, nn.Module) and os.path.isdir(os.fspath(model_or_dir)):
+        source = os.path.realpath(os.fspath(model_or_dir))
+        if str(target) == source:
+            raise ValueError(
+                f"The GGUF output {given!r}{resolved} is the checkpoint folder the export reads. Pass a file path, e.g. "
+                f"{os.path.join(os.fspath(model_or_dir), 'model.gguf')!r} or a path outside the folder."
+            )
+        try:
+            inside = os.path.commonpath([source, str(target)]) == source
+        except ValueError:  # another drive (Windows)
+            inside = False
+        if inside and target.suffix != ".gguf":
+            raise ValueError(
+                f"The GGUF output {given!r}{resolved} is inside the checkpoint folder the export reads "
+                f"({os.fspath(model_or_dir)!r}), under a name that is not `.gguf` (a file transformers may read: "
+                "weights, config, tokenizer, code). Nothing was written. Write the GGUF to a path ending in `.gguf`, "
+                "or outside the folder."
+            )
+    if target.is_dir():
+        raise ValueError(f"The GGUF output {given!r}{resolved} is a directory. Pass a file path, e.g. 'model.gguf'.")
+    if target.exists() and not _written_by_us(str(target)):
+        raise FileExistsError(
+            f"The GGUF output {given!r}{resolved} already exists and was not written by `export_gguf`: it is kept, and nothing was written. Choose another path, "
+            "or move or delete that file yourself."
+        )
+    return target
+
+
 def _load(model_or_dir, tokenizer):
     if isinstance(model_or_dir, nn.Module):
         if tokenizer is None:
@@ -486,7 +539,10 @@ def export_gguf(
     Args:
         model_or_dir (`nn.Module` or path): a `*ForCausalLM` model, or the folder it was saved to
             (`save_pretrained` / `save_slim`); the folder's tokenizer is used.
-        path (`str` or `os.PathLike`): the GGUF file to write (written under a temporary name, then renamed).
+        path (`str` or `os.PathLike`): the GGUF file to write (written under a temporary name, then renamed; a
+            symlink is followed). It may replace only a GGUF file that `export_gguf` wrote (marked with the
+            `hf_hesso.writer` metadata key); any other existing file is kept and the export refused. It may not be
+            the input folder, nor a file inside it that is not a `.gguf`.
         dtype (`str`, *optional*, defaults to `"f16"`): `"f32"`, `"f16"`, `"bf16"` or `"q8_0"` for the 2-D weights;
             norms and biases stay float32. With `"q8_0"`, MLP widths are padded with all-zero channels to a
             multiple of 32 (the outputs stay exactly the same), and any other weight whose rows are not a multiple of
@@ -501,11 +557,14 @@ def export_gguf(
 
     Raises:
         `ImportError`: the `gguf` package is missing (`pip install hf_hesso[gguf]`).
-        `ValueError`: the model or tokenizer cannot be expressed in llama.cpp; the message names why.
+        `ValueError`: the model or tokenizer cannot be expressed in llama.cpp, or `path` is the input folder or a
+            file inside it that transformers may read; the message names why.
+        `FileExistsError`: `path` exists and was not written by `export_gguf`.
     """
     _require_gguf()
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` is {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    target = _output_target(model_or_dir, path)
     model, tokenizer = _load(model_or_dir, tokenizer)
     config = model.config
     get_layout(config.model_type)  # an unsupported family raises the library's usual message
@@ -541,8 +600,8 @@ def export_gguf(
         notes.append(f"MLP widths padded with {padded} all-zero channels in all to multiples of {ffn_multiple} (Q8_0)")
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tensor_types: dict[str, int] = {}
     try:
@@ -557,6 +616,7 @@ def export_gguf(
         }[dtype]
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(WRITER_KEY, WRITER_VALUE)
         writer.add_block_count(len(layers))
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(norm.hidden_size)
@@ -606,7 +666,10 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
+        # Checked again just before: a file that appeared meanwhile is not replaced.
+        if target.exists() and not _written_by_us(str(target)):
+            raise FileExistsError(f"{str(target)!r} appeared during the export and was not written by it: it is kept.")
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

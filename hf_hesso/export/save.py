@@ -26,7 +26,7 @@ from ..slim import (
     slim_with_adapters,
     to_stock,
 )
-from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir
+from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir, save_lock
 from .card import MODEL_CARD_NAME, PruningReport, render_model_card
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,23 @@ def build_report(
     )
 
 
+def hesso_of(optimizer: Any) -> HESSO:
+    """The `HESSO` (or `CRIC`) inside `optimizer`: itself, or the optimizer that a wrapper holds as `.optimizer`
+    (accelerate's `AcceleratedOptimizer`, which `HESSOTrainer.optimizer` is, and any wrapper alike)."""
+    inner, seen = optimizer, []
+    while inner is not None and not isinstance(inner, HESSO) and len(seen) < 16:
+        seen.append(type(inner).__name__)
+        inner = getattr(inner, "optimizer", None)
+    if isinstance(inner, HESSO):
+        return inner
+    chain = " -> ".join(seen) or "None"
+    raise TypeError(
+        f"`optimizer` must be the `HESSO` (or `CRIC`) optimizer that pruned the model, or a wrapper around it such as "
+        f"`trainer.optimizer`; got {type(optimizer).__name__} ({chain}), which holds none. Pass the HESSO instance "
+        "(with `HESSOTrainer`: `trainer.hesso_optimizer`), or pass `groups=` instead."
+    )
+
+
 def save_slim(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -117,6 +134,12 @@ def save_slim(
     A `README.md` that hf_hesso did not write (or that was edited since) is kept: the card is then not written
     and a warning says so (`SavedSlim.card_written` is `False`); delete or rename that README to get the card.
 
+    Any other file the save would write that is already in `output_dir` and was not written by an earlier hf_hesso
+    save there (or was changed since), e.g. your own `model.safetensors`, is never replaced: the save raises before
+    anything moves, naming it (a file with exactly the bytes the save writes is the exception). Two saves into one
+    `output_dir` at the same time are refused (`ConcurrentSaveError`): each save holds the lock file
+    `output_dir/.hf_hesso-save.lock` while it runs.
+
     Args:
         model (`nn.Module`): the trained transformers model (or LoRA `PeftModel`), its pruned groups at zero.
             Its weights must be real tensors (not on the meta device).
@@ -124,7 +147,8 @@ def save_slim(
         groups (`GroupSet`, *optional*): the groups HESSO pruned. Default: `optimizer.groups`, else
             `build_groups(model)` (every group whose slices are all zero is removed either way).
         tokenizer (*optional*): a tokenizer or processor to save beside the model.
-        optimizer (`HESSO`, *optional*): the optimizer that pruned `model`; its settings go into the model card.
+        optimizer (`HESSO`, *optional*): the optimizer that pruned `model`; its settings go into the model card. A
+            wrapper around it is accepted (`trainer.optimizer`, accelerate's `AcceleratedOptimizer`).
         settings (`dict`, *optional*): settings for the card (override those read from `optimizer`).
         training (`dict`, *optional*): training facts for the card (data, steps, batch size...).
         stock (`bool`, *optional*, defaults to `False`): save as the stock class and config (`to_stock`), loadable
@@ -144,8 +168,12 @@ def save_slim(
         URL if pushed.
 
     Raises:
-        `ValueError`: `model` has weights on the meta device; `output_dir` is a file; or a `model.safetensors` that
-            hf_hesso did not write would shadow new sharded weights. Nothing is written then.
+        `ValueError`: `model` has weights on the meta device; `output_dir` is a file; a file the save would write is
+            already in `output_dir` and was not written by an earlier hf_hesso save there (or changed since); a
+            `model.safetensors` that hf_hesso did not write would shadow new sharded weights; or the manifest names
+            a file outside `output_dir`. Nothing is written then.
+        `ConcurrentSaveError`: another save into `output_dir` is running (two at once are not supported).
+        `TypeError`: `optimizer` is not a `HESSO` nor a wrapper around one.
 
     Example:
 
@@ -159,6 +187,8 @@ def save_slim(
     if push_to_hub and not hub_model_id:
         raise ValueError("`push_to_hub=True` needs `hub_model_id` (e.g. 'your-name/model-slim').")
     check_materialized(model, "save_slim")
+    if optimizer is not None:
+        optimizer = hesso_of(optimizer)
     if groups is None and optimizer is not None:
         groups = optimizer.groups
     if groups is None:
@@ -188,29 +218,30 @@ def save_slim(
     name = Path(hub_model_id or os.fspath(output_dir)).name
     report = build_report(model, summary, settings=card_settings, training=training, model_name=name)
 
-    # Finish or clean up an interrupted earlier save first, so that the ownership of README.md is decided on the
-    # directory as its last save left it.
-    prepare_output_dir(output_dir)
-    write_card = owned_by_last_save(output_dir, MODEL_CARD_NAME)
-    if not write_card:
-        warnings.warn(
-            f"{os.path.join(os.fspath(output_dir), MODEL_CARD_NAME)!r} was not written by hf_hesso (or was edited "
-            "since): it is kept, and the pruning model card is not written. Delete or rename that file and save "
-            "again to get the card (the same figures are in `SavedSlim.report`).",
-            UserWarning,
-            stacklevel=2,
-        )
-    with atomic_save(output_dir) as tmp:
-        slim.save_pretrained(tmp)
-        if adapters is not None:
-            adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if write_extra is not None:
-            write_extra(tmp)
-        if write_card:
-            with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-                f.write(render_model_card(report))
+    # One save into `output_dir` at a time (`ConcurrentSaveError` otherwise). Finish or clean up an interrupted
+    # earlier save first, so that the ownership of README.md is decided on the directory as its last save left it.
+    with save_lock(output_dir):
+        prepare_output_dir(output_dir)
+        write_card = owned_by_last_save(output_dir, MODEL_CARD_NAME)
+        if not write_card:
+            warnings.warn(
+                f"{os.path.join(os.fspath(output_dir), MODEL_CARD_NAME)!r} was not written by hf_hesso (or was "
+                "edited since): it is kept, and the pruning model card is not written. Delete or rename that file "
+                "and save again to get the card (the same figures are in `SavedSlim.report`).",
+                UserWarning,
+                stacklevel=2,
+            )
+        with atomic_save(output_dir) as tmp:
+            slim.save_pretrained(tmp)
+            if adapters is not None:
+                adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if write_extra is not None:
+                write_extra(tmp)
+            if write_card:
+                with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                    f.write(render_model_card(report))
     logger.info(
         f"Saved the slim model ({summary.params_after:,} of {summary.params_before:,} parameters) to {output_dir}"
     )

@@ -155,8 +155,20 @@ def build_groups(
     Returns:
         `GroupSet`: the groups, block by block (one block = one kind in one layer). Blocks with fewer than two
         groups are left out, since a block is never emptied.
+
+    Raises:
+        `TypeError`: `model` is not a transformers model (no `config` with a `model_type`).
+        `ValueError`: its `model_type` is not supported, or `kinds` / `layers` name what it does not have.
     """
-    config = model.config
+    config = getattr(model, "config", None)
+    if not isinstance(getattr(config, "model_type", None), str):
+        raise TypeError(
+            f"`build_groups` reads the architecture from a transformers model's `config`, but "
+            f"{type(model).__name__} has {'no `config`' if config is None else 'a `config` without `model_type`'}. "
+            "Pass a transformers `PreTrainedModel` (e.g. from `AutoModelForCausalLM.from_pretrained(...)`) of a "
+            "supported `model_type` (`python -m hf_hesso.check <model_type>` lists what each supports), or a peft "
+            "`PeftModel` around one."
+        )
     layout = layout or get_layout(config.model_type)
     norm = normalize_config(config, layout)
     wanted = set(WIDTH_KINDS if kinds is None else kinds)

@@ -112,6 +112,17 @@ def _inside(directory: Path, relative: str) -> Path:
     return directory / relative
 
 
+def _outside(directory: Path, relative: str) -> bool:
+    """Whether `relative` leaves `directory`: absolute, `..`, or through a symlink that leads out."""
+    if not isinstance(relative, str) or os.path.isabs(relative) or ".." in Path(relative).parts:
+        return True
+    root = os.path.realpath(directory)
+    try:
+        return os.path.commonpath([root, os.path.realpath(directory / relative)]) != root
+    except ValueError:  # another drive (Windows)
+        return True
+
+
 def _remove_empty_parents(directory: Path, path: Path) -> None:
     parent = path.parent
     while parent != directory and directory in parent.parents:
@@ -143,7 +154,10 @@ def roll_forward(directory: str | os.PathLike, staging: str | os.PathLike, journ
     if not (staging / JOURNAL_NAME).exists():
         return  # another process (the save itself, or a loader) completed this save meanwhile
     for relative in journal.get("stale", []):
-        target = _inside(directory, relative)
+        if _outside(directory, relative):
+            # Only a journal of an older hf_hesso, from an edited manifest, can name one: never remove it.
+            continue
+        target = directory / relative
         try:
             os.unlink(target)
         except FileNotFoundError:
