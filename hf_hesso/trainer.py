@@ -20,6 +20,7 @@ from .diagnostics import SelectionDiagnostics
 from .distill import DistillationMixin, frozen_copy, load_teacher
 from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_save, render_model_card, save_slim
 from .export.atomic import adopt_files
+from .export.card import check_evaluation
 from .export.save import upload_folder
 from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
@@ -251,6 +252,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
         self._check_train_dataset()
         self.groups = groups
         self._report: PruningReport | None = None
+        self._card_evaluation: list[dict] | None = None  # scores for the card (`save_model(evaluation=...)`)
         self.add_callback(_PruningProgressCallback())
         self.selection_diagnostics = SelectionDiagnostics()
         self.add_callback(self.selection_diagnostics)
@@ -534,6 +536,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
             tokenizer=self.processing_class or getattr(self.data_collator, "tokenizer", None),
             settings=self._card_settings(len(groups)),
             training=self._card_training(),
+            evaluation=self._card_evaluation,
             merge_adapters=merge_adapters,
             write_extra=write_extra,
             stock=self.args.layer_shapes == "uniform" and merge_adapters,
@@ -547,7 +550,11 @@ class HESSOTrainer(DistillationMixin, Trainer):
         )
 
     def save_model(
-        self, output_dir: str | None = None, _internal_call: bool = False, merge_adapters: bool | None = None
+        self,
+        output_dir: str | None = None,
+        _internal_call: bool = False,
+        merge_adapters: bool | None = None,
+        evaluation: list[dict] | None = None,
     ) -> None:
         """Save the slim model (with its tokenizer/processor, `training_args.bin` and model card) to `output_dir`.
 
@@ -570,7 +577,12 @@ class HESSOTrainer(DistillationMixin, Trainer):
                 base model plus the adapters sliced alike in `output_dir/adapter` (load with
                 `PeftModel.from_pretrained(base, output_dir + "/adapter")`). Default: `not
                 args.save_adapters_separately`.
+            evaluation (`list[dict]`, *optional*): scores for the model card's *Evaluation* section, one dict per
+                text with the keys `text`, `metric`, `tokens`, `before` (the unpruned model) and `after` (the pruned
+                one), e.g. in-domain and general-text perplexity; kept for later saves and `push_to_hub`.
         """
+        if evaluation is not None:
+            self._card_evaluation = check_evaluation(evaluation)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         hesso = self.hesso_optimizer
         if not _internal_call and (hesso is None or hesso.num_steps == 0) and self.args.should_save:

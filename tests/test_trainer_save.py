@@ -337,6 +337,53 @@ def test_user_readme_is_kept_and_the_card_skipped_with_a_warning(tmp_path):
     assert (out / "README.md").read_text() == "# Edited card\n" and not saved.card_written
 
 
+EVALUATION = [
+    {"text": "BBC news test split", "metric": "perplexity", "tokens": 16384, "before": 29.78, "after": 33.5},
+    {"text": "Shakespeare", "metric": "perplexity", "tokens": 16384, "before": 34.39, "after": 51.6},
+]
+
+
+def test_card_records_the_evaluation_with_its_ratio(tmp_path):
+    import yaml
+
+    saved = save_slim(tiny_model("llama"), tmp_path / "out", evaluation=EVALUATION)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Evaluation" in card
+    assert "| BBC news test split | perplexity | 16,384 | 29.78 | 33.50 | 1.12x |" in card
+    assert "| Shakespeare | perplexity | 16,384 | 34.39 | 51.60 | 1.50x |" in card
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["hesso"]["evaluation"] == EVALUATION and saved.report.evaluation == EVALUATION
+    # Without scores there is no Evaluation section.
+    save_slim(tiny_model("llama"), tmp_path / "plain")
+    assert "## Evaluation" not in (tmp_path / "plain" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([{"text": "x", "metric": "perplexity", "tokens": 8, "before": 2.0}], r"evaluation\[0\]` must be a dict"),
+        ([{**EVALUATION[0], "after": float("nan")}], r"evaluation\[0\]\['after'\]` must be a positive number"),
+        ([EVALUATION[0], {**EVALUATION[1], "before": -1}], r"evaluation\[1\]\['before'\]`"),
+    ],
+)
+def test_bad_evaluation_is_refused_before_anything_is_written(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        save_slim(tiny_model("llama"), tmp_path / "out", evaluation=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_keeps_the_evaluation_for_later_saves(tmp_path):
+    trainer = make_trainer(str(tmp_path / "out"))
+    trainer.train()
+    trainer.save_model(evaluation=EVALUATION)
+    trainer.save_model(str(tmp_path / "again"))
+    for folder in ("out", "again"):
+        assert (
+            "| Shakespeare | perplexity | 16,384 | 34.39 | 51.60 | 1.50x |"
+            in (tmp_path / folder / "README.md").read_text()
+        )
+
+
 # ---- Crash at every step ----
 
 REMOTE_LOAD = textwrap.dedent(

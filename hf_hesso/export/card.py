@@ -32,6 +32,8 @@ class PruningReport:
         metadata (`dict[str, Any]`): extra card metadata (language, license, tags, datasets, ...).
         model_type (`str`): the saved model's `config.model_type`; when set to a family llama.cpp cannot run, the
             card leaves out the GGUF export line.
+        evaluation (`list[dict]`): scores before and after pruning, one entry per evaluation text (see
+            `check_evaluation`): the card shows each with its ratio to the unpruned model.
     """
 
     base_model: str
@@ -44,6 +46,28 @@ class PruningReport:
     training: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     model_type: str = ""
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+
+
+EVALUATION_KEYS = ("text", "metric", "tokens", "before", "after")
+
+
+def check_evaluation(evaluation: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Validates the scores a card records: each entry names the `text`, the `metric` (e.g. `"perplexity"`), the
+    number of `tokens` scored, and the score `before` pruning (the unpruned model) and `after` (the slim model)."""
+    out = []
+    for i, entry in enumerate(evaluation or []):
+        if not isinstance(entry, dict) or set(entry) - set(EVALUATION_KEYS) or set(EVALUATION_KEYS) - set(entry):
+            raise ValueError(
+                f"`evaluation[{i}]` must be a dict with exactly the keys {list(EVALUATION_KEYS)}, got {entry!r}; e.g. "
+                "`{'text': 'BBC news test split', 'metric': 'perplexity', 'tokens': 16384, 'before': 29.8, "
+                "'after': 33.1}`."
+            )
+        for key in ("before", "after"):
+            if not isinstance(entry[key], (int, float)) or entry[key] != entry[key] or entry[key] <= 0:
+                raise ValueError(f"`evaluation[{i}][{key!r}]` must be a positive number, got {entry[key]!r}.")
+        out.append({**entry, "before": float(entry["before"]), "after": float(entry["after"])})
+    return out
 
 
 def _is_hub_id(name: str) -> bool:
@@ -95,6 +119,8 @@ def render_model_card(report: PruningReport) -> str:
         "layers": [shape.to_dict() for shape in report.layers_after],
         "settings": report.settings,
     }
+    if report.evaluation:
+        meta["hesso"]["evaluation"] = report.evaluation
 
     before, after = report.params_before, report.params_after
     kept = after / before if before else 1.0
@@ -142,6 +168,21 @@ def render_model_card(report: PruningReport) -> str:
             f"{a.num_key_value_heads} / {b.num_key_value_heads} | {a.intermediate_size} / {b.intermediate_size} | "
             f"{removed} |"
         )
+    if report.evaluation:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            "Scored before pruning (the unpruned model) and after (this model), on the same tokens:",
+            "",
+            "| Text | Metric | Tokens | Unpruned | Pruned | Ratio |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {e['text']} | {e['metric']} | {e['tokens']:,} | {e['before']:.2f} | {e['after']:.2f} | "
+            f"{e['after'] / e['before']:.2f}x |"
+            for e in report.evaluation
+        ]
     lines += ["", "## HESSO settings", "", "| Setting | Value |", "|---|---|"]
     lines += [f"| `{k}` | `{v}` |" for k, v in report.settings.items()]
     lines += ["", "## Training", "", "| | |", "|---|---|"]

@@ -27,7 +27,7 @@ from ..slim import (
     to_stock,
 )
 from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir, save_lock
-from .card import MODEL_CARD_NAME, PruningReport, render_model_card
+from .card import MODEL_CARD_NAME, PruningReport, check_evaluation, render_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def build_report(
     training: dict[str, Any] | None = None,
     model_name: str = "",
     metadata: dict[str, Any] | None = None,
+    evaluation: list[dict[str, Any]] | None = None,
 ) -> PruningReport:
     """The model card's content for a slim copy of `model` described by `summary`."""
     config = getattr(model, "config", None)
@@ -78,6 +79,7 @@ def build_report(
         training=dict(training or {}),
         metadata=dict(metadata or {}),
         model_type=getattr(config, "model_type", "") or "",
+        evaluation=check_evaluation(evaluation),
     )
 
 
@@ -107,6 +109,7 @@ def save_slim(
     optimizer: HESSO | None = None,
     settings: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    evaluation: list[dict[str, Any]] | None = None,
     merge_adapters: bool = True,
     write_extra: Callable[[str], None] | None = None,
     push_to_hub: bool = False,
@@ -151,6 +154,9 @@ def save_slim(
             wrapper around it is accepted (`trainer.optimizer`, accelerate's `AcceleratedOptimizer`).
         settings (`dict`, *optional*): settings for the card (override those read from `optimizer`).
         training (`dict`, *optional*): training facts for the card (data, steps, batch size...).
+        evaluation (`list[dict]`, *optional*): scores for the card's *Evaluation* section, one dict per text with
+            the keys `text`, `metric`, `tokens`, `before` (unpruned) and `after` (this model); checked before anything
+            is written.
         stock (`bool`, *optional*, defaults to `False`): save as the stock class and config (`to_stock`), loadable
             with nothing imported and no remote code; every kept layer must have one shape the stock config can
             express (what `layer_shapes="uniform"` gives). Raises otherwise.
@@ -187,6 +193,7 @@ def save_slim(
     if push_to_hub and not hub_model_id:
         raise ValueError("`push_to_hub=True` needs `hub_model_id` (e.g. 'your-name/model-slim').")
     check_materialized(model, "save_slim")
+    evaluation = check_evaluation(evaluation)
     if optimizer is not None:
         optimizer = hesso_of(optimizer)
     if groups is None and optimizer is not None:
@@ -216,7 +223,9 @@ def save_slim(
         to_stock(slim)
     card_settings["removed_groups"] = summary.removed_groups
     name = Path(hub_model_id or os.fspath(output_dir)).name
-    report = build_report(model, summary, settings=card_settings, training=training, model_name=name)
+    report = build_report(
+        model, summary, settings=card_settings, training=training, model_name=name, evaluation=evaluation
+    )
 
     # One save into `output_dir` at a time (`ConcurrentSaveError` otherwise). Finish or clean up an interrupted
     # earlier save first, so that the ownership of README.md is decided on the directory as its last save left it.
