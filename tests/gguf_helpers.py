@@ -124,7 +124,7 @@ def require_llama_cpp() -> None:
             pytest.skip(f"xllamacpp is not installed and {SKIP_LLAMA_CPP_ENV}=1")
         pytest.fail(
             f"llama.cpp for the GGUF round trips is missing ({err}): install it with "
-            f"`pip install -e .[llamacpp-test]` (the README's test command does), or set {SKIP_LLAMA_CPP_ENV}=1 "
+            f'`pip install -e ".[llamacpp-test]"` (the README\'s test command does), or set {SKIP_LLAMA_CPP_ENV}=1 '
             "to skip these tests",
             pytrace=False,
         )

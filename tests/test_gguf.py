@@ -1,8 +1,8 @@
-"""GGUF export: the file llama.cpp itself runs gives the next-token log-probabilities and greedy tokens of transformers.
+"""GGUF export: llama.cpp runs the exported file with the log-probabilities and greedy tokens of transformers.
 
 Fast tests on tiny random models (uneven -> `deci`, uniform -> the family's own architecture) run in seconds; the
-llama.cpp round trips need the prebuilt `xllamacpp` wheel (`pip install -e .[llamacpp-test]`, which the README's test
-command installs) and fail without it, naming the extra (`HF_HESSO_SKIP_LLAMA_CPP=1` skips them instead). The real
+llama.cpp round trips need the prebuilt `xllamacpp` wheel (`pip install -e ".[llamacpp-test]"`, which the README's
+test command installs) and fail without it, naming the extra (`HF_HESSO_SKIP_LLAMA_CPP=1` skips them instead). The real
 SmolLM2 round trips are in `test_gguf_smollm2.py`.
 
 Tolerances (max |log-probability difference| over the whole vocabulary at all positions of three prompts; the tiny
@@ -246,7 +246,9 @@ def test_command_line_exports_a_saved_slim_folder(tmp_path):
 def test_missing_llama_cpp_fails_unless_skipping_is_asked_for(monkeypatch):
     monkeypatch.setitem(sys.modules, "xllamacpp", None)  # `import xllamacpp` raises ImportError
     monkeypatch.delenv(SKIP_LLAMA_CPP_ENV, raising=False)
-    with pytest.raises(pytest.fail.Exception, match=r"pip install -e \.\[llamacpp-test\].*HF_HESSO_SKIP_LLAMA_CPP=1"):
+    with pytest.raises(
+        pytest.fail.Exception, match=r'pip install -e "\.\[llamacpp-test\]".*HF_HESSO_SKIP_LLAMA_CPP=1'
+    ):
         require_llama_cpp()
     with pytest.raises(pytest.fail.Exception):
         llama_cpp_model(ROOT / "no.gguf")
