@@ -142,7 +142,7 @@ class LlamaCpp:
         n_ctx: Context size (capped by llama.cpp at the model's trained context).
         f32_cache: Keep keys and values in float32 (no f16 rounding); `False` keeps llama.cpp's default f16 cache.
         threads: CPU threads for prompt and decode. One: llama.cpp's threads wait for each other at every op, so on
-            a busy machine two threads were up to 10x slower than one (SmolLM2, 19 prompts: 65 s against 6.6 s).
+            a busy machine two threads were up to 10x slower than one (SmolLM2, a 19-token prompt: 65 s against 6.6 s).
     """
 
     def __init__(self, path, n_ctx: int = 64, f32_cache: bool = True, threads: int = 1):
@@ -169,7 +169,6 @@ class LlamaCpp:
             self.server = xlc.Server(params)
         except RuntimeError as err:  # the reason is in llama.cpp's log (stderr) above
             raise RuntimeError(f"llama.cpp could not load {path}: {err}") from err
-        self.version = xlc.__version__
         self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
     def complete(self, body: dict) -> dict:
@@ -210,6 +209,10 @@ class LlamaCpp:
             step = self.complete({**body, "cache_prompt": False})["choices"][0]["logprobs"]["content"][0]
             for entry in step["top_logprobs"]:
                 out[i, entry["id"]] = entry["logprob"]
+        if top is None and np.isnan(out).any():
+            raise RuntimeError(
+                f"llama.cpp returned {np.isfinite(out).sum(-1).tolist()} of {n_vocab} log-probabilities"
+            )
         return out
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
