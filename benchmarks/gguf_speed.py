@@ -3,9 +3,11 @@
 
 The dense model and slim copies (lowest-magnitude groups removed under HESSO's budget rule, as in
 `benchmarks/slim_speed.py`) are exported with `hf_hesso.export_gguf` at the same `--dtype` (uneven slim models as
-llama.cpp's `deci` architecture, the dense one as `llama`), loaded by llama-cpp-python with the same `--threads`,
-and timed in this one process, repetitions interleaved (median of `--reps` after a warm-up): a `--decode_prompt`
-token prompt is evaluated (not timed), then `--decode_tokens` greedy steps of one token each are timed.
+llama.cpp's `deci` architecture, the dense one as `llama`), loaded by llama.cpp (the prebuilt `xllamacpp` wheel,
+`pip install -e .[gguf,llamacpp-test]`: llama.cpp's own server code, called in this process) with the same
+`--threads`, and timed in this one process, repetitions interleaved (median of `--reps` after a warm-up): a
+`--decode_prompt` token prompt is evaluated (not timed), then `--decode_tokens` greedy tokens are generated one at a
+time; the time per token is llama.cpp's own measurement of that generation phase (`timings.predicted_per_token_ms`).
 
 The ideal speed-up is dense FLOPs / slim FLOPs of the same decode (`slim_speed.decode_flops`: every linear layer
 including the LM head, plus attention over the cache); realised = measured speed-up / ideal.
@@ -30,27 +32,41 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import slim_speed
 import torch
+import xllamacpp
 from common import machine
-from llama_cpp import Llama
-from llama_cpp import __version__ as llama_cpp_version
 from resources import load_smollm2
 
 from hf_hesso import export_gguf
 
 
-def time_decode(llm: Llama, prompt: list[int], steps: int) -> float:
-    """Mean seconds per decoded token (batch 1, KV cache); the prompt pass is not timed."""
-    llm.reset()
-    llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    start = time.perf_counter()
-    for _ in range(steps):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return (time.perf_counter() - start) / steps
+def load(path: str, *, threads: int, n_ctx: int) -> xllamacpp.Server:
+    """llama.cpp's server for the GGUF file `path` (one slot, no HTTP use, errors-only log), in this process."""
+    params = xllamacpp.CommonParams()
+    params.model.path = path
+    params.n_ctx = n_ctx
+    params.n_parallel = 1
+    params.n_batch = 512
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    params.n_threads_http = 1
+    params.cache_ram_mib = 0
+    params.verbosity = 1
+    try:
+        return xllamacpp.Server(params)
+    except RuntimeError as err:  # llama.cpp printed the reason above
+        raise RuntimeError(f"llama.cpp could not load {path}: {err}") from err
+
+
+def time_decode(server: xllamacpp.Server, prompt: list[int], steps: int) -> float:
+    """Seconds per generated token (batch 1, KV cache, greedy), as llama.cpp times it; the prompt is not timed."""
+    body = {"prompt": prompt, "n_predict": steps, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+    out = server.handle_completions(body)
+    timings = out.get("timings", {})
+    if timings.get("predicted_n") != steps:
+        raise RuntimeError(f"llama.cpp generated {timings.get('predicted_n')} tokens, not {steps}: {out}")
+    return timings["predicted_per_token_ms"] / 1e3
 
 
 def measure(
@@ -61,36 +77,24 @@ def measure(
     Returns:
         `(timings, files)`: name -> seconds per token of every repetition; name -> (architecture, file MiB).
     """
-    llms, files = {}, {}
+    servers, files = {}, {}
     for name, model in models.items():
         path = os.path.join(workdir, name.replace(" ", "_").replace("%", "") + f".{dtype}.gguf")
         result = export_gguf(model, path, dtype, tokenizer=tokenizer)
         files[name] = (result.architecture, os.path.getsize(path) / 2**20)
-        # `logits_all` keeps llama-cpp-python's `scores` filled (one vocabulary row copied per decoded token, the same
-        # small cost for every model), so decoding really follows the argmax.
-        llms[name] = Llama(
-            model_path=path,
-            n_ctx=len(prompt) + steps + 8,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=512,
-            logits_all=True,
-            verbose=False,
-            seed=0,
-        )
+        servers[name] = load(path, threads=threads, n_ctx=len(prompt) + steps + 8)
     timings: dict[str, list[float]] = {name: [] for name in models}
     for rep in range(reps + 1):  # the first round is a warm-up and is discarded
-        for name, llm in llms.items():
-            t = time_decode(llm, prompt, steps)
+        for name, server in servers.items():
+            t = time_decode(server, prompt, steps)
             if rep > 0:
                 timings[name].append(t)
-    for llm in llms.values():
-        llm.close()
+    servers.clear()  # each server stops and frees its model when dropped
     return timings, files
 
 
 def print_table(models: dict, timings, files, ideal: dict[str, float], *, dtype: str, threads: int) -> None:
-    print(f"\nllama.cpp (llama-cpp-python {llama_cpp_version}), {dtype} GGUF, {threads} threads, decode at batch 1:\n")
+    print(f"\nllama.cpp (xllamacpp {xllamacpp.__version__}), {dtype} GGUF, {threads} threads, decode at batch 1:\n")
     print("| model | llama.cpp arch | file (MiB) | decode (ms/token) | tokens/s | speed-up | ideal | realised |")
     print("|---|---|---|---|---|---|---|---|")
     d0 = statistics.median(timings["dense"])

@@ -28,7 +28,7 @@ The realised fraction is measured speed-up / ideal speed-up.
     python benchmarks/slim_speed.py --llama_cpp --gguf_dtype f16   # adds the llama.cpp decode column
 
 With `--llama_cpp` the same dense and slim models are also exported to GGUF and decoded by llama.cpp
-(`benchmarks/gguf_speed.py`, needs `pip install hf_hesso[gguf,llamacpp]`), same threads, in this process.
+(`benchmarks/gguf_speed.py`, needs `pip install -e .[gguf,llamacpp-test]`), same threads, in this process.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         + "; ".join(f"{n}: {', '.join(f'{t * 1e3:.1f}' for t in v)}" for n, v in dec.items())
     )
     if args.llama_cpp:
-        # llama-cpp-python is optional: imported only when its column is asked for.
+        # llama.cpp (xllamacpp) is optional: imported only when its column is asked for.
         import gguf_speed  # noqa: PLC0415
 
         slim = {name: model for name, (model, _, _) in models.items()}

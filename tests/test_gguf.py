@@ -1,22 +1,24 @@
-"""GGUF export: the file llama.cpp itself runs gives the logits and greedy tokens of the transformers model.
+"""GGUF export: llama.cpp runs the exported file with the log-probabilities and greedy tokens of transformers.
 
 Fast tests on tiny random models (uneven -> `deci`, uniform -> the family's own architecture) run in seconds; the
-llama.cpp round trips need `llama-cpp-python` (`pip install hf_hesso[llamacpp]`, which `.ci/run` installs) and are
-skipped, with that reason, only when it is missing. The real SmolLM2 round trips are in `test_gguf_smollm2.py`.
+llama.cpp round trips need the prebuilt `xllamacpp` wheel (`pip install -e ".[llamacpp-test]"`, which the README's
+test command installs) and fail without it, naming the extra (`HF_HESSO_SKIP_LLAMA_CPP=1` skips them instead). The real
+SmolLM2 round trips are in `test_gguf_smollm2.py`.
 
-Tolerances (max |logit difference| over all positions of three prompts; the tiny models' logits are of size ~2):
-f32 export with a float32 KV cache 1e-4 (measured 0.8-1.3e-6 for every family: llama.cpp sums in another order);
-f16 export with llama.cpp's default f16 KV cache 2e-2 (measured 1.6-2.7e-3: weights rounded to half precision).
+Tolerances (max |log-probability difference| over the whole vocabulary at all positions of three prompts; the tiny
+models' logits are of size ~2): f32 export with a float32 KV cache 1e-4 (measured 0.5-1.9e-6 for every family:
+llama.cpp sums in another order); f16 export with llama.cpp's default f16 KV cache 2e-2 (measured 1.6-2.1e-3:
+weights rounded to half precision).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -27,14 +29,14 @@ from gguf_helpers import (
     PROMPTS,
     Q8_0_ATOL,
     ROOT,
+    SKIP_LLAMA_CPP_ENV,
     UNEVEN,
-    cpp_greedy,
-    cpp_logits,
     hf_greedy,
-    hf_logits,
+    hf_logprobs,
     llama_cpp_model,
-    needs_llama_cpp,
+    max_diff,
     read,
+    require_llama_cpp,
     tiny_model,
     tiny_tokenizer,
 )
@@ -47,6 +49,7 @@ from hf_hesso.export.gguf import GgufLayer, _permute_rope_rows, gguf_plan
 from hf_hesso.modeling.architectures import LayerShape
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs `pip install hf_hesso[gguf]`")
+VOCAB = 128  # tiny_tokenizer()'s
 
 
 def test_plan_picks_the_architecture_llama_cpp_runs():
@@ -156,14 +159,13 @@ def test_q8_0_pads_mlp_widths_with_zero_channels(tmp_path):
     assert any("padded with 48 all-zero channels" in note for note in result.notes)
 
 
-@needs_llama_cpp
 def test_llama_cpp_q8_0_with_padded_mlp_matches_transformers(tmp_path):
     model = tiny_model("llama", UNEVEN)
     result = export_gguf(model, tmp_path / "m.gguf", "q8_0", tokenizer=tiny_tokenizer())
     llm = llama_cpp_model(result.path, f32_cache=False)
     for ids in PROMPTS:
-        diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
-        assert diff < Q8_0_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
+        diff = max_diff(llm.logprobs(ids, VOCAB), hf_logprobs(model, ids))
+        assert diff < Q8_0_ATOL, f"prompt {ids}: max |log-probability diff| {diff:.2e}"
 
 
 def test_bf16(tmp_path):
@@ -274,6 +276,31 @@ def test_command_line_exports_a_saved_slim_folder(tmp_path):
 # Round trips through llama.cpp
 # ---------------------------------------------------------------------------------------------------------------
 
+
+def test_missing_llama_cpp_fails_unless_skipping_is_asked_for(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xllamacpp", None)  # `import xllamacpp` raises ImportError
+    monkeypatch.delenv(SKIP_LLAMA_CPP_ENV, raising=False)
+    with pytest.raises(
+        pytest.fail.Exception, match=r'pip install -e "\.\[llamacpp-test\]".*HF_HESSO_SKIP_LLAMA_CPP=1'
+    ):
+        require_llama_cpp()
+    with pytest.raises(pytest.fail.Exception):
+        llama_cpp_model(ROOT / "no.gguf")
+    monkeypatch.setenv(SKIP_LLAMA_CPP_ENV, "1")
+    with pytest.raises(pytest.skip.Exception, match="xllamacpp is not installed"):
+        require_llama_cpp()
+
+
+def test_the_test_command_installs_the_pinned_llama_cpp_wheel():
+    """The README's test command (and so CI) installs the extra whose absence fails the round trips above."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.endswith("python -m pytest -q"))
+    assert "llamacpp-test" in re.search(r'-e "\.\[([^\]]*)\]"', command).group(1).split(",")
+    assert command in (ROOT / ".ci" / "run").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^llamacpp-test = \["xllamacpp==[0-9.]+"\]$', pyproject, flags=re.M), "pin one xllamacpp wheel"
+
+
 ROUND_TRIPS = [
     ("llama", UNEVEN, "deci"),
     ("llama", None, "llama"),
@@ -285,7 +312,6 @@ ROUND_TRIPS = [
 ]
 
 
-@needs_llama_cpp
 @pytest.mark.filterwarnings("ignore:transformers limits attention to a sliding window")  # asserted in its own test
 @pytest.mark.parametrize(
     "name, shapes, arch", ROUND_TRIPS, ids=[f"{n}-{a}-{'slim' if s else 'stock'}" for n, s, a in ROUND_TRIPS]
@@ -296,34 +322,32 @@ def test_llama_cpp_matches_transformers_f32(tmp_path, name, shapes, arch):
     assert result.architecture == arch
     llm = llama_cpp_model(result.path)
     for ids in PROMPTS:
-        diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
-        assert diff < F32_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
+        diff = max_diff(llm.logprobs(ids, VOCAB), hf_logprobs(model, ids))
+        assert diff < F32_ATOL, f"prompt {ids}: max |log-probability diff| {diff:.2e}"
     # 8 prompt + 8 new tokens: within the tiny Mistral sliding window of 16 positions.
-    assert cpp_greedy(llm, PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
+    assert llm.greedy(PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
 
 
-@needs_llama_cpp
 def test_llama_cpp_matches_transformers_f16(tmp_path):
     model = tiny_model("llama", UNEVEN)
     result = export_gguf(model, tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
     llm = llama_cpp_model(result.path, f32_cache=False)
     for ids in PROMPTS:
-        diff = np.abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()
-        assert diff < F16_ATOL, f"prompt {ids}: max |logit diff| {diff:.2e}"
-    assert cpp_greedy(llm, PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
+        diff = max_diff(llm.logprobs(ids, VOCAB), hf_logprobs(model, ids))
+        assert diff < F16_ATOL, f"prompt {ids}: max |log-probability diff| {diff:.2e}"
+    assert llm.greedy(PROMPTS[0], 8) == hf_greedy(model, PROMPTS[0], 8)
 
 
-@needs_llama_cpp
 def test_llama_cpp_tokenizes_like_transformers(tmp_path):
     tok = tiny_tokenizer()
     result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f32", tokenizer=tok)
     llm = llama_cpp_model(result.path)
     for text in ["the cat sat", "Hello there, in the sun!", "a  b"]:
-        assert (
-            llm.tokenize(text.encode(), add_bos=False, special=False)
-            == tok(text, add_special_tokens=False)["input_ids"]
-        )
-    assert llm.token_bos() == 1 and llm.token_eos() == 2
+        assert llm.tokenize(text, special=False) == tok(text, add_special_tokens=False)["input_ids"]
+    props = llm.props()
+    assert (props["bos_token"], props["eos_token"]) == ("<s>", "</s>")
+    assert llm.tokenize("<s></s>", special=True) == [1, 2]
+    assert props["chat_template"] == tok.chat_template
 
 
 def test_json_of_result_is_plain(tmp_path):

