@@ -67,7 +67,7 @@ class HESSOConfig(TrainingArguments):
             Number of optimizer steps (each on its own batch) whose scores every selection averages: the period's
             first step and the `saliency_steps - 1` steps before it. At most `start_pruning_step + 1` and, with
             several periods, at most the period length. Default: `min(4, start_pruning_step + 1, period length)` (4
-            measured better than 1, README *Quality*); 1 with `cric` (CRIC accumulates its own scores over its
+            measured better than 1, `benchmarks/README.md`, *Schedule search*); 1 with `cric` (CRIC accumulates its own scores over its
             cycles). See [`HESSO`].
         prune_kinds (`list[str]`, *optional*):
             Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"`, `"query_slot"`,

@@ -28,7 +28,7 @@ AUTO = {
     "ForSequenceClassification": "AutoModelForSequenceClassification",
     "ForMaskedLM": "AutoModelForMaskedLM",
 }
-CODE_FILES = {"modeling_hesso.py", "configuration_hesso.py", "architectures.py"}
+CODE_FILES = {"modeling_hesso.py", "configuration_hesso.py", "architectures.py", "journal.py"}
 GEN_TOKENS = 6
 
 
