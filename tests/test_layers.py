@@ -1,7 +1,8 @@
 """The package reads bottom-up: each layer imports only the layers below it, with no import hidden in a function.
 
-Layers (DESIGN.md, "Layers"): `modeling` (shipped beside the weights: torch, transformers, stdlib only) <- `groups`
-<- `optim`, `slim` <- `export` <- `config`, `trainer` (and the package's `__init__`, `check`).
+Layers (`RANKS` below): `modeling` (shipped beside the weights: torch, transformers, stdlib only) <- `groups`
+<- `optim`, `slim` <- `export`, `distill`, `diagnostics` <- `config` <- `trainer`, `check` <- the package's
+`__init__`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ RANKS = {
     "trainer": 5,
     "check": 5,
 }
-TOP = 6  # hf_hesso/__init__.py and hf_hesso/__main__.py
+TOP = 6  # hf_hesso/__init__.py
 
 
 def _part(module: str) -> str | None:
@@ -133,6 +134,13 @@ def cycles(graph) -> list[list[str]]:
         if node not in state:
             visit(node, [])
     return found
+
+
+def test_ranks_name_the_package_parts():
+    """Every part the table ranks is a module or subpackage of hf_hesso, and every part has a rank."""
+    parts = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    parts |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert set(RANKS) == parts
 
 
 def test_layers_point_one_way():
