@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
-from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from fixtures import hesso_args, lm_dataset, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 
 from hf_hesso import build_groups
 from hf_hesso.optim import CRIC, HESSO

@@ -19,7 +19,7 @@ import resources
 import torch
 import transformers
 from arch_families import FAMILIES
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from fresh_process import run_fresh
 
 from hf_hesso import HESSO

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 

@@ -11,8 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_batch
-from dist_train_worker import hesso_args, lm_dataset, tiny_model
+from fixtures import hesso_args, lm_dataset, tiny_batch, tiny_model
 from helpers import reload_in_fresh_process
 
 from hf_hesso import HESSO, build_groups

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from torch import nn
 from transformers import AutoModelForCausalLM
 

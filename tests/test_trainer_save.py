@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.modeling_utils
-from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from fixtures import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_hesso import save_slim, slim_copy, slim_model
