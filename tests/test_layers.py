@@ -188,3 +188,35 @@ def test_checker_catches_wrong_arrows(module, imports, expected):
 def test_checker_finds_a_cycle():
     graph = {"hf_hesso.a.x": [("hf_hesso.a.y", 1, True)], "hf_hesso.a.y": [("hf_hesso.a.x", 1, True)]}
     assert cycles(graph) and set(cycles(graph)[0]) == {"hf_hesso.a.x", "hf_hesso.a.y"}
+
+
+PUBLIC = {
+    "hf_hesso.export": {"GgufExport", "SavedSlim", "export_gguf", "save_slim"},
+    "hf_hesso.modeling": {"register_auto_classes"},
+    "hf_hesso.optim": {"CRIC", "CRITERIA", "HESSO", "Schedule"},
+    "hf_hesso.slim": {
+        "SlimAdapters",
+        "SlimSummary",
+        "current_layer_shapes",
+        "gather_full_model",
+        "merge_and_slim",
+        "slim_copy",
+        "slim_model",
+        "slim_with_adapters",
+        "to_stock",
+    },
+}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_subpackages_export_only_public_names(package):
+    """A subpackage's `__init__` names its public API only; the plumbing is imported from its module."""
+    import importlib
+
+    module = importlib.import_module(package)
+    assert set(module.__all__) == PUBLIC[package]
+    public = {n for n, v in vars(module).items() if not n.startswith("_") and not isinstance(v, type(module))}
+    # Nothing else is importable from the package (the names its own body needs, like `transformers`, aside).
+    assert public - PUBLIC[package] <= {"annotations", "transformers", "HESSO_CONFIGS", "HESSO_MODELS"}, public
+    for plumbing in ("atomic_save", "recover", "owned_files", "keep_plan", "check_materialized", "saliency_scores"):
+        assert not hasattr(module, plumbing), (package, plumbing)

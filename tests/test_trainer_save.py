@@ -24,7 +24,8 @@ from fixtures import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_hesso import save_slim, slim_copy, slim_model
-from hf_hesso.export import MANIFEST_NAME, atomic_save
+from hf_hesso.export.atomic import atomic_save
+from hf_hesso.modeling.journal import MANIFEST_NAME
 from hf_hesso.trainer import HESSOTrainer
 
 HERE = Path(__file__).resolve().parent
