@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 from .distill import check_distill_settings
 from .groups import KINDS
@@ -421,21 +419,3 @@ def _accelerator_available() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
     return torch.cuda.is_available()
-
-
-def parse_script_args(script_class: type, defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:
-    """Parse a script's own dataclass and `HESSOConfig` from the command line, with script-specific defaults.
-
-    `defaults` override `HESSOConfig`'s defaults (any flag given on the command line wins). As `HESSOConfig` takes
-    exactly one target, a `--target_group_sparsity` flag drops a default `target_param_sparsity`.
-
-    Returns:
-        `tuple`: `(script_args, hesso_config)`.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = dict(defaults)
-    if any(arg.split("=")[0] == "--target_group_sparsity" for arg in argv):
-        defaults.pop("target_param_sparsity", None)
-    parser = HfArgumentParser((script_class, HESSOConfig))
-    parser.set_defaults(**defaults)
-    return tuple(parser.parse_args_into_dataclasses(args=argv))

@@ -39,10 +39,10 @@ from resources import (
     spread_blocks,
     tiny_llama,
 )
+from script_args import parse_script_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import parse_script_args
 from hf_hesso.modeling.architectures import get_layout
 from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
 
