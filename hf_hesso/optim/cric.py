@@ -478,8 +478,8 @@ class CRIC(HESSO):
             self.trial_ratios
         ):
             raise ValueError(
-                f"`state_dict` was saved with CRIC settings (start_pruning_step, sampling_steps, max_cycles, tolerance) = "
-                f"{list(ours['settings'])} and trial_ratios {list(ours['trial_ratios'])}, but this optimizer has "
+                "`state_dict` was saved with CRIC settings (start_pruning_step, sampling_steps, max_cycles, "
+                f"tolerance) = {list(ours['settings'])} and trial_ratios {list(ours['trial_ratios'])}, but this optimizer has "
                 f"{settings} and {list(self.trial_ratios)}. Rebuild it with the settings of the run you resume."
             )
         # Every field is checked (shape, type, range) before anything is changed.

@@ -117,7 +117,8 @@ class HESSO(WrappedOptimizer):
             pruners sums over several batches. At most `start_pruning_step + 1` and, with several periods, at most
             the period length `pruning_steps // pruning_periods` (the default takes the period cap only with several
             periods). Every step in a window costs what a scoring step costs (one pass over the grouped weights; one
-            O(groups) all-reduce under FSDP2); the running sum is O(groups) of state. Not used by [`CRIC`], which accumulates its own scores over its cycles.
+            O(groups) all-reduce under FSDP2); the running sum is O(groups) of state. Not used by [`CRIC`], which
+            accumulates its own scores over its cycles.
         saliency_direction (`str`, *optional*, defaults to the `saliency` preset's: `"gradient"` for `"taylor"`):
             The direction `d` of the criteria. `"update"` (the paper's): the base optimizer's processed step,
             `d = (p_before - p_after) / lr` at the scoring step (for Adam a preconditioned, almost sign-like

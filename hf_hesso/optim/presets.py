@@ -3,9 +3,10 @@
 - `"taylor"` (the default): the elementwise Taylor criterion `sum |x * g|` on the raw gradient `g`, averaged over
   `saliency_steps` batches. Measured best for full fine-tuning on SmolLM2-135M (`benchmarks/README.md`, *Earlier
   quality figures*: perplexity 44.9 at 20% where the paper's mix gave 117, and 146 at 50% against 613;
-  `benchmarks/saliency_ranking.py` ranks it first by the loss of the pruned model). With LoRA the gradient of the effective weight `W0 + s * B @ A` is never formed,
-  so the preset falls back to `taylor_first_order` on the base optimizer's update, the best update-direction setting
-  that `benchmarks/saliency_ranking.py` measured (the LLaMA recipe's LoRA setting).
+  `benchmarks/saliency_ranking.py` ranks it first by the loss of the pruned model). With LoRA the gradient of the
+  effective weight `W0 + s * B @ A` is never formed, so the preset falls back to `taylor_first_order` on the base
+  optimizer's update, the best update-direction setting that `benchmarks/saliency_ranking.py` measured (the LLaMA
+  recipe's LoRA setting).
 - `"paper"`: HESSO's mix, 0.2 each of `magnitude`, `avg_magnitude`, `cosine_similarity`, `taylor_first_order` and
   `taylor_second_order`, on the update direction (the paper's and the reference code's).
 - `"activation"`: the magnitude of what each group outputs on the scoring batches (Minitron), forward-only; see
