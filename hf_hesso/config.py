@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 from .distill import check_distill_settings
 from .groups import KINDS
 from .optim.presets import SALIENCY_CHOICES, default_saliency_steps, resolve_saliency
 from .optim.saliency import CRITERIA
 from .optim.schedule import Schedule, check_cric_settings, check_pruning_settings
+from .optim.uniform import LAYER_SHAPES
 
 # Saliency criteria of HESSO (the paper's five in its order, then `taylor_elementwise`, `activation`); `HESSOConfig`
 # has one `importance_<name>` weight each.
@@ -54,6 +53,8 @@ class HESSOConfig(TrainingArguments):
     accumulation, the same unit as `max_steps`.
 
     Parameters:
+        > Targets and schedule: what to remove, and over which optimizer steps
+
         target_group_sparsity (`float`, *optional*):
             Fraction of all prunable groups (MLP channels, attention heads, key/value groups, query slots) to remove,
             in `(0, 1)`. Every group counts as one unit whatever its size. Set exactly one of `target_group_sparsity`
@@ -70,6 +71,26 @@ class HESSOConfig(TrainingArguments):
             Optimizer steps over which pruning happens, starting at `start_pruning_step`; each period lasts
             `pruning_steps // pruning_periods` steps, which must be at least 2. Required: pruning must end at or
             before the last planned optimizer step.
+
+        > Saliency: how the groups are ranked
+
+        saliency (`str`, *optional*):
+            Saliency preset: `"taylor"` (the default: elementwise Taylor on the raw gradient; with LoRA,
+            `taylor_first_order` on the update), `"paper"` (HESSO's mix, 0.2 each of its five criteria, update
+            direction), `"activation"` (the activation criterion) or `"custom"` (the `importance_*` weights you set).
+            Default: `"custom"` when any `importance_*` weight is set, else `"taylor"`. See `docs/saliency.md`.
+            A criterion on the update direction with `learning_rate=0` is refused (every update is zero).
+        saliency_direction (`str`, *optional*):
+            Direction `d_g` of the criteria: `"update"`, the base optimizer's processed step (the paper's), or
+            `"gradient"`, the raw gradient of the scoring step (no transient copy of the grouped weights; not with
+            LoRA). Default: the preset's (`"gradient"` for `"taylor"`, `"update"` for `"paper"`, for `"custom"` and,
+            with LoRA, for every preset). See [`HESSO`].
+        saliency_steps (`int`, *optional*):
+            Number of optimizer steps (each on its own batch) whose scores every selection averages: the period's
+            first step and the `saliency_steps - 1` steps before it. At most `start_pruning_step + 1` and, with
+            several periods, at most the period length. Default: `min(4, start_pruning_step + 1, period length)` (4
+            measured better than 1, `benchmarks/README.md`, *Schedule search*); 1 with `cric` (CRIC accumulates its
+            own scores over its cycles). See [`HESSO`].
         importance_magnitude (`float`, *optional*):
             Weight of the saliency criterion `||x_g||` (group norm). Setting any `importance_*` weight scores with
             your own weights (`saliency="custom"`; the weights not set count 0).
@@ -84,17 +105,12 @@ class HESSOConfig(TrainingArguments):
         importance_taylor_elementwise (`float`, *optional*):
             Weight of the criterion `sum_i |x_i * d_i|` over a group's elements (not in the paper; LLM-Pruner's
             element-wise importance): the default preset `saliency="taylor"` (see `docs/saliency.md`).
-        saliency_direction (`str`, *optional*):
-            Direction `d_g` of the criteria: `"update"`, the base optimizer's processed step (the paper's), or
-            `"gradient"`, the raw gradient of the scoring step (no transient copy of the grouped weights; not with
-            LoRA). Default: the preset's (`"gradient"` for `"taylor"`, `"update"` for `"paper"`, for `"custom"` and,
-            with LoRA, for every preset). See [`HESSO`].
-        saliency_steps (`int`, *optional*):
-            Number of optimizer steps (each on its own batch) whose scores every selection averages: the period's
-            first step and the `saliency_steps - 1` steps before it. At most `start_pruning_step + 1` and, with
-            several periods, at most the period length. Default: `min(4, start_pruning_step + 1, period length)` (4
-            measured better than 1, README *Quality*); 1 with `cric` (CRIC accumulates its own scores over its
-            cycles). See [`HESSO`].
+        importance_activation (`float`, *optional*):
+            Weight of the activation criterion `||a_g||`, the magnitude of the group's output on the scoring batches
+            (Minitron; forward-only, through forward hooks). Not with `cric`.
+
+        > Kinds and shapes: which groups may go, and what shapes the layers may end with
+
         prune_kinds (`list[str]`, *optional*):
             Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"`, `"query_slot"`,
             `"expert_channel"`, `"shared_expert_channel"` and the whole-sublayer kinds `"attention_sublayer"` and
@@ -103,23 +119,6 @@ class HESSOConfig(TrainingArguments):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism. When the target cannot be
             reached exactly with such multiples, building the optimizer warns with the reachable figure.
-        save_adapters_separately (`bool`, *optional*, defaults to `False`):
-            For a peft LoRA model: `save_model()` writes the slim base model plus the sliced adapter (in `adapter/`)
-            instead of one merged slim model.
-        restart_pruning_schedule (`bool`, *optional*, defaults to `False`):
-            `train(resume_from_checkpoint=...)` refuses a checkpoint that lacks HESSO's state (no `optimizer.pt`,
-            as with `save_only_model=True`; no `scheduler.pt`; an `optimizer.pt` without the `"hesso"` or `"cric"`
-            entry; or, with LoRA, no `hesso_frozen_slices.pt` once groups were selected), since the pruning
-            schedule would silently start again from step 0. Set this to `True` to resume anyway: the weights (and
-            whatever optimizer state exists) are loaded, and the pruning schedule starts over from the resumed step
-            (`start_pruning_step` counts from there). See `docs/saving.md`.
-        prune_frozen (`bool`, *optional*, defaults to `False`):
-            Whether groups that slice parameters with `requires_grad=False` may be pruned. By default they are left
-            out (logged at `build_groups`) and frozen parameters never change. A LoRA model's frozen base is not
-            concerned: it is pruned through its adapters either way.
-        dataloader_pin_memory (`bool`, *optional*):
-            As in `TrainingArguments`, but the default is `True` only when an accelerator is available (pinning
-            memory on a CPU-only run only makes the DataLoader warn).
         layer_shapes (`str`, *optional*, defaults to `"free"`):
             `"free"`: every layer ends with its own sizes; the slim model ships its code (`trust_remote_code`).
             `"uniform"`: every layer keeps the same number of heads / key-value groups / MLP channels and only whole
@@ -127,6 +126,13 @@ class HESSOConfig(TrainingArguments):
             saved model is the stock class (`to_stock`), loadable with nothing imported and by serving engines. A
             kind whose reachable counts the stock config cannot express (Llama's `hidden_size % heads`) is refused
             before training, with the fix. See docs/depth.md.
+        prune_frozen (`bool`, *optional*, defaults to `False`):
+            Whether groups that slice parameters with `requires_grad=False` may be pruned. By default they are left
+            out (logged at `build_groups`) and frozen parameters never change. A LoRA model's frozen base is not
+            concerned: it is pruned through its adapters either way.
+
+        > CRIC: the Corrective Redundant Identification Cycle
+
         cric (`bool`, *optional*, defaults to `False`):
             Identify the redundant groups with the Corrective Redundant Identification Cycle ([`CRIC`]) before one
             HESSO period of `pruning_steps` steps projects them to zero: block probing by the loss, then corrective
@@ -144,6 +150,9 @@ class HESSOConfig(TrainingArguments):
             Fractions of every block that the probes zero, each in `(0, 1)`.
         cric_loss_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the block-sensitivity penalty from the probes' loss ratios, `>= 0`.
+
+        > Distillation: training against a frozen teacher
+
         distill (`bool`, *optional*, defaults to `False`):
             Distil from a frozen teacher while training and pruning: the training loss becomes
             `distill_alpha * distill_temperature**2 * KL(teacher || student) + (1 - distill_alpha) * task loss`. The
@@ -157,17 +166,28 @@ class HESSOConfig(TrainingArguments):
             Compare the two distributions on `k + 1` buckets: the teacher's `k` largest logits of each position and
             one bucket for all the other classes (both softmaxes over the whole vocabulary, so the student's mass
             outside the teacher's top k counts). Default: the full distributions.
-        importance_activation (`float`, *optional*):
-            Weight of the activation criterion `||a_g||`, the magnitude of the group's output on the scoring batches
-            (Minitron; forward-only, through forward hooks). Not with `cric`.
-        saliency (`str`, *optional*):
-            Saliency preset: `"taylor"` (the default: elementwise Taylor on the raw gradient; with LoRA,
-            `taylor_first_order` on the update), `"paper"` (HESSO's mix, 0.2 each of its five criteria, update
-            direction), `"activation"` (the activation criterion) or `"custom"` (the `importance_*` weights you set).
-            Default: `"custom"` when any `importance_*` weight is set, else `"taylor"`. See `docs/saliency.md`.
-            A criterion on the update direction with `learning_rate=0` is refused (every update is zero).
+
+        > Saving and resuming
+
+        save_adapters_separately (`bool`, *optional*, defaults to `False`):
+            For a peft LoRA model: `save_model()` writes the slim base model plus the sliced adapter (in `adapter/`)
+            instead of one merged slim model.
+        restart_pruning_schedule (`bool`, *optional*, defaults to `False`):
+            `train(resume_from_checkpoint=...)` refuses a checkpoint that lacks HESSO's state (no `optimizer.pt`,
+            as with `save_only_model=True`; no `scheduler.pt`; an `optimizer.pt` without the `"hesso"` or `"cric"`
+            entry; or, with LoRA, no `hesso_frozen_slices.pt` once groups were selected), since the pruning
+            schedule would silently start again from step 0. Set this to `True` to resume anyway: the weights (and
+            whatever optimizer state exists) are loaded, and the pruning schedule starts over from the resumed step
+            (`start_pruning_step` counts from there). See `docs/saving.md`.
+
+        > TrainingArguments defaults changed
+
+        dataloader_pin_memory (`bool`, *optional*):
+            As in `TrainingArguments`, but the default is `True` only when an accelerator is available (pinning
+            memory on a CPU-only run only makes the DataLoader warn).
     """
 
+    # Targets and schedule
     target_group_sparsity: float | None = field(
         default=None,
         metadata={"help": "Fraction of all prunable groups to remove, in (0, 1). Set exactly one target."},
@@ -183,6 +203,27 @@ class HESSOConfig(TrainingArguments):
     pruning_steps: int | None = field(
         default=None,
         metadata={"help": "Optimizer steps over which pruning happens (each period lasts at least 2 steps)."},
+    )
+
+    # Saliency
+    saliency: str | None = field(
+        default=None,
+        metadata={
+            "help": "Saliency preset: 'taylor' (default), 'paper', 'activation', or 'custom' (your importance_* "
+            "weights; the default when any is set).",
+            "choices": list(SALIENCY_CHOICES),
+        },
+    )
+    saliency_direction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Direction of the saliency criteria: 'update' (base optimizer step, the paper's) or 'gradient'.",
+            "choices": ["update", "gradient"],
+        },
+    )
+    saliency_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps (batches) whose scores every selection averages (the last is its first)."},
     )
     importance_magnitude: float | None = field(default=None, metadata={"help": "Weight of the group-norm criterion."})
     importance_avg_magnitude: float | None = field(
@@ -200,26 +241,30 @@ class HESSOConfig(TrainingArguments):
     importance_taylor_elementwise: float | None = field(
         default=None, metadata={"help": "Weight of the elementwise Taylor criterion sum |x * d| (not in the paper)."}
     )
-    saliency_direction: str | None = field(
-        default=None,
-        metadata={
-            "help": "Direction of the saliency criteria: 'update' (base optimizer step, the paper's) or 'gradient'.",
-            "choices": ["update", "gradient"],
-        },
+    importance_activation: float | None = field(
+        default=None, metadata={"help": "Weight of the activation criterion ||a_g|| (group output, forward-only)."}
     )
-    saliency_steps: int | None = field(
-        default=None,
-        metadata={"help": "Optimizer steps (batches) whose scores every selection averages (the last is its first)."},
-    )
+
+    # Kinds and shapes
     prune_kinds: list[str] | None = field(
         default=None,
         metadata={
-            "help": f"Kinds of groups that may be pruned, among {list(KINDS)}. Default: every width kind (add "
-            "attention_sublayer / mlp_sublayer to let HESSO remove whole sublayers)."
+            "help": "Kinds of groups that may be pruned. Default: every width kind (add attention_sublayer / "
+            "mlp_sublayer to let HESSO remove whole sublayers).",
+            "choices": list(KINDS),
         },
     )
     group_divisible: int = field(
         default=1, metadata={"help": "Round the number of kept groups of every block to a multiple of this."}
+    )
+    layer_shapes: str = field(
+        default="free",
+        metadata={
+            "help": "'free': every layer ends with its own sizes (the slim model ships its code). 'uniform': every "
+            "layer keeps the same counts and only whole layers go, so the result saves as the stock class "
+            "(checked before training).",
+            "choices": list(LAYER_SHAPES),
+        },
     )
     prune_frozen: bool = field(
         default=False,
@@ -228,11 +273,35 @@ class HESSOConfig(TrainingArguments):
             "Default: such groups are left out of pruning and their parameters never change."
         },
     )
-    dataloader_pin_memory: bool | None = field(
+
+    # CRIC
+    cric: bool = field(default=False, metadata={"help": "Identify the redundant groups with CRIC first."})
+    cric_start_step: int | None = field(
+        default=None, metadata={"help": "Optimizer steps before CRIC starts (default: start_pruning_step)."}
+    )
+    cric_sampling_steps: int = field(default=10, metadata={"help": "Optimizer steps per CRIC cycle (>= 2)."})
+    cric_max_cycles: int = field(default=5, metadata={"help": "Most CRIC cycles (>= 1)."})
+    cric_tolerance: int = field(
+        default=0, metadata={"help": "A cycle with at most this many new violating groups ends the search."}
+    )
+    cric_trial_ratios: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        metadata={"help": "Fractions of every block zeroed by the CRIC probes, each in (0, 1)."},
+    )
+    cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
+
+    # Distillation
+    distill: bool = field(
+        default=False, metadata={"help": "Distil from a frozen teacher (default: the model as it was at the start)."}
+    )
+    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
+    distill_top_k: int | None = field(
         default=None,
-        metadata={"help": "Pin the DataLoader's memory. Default: True when an accelerator is available, else False."},
+        metadata={"help": "KL on the teacher's top-k classes plus one bucket for the rest. Default: all logits."},
     )
 
+    # Saving and resuming
     save_adapters_separately: bool = field(
         default=False,
         metadata={
@@ -248,48 +317,10 @@ class HESSOConfig(TrainingArguments):
         },
     )
 
-    cric: bool = field(default=False, metadata={"help": "Identify the redundant groups with CRIC first."})
-    cric_start_step: int | None = field(
-        default=None, metadata={"help": "Optimizer steps before CRIC starts (default: start_pruning_step)."}
-    )
-    cric_sampling_steps: int = field(default=10, metadata={"help": "Optimizer steps per CRIC cycle (>= 2)."})
-    cric_max_cycles: int = field(default=5, metadata={"help": "Most CRIC cycles (>= 1)."})
-    cric_tolerance: int = field(
-        default=0, metadata={"help": "A cycle with at most this many new violating groups ends the search."}
-    )
-    cric_trial_ratios: list[float] = field(
-        default_factory=lambda: [0.25, 0.5, 0.75],
-        metadata={"help": "Fractions of every block zeroed by the CRIC probes, each in (0, 1)."},
-    )
-    cric_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CRIC block-sensitivity penalty."})
-    layer_shapes: str = field(
-        default="free",
-        metadata={
-            "help": "'free': every layer ends with its own sizes (the slim model ships its code). 'uniform': every "
-            "layer keeps the same counts and only whole layers go, so the result saves as the stock class "
-            "(checked before training)."
-        },
-    )
-
-    distill: bool = field(
-        default=False, metadata={"help": "Distil from a frozen teacher (default: the model as it was at the start)."}
-    )
-    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term, in [0, 1]."})
-    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
-    distill_top_k: int | None = field(
+    # TrainingArguments defaults changed
+    dataloader_pin_memory: bool | None = field(
         default=None,
-        metadata={"help": "KL on the teacher's top-k classes plus one bucket for the rest. Default: all logits."},
-    )
-    importance_activation: float | None = field(
-        default=None, metadata={"help": "Weight of the activation criterion ||a_g|| (group output, forward-only)."}
-    )
-    saliency: str | None = field(
-        default=None,
-        metadata={
-            "help": "Saliency preset: 'taylor' (default), 'paper', 'activation', or 'custom' (your importance_* "
-            "weights; the default when any is set).",
-            "choices": list(SALIENCY_CHOICES),
-        },
+        metadata={"help": "Pin the DataLoader's memory. Default: True when an accelerator is available, else False."},
     )
 
     def __post_init__(self):
@@ -416,21 +447,3 @@ def _accelerator_available() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
     return torch.cuda.is_available()
-
-
-def parse_script_args(script_class: type, defaults: dict[str, Any], argv: list[str] | None = None) -> tuple:
-    """Parse a script's own dataclass and `HESSOConfig` from the command line, with script-specific defaults.
-
-    `defaults` override `HESSOConfig`'s defaults (any flag given on the command line wins). As `HESSOConfig` takes
-    exactly one target, a `--target_group_sparsity` flag drops a default `target_param_sparsity`.
-
-    Returns:
-        `tuple`: `(script_args, hesso_config)`.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = dict(defaults)
-    if any(arg.split("=")[0] == "--target_group_sparsity" for arg in argv):
-        defaults.pop("target_param_sparsity", None)
-    parser = HfArgumentParser((script_class, HESSOConfig))
-    parser.set_defaults(**defaults)
-    return tuple(parser.parse_args_into_dataclasses(args=argv))

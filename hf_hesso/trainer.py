@@ -18,16 +18,17 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .config import HESSOConfig, check_update_direction
 from .diagnostics import SelectionDiagnostics
 from .distill import DistillationMixin, frozen_copy, load_teacher
-from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_save, render_model_card, save_slim
-from .export.atomic import adopt_files
-from .export.card import check_evaluation
+from .export import save_slim
+from .export.atomic import adopt_files, atomic_save, owned_by_last_save
+from .export.card import MODEL_CARD_NAME, PruningReport, check_evaluation, render_model_card
 from .export.save import upload_folder
 from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
 from .optim import CRIC, HESSO
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
 from .optim.presets import resolve_saliency
-from .slim import gather_full_model, uniform_stock_problem
+from .slim import gather_full_model
+from .slim.core import uniform_stock_problem
 
 logger = get_logger(__name__)
 
@@ -355,7 +356,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
             self.optimizer = CRIC(
                 self.optimizer,
                 self.groups,
-                start_step=args.resolved_cric_start_step,
+                start_pruning_step=args.resolved_cric_start_step,
                 sampling_steps=args.cric_sampling_steps,
                 max_cycles=args.cric_max_cycles,
                 tolerance=args.cric_tolerance,

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from resources import accuracy, classification_features, load_bbc_news, load_minilm, minilm_dir, tiny_bert
+from script_args import parse_script_args
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -32,7 +33,6 @@ from transformers import (
 )
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import parse_script_args
 from hf_hesso.modeling.architectures import get_layout
 
 

@@ -15,12 +15,12 @@ perplexity before and after and the model size, and writes the slim model to `--
 
 Every `HESSOConfig` / `TrainingArguments` flag applies (`--help` lists them with this recipe's defaults). Groups are
 scored with HESSO's default saliency, the elementwise Taylor criterion on the raw gradient (`--saliency taylor`),
-which ranks LLM groups far better than the paper's mix (README, *Quality*; `docs/saliency.md`), and every selection
-averages the scores of up to 4 steps (`--saliency_steps`; fewer when the warm-up or a period is shorter). With
-`--lora_r` the preset falls back to `taylor_first_order` on the update direction; `--saliency paper` scores with the
-paper's mix, `--distill true` distils from the unpruned model (`docs/distillation.md`). The model and data come from
-the offline packages of `requirements-data.txt`; `--tiny` swaps in a tiny random LLaMA with the real tokenizer for
-smoke tests. `--model_name_or_path` takes any supported causal LM instead of SmolLM2.
+which ranks LLM groups far better than the paper's mix (`benchmarks/README.md`, *Earlier quality figures*;
+`docs/saliency.md`), and every selection averages the scores of up to 4 steps (`--saliency_steps`; fewer when the
+warm-up or a period is shorter). With `--lora_r` the preset falls back to `taylor_first_order` on the update
+direction; `--saliency paper` scores with the paper's mix, `--distill true` distils from the unpruned model
+(`docs/distillation.md`). The model and data come from the offline packages of `requirements-data.txt`; `--tiny`
+swaps in a tiny random LLaMA with the real tokenizer for smoke tests. `--model_name_or_path` takes any supported causal LM instead of SmolLM2.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from resources import (
     spread_blocks,
     tiny_llama,
 )
+from script_args import parse_script_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.config import parse_script_args
 from hf_hesso.modeling.architectures import get_layout
 from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
 

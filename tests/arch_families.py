@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import tiny_batch
+from fixtures import DECODER, tiny_batch, tiny_model
 
 from hf_hesso.groups import (
     EXPERT_CHANNEL,
@@ -15,28 +15,16 @@ from hf_hesso.groups import (
     SHARED_EXPERT_CHANNEL,
 )
 
-_DECODER = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
 
 # model_type -> (config factory, Auto class of the tested head, kinds expected in every layer).
 GQA = {KV_GROUP, QUERY_SLOT}
 FAMILIES = {
-    "smollm3": (lambda: transformers.SmolLM3Config(**_DECODER), "AutoModelForCausalLM", GQA | {MLP_CHANNEL}),
+    "smollm3": (lambda: transformers.SmolLM3Config(**DECODER), "AutoModelForCausalLM", GQA | {MLP_CHANNEL}),
     # head_dim 32 with hidden 64 and 4 heads: the head size is independent of hidden / heads.
     "gemma2": (
         lambda: transformers.Gemma2Config(
-            **_DECODER,
+            **DECODER,
             head_dim=32,
             query_pre_attn_scalar=32,
             sliding_window=4,
@@ -47,23 +35,23 @@ FAMILIES = {
         GQA | {MLP_CHANNEL},
     ),
     "gemma3_text": (
-        lambda: transformers.Gemma3TextConfig(**_DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=4),
+        lambda: transformers.Gemma3TextConfig(**DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=4),
         "AutoModelForCausalLM",
         GQA | {MLP_CHANNEL},
     ),
     "starcoder2": (
-        lambda: transformers.Starcoder2Config(**_DECODER, use_bias=True, sliding_window=8),
+        lambda: transformers.Starcoder2Config(**DECODER, use_bias=True, sliding_window=8),
         "AutoModelForCausalLM",
         GQA | {MLP_CHANNEL},
     ),
     "phi": (
-        lambda: transformers.PhiConfig(**_DECODER, qk_layernorm=True, partial_rotary_factor=0.5),
+        lambda: transformers.PhiConfig(**DECODER, qk_layernorm=True, partial_rotary_factor=0.5),
         "AutoModelForCausalLM",
         GQA | {MLP_CHANNEL},
     ),
     "gpt_neox": (
         lambda: transformers.GPTNeoXConfig(
-            **{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"},
+            **{k: v for k, v in DECODER.items() if k != "num_key_value_heads"},
             rotary_pct=0.5,
             use_parallel_residual=True,
             attention_bias=True,
@@ -87,17 +75,17 @@ FAMILIES = {
         {HEAD, MLP_CHANNEL},
     ),
     "mixtral": (
-        lambda: transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2),
+        lambda: transformers.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2),
         "AutoModelForCausalLM",
         GQA | {EXPERT_CHANNEL},
     ),
     "qwen2_moe": (
-        lambda: transformers.Qwen2MoeConfig(**_DECODER, **_MOE, shared_expert_intermediate_size=80),
+        lambda: transformers.Qwen2MoeConfig(**DECODER, **_MOE, shared_expert_intermediate_size=80),
         "AutoModelForCausalLM",
         GQA | {EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL},
     ),
     "qwen3_moe": (
-        lambda: transformers.Qwen3MoeConfig(**_DECODER, **_MOE, head_dim=16, norm_topk_prob=True),
+        lambda: transformers.Qwen3MoeConfig(**DECODER, **_MOE, head_dim=16, norm_topk_prob=True),
         "AutoModelForCausalLM",
         GQA | {EXPERT_CHANNEL},
     ),
@@ -142,15 +130,9 @@ STOCK_HEADS = {"smollm3", "gemma2", "gemma3_text", "starcoder2", "mixtral", "qwe
 
 
 def make(name: str, seed: int = 0):
-    torch.manual_seed(seed)
+    """The tiny model of family `name` with the tested head, random biases and norm weights, in eval mode."""
     factory, auto, _ = FAMILIES[name]
-    model = getattr(transformers, auto).from_config(factory()).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") or "norm" in pname:
-                # Random biases/norm weights, so that a wrongly kept or dropped row shows in the outputs.
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return tiny_model(name, auto, seed, config=factory(), perturb=0.1, eval_mode=True)
 
 
 def batch_for(name: str):

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_train_worker import tiny_model, tiny_tokenizer  # noqa: E402
+from fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
 USER_FILES = {"notes.txt": b"my notes", "train.py": b"print('train')", "data/baseline_logits.pt": b"\x00" * 64}
 EXIT_CRASH = 77

@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_train_worker import FSDP2_ARGS, enable_fsdp_on_cpu, hesso_args, lm_dataset, tiny_model  # noqa: E402
+from dist_train_worker import FSDP2_ARGS, enable_fsdp_on_cpu  # noqa: E402
+from fixtures import hesso_args, lm_dataset, tiny_model  # noqa: E402
 
 
 def run(out_dir: str, per_device: int, mode: str) -> None:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import tiny_config  # noqa: E402
+from fixtures import tiny_config  # noqa: E402
 
 GLOBAL_BATCH = 8
 SEQ = 12

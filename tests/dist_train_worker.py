@@ -1,4 +1,4 @@
-"""Tiny HESSO training runs shared by the trainer tests, and the worker that `torchrun` launches.
+"""The worker that `torchrun` launches for the distributed Trainer tests (the tiny runs come from `fixtures.py`).
 
 As a worker (`python -m torch.distributed.run --nproc_per_node 2 tests/dist_train_worker.py OUT [PER_DEVICE]`),
 every rank trains the same tiny LLaMA with `HESSOTrainer` (CPU, gloo) and writes its selected groups and final
@@ -14,79 +14,10 @@ import os
 import sys
 
 import torch
-from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import ENCODERS, tiny_config  # noqa: E402
-
-VOCAB = 128
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over `t3 ... t127` built in code (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>")
-
-
-def lm_dataset(n: int = 64, seq: int = 12, seed: int = 0) -> Dataset:
-    """Random token ids, no padding (every micro-batch then holds the same number of label tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (n, seq), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": ids.tolist()})
-
-
-def cls_dataset(n: int = 64, seq: int = 12, seed: int = 0) -> Dataset:
-    """Two classes that a tiny model can learn: label 1 iff token 5 occurs."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(6, VOCAB, (n, seq), generator=g)
-    labels = torch.arange(n) % 2
-    ids[labels == 1, 3] = 5
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
-
-
-def tiny_model(name: str = "llama", seed: int = 0):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = tiny_config(name)
-    if name in ENCODERS:
-        config.num_labels = 2
-        return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForCausalLM.from_config(config)
-
-
-def hesso_args(output_dir: str, **overrides):
-    """A short run: 2 warm-up steps, 2 periods of 4 steps, 4 steps after pruning."""
-    from hf_hesso.config import HESSOConfig
-
-    kwargs = dict(
-        output_dir=output_dir,
-        max_steps=14,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        target_group_sparsity=0.4,
-        start_pruning_step=2,
-        pruning_periods=2,
-        pruning_steps=8,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
-    return HESSOConfig(**kwargs)
-
+from fixtures import hesso_args, lm_dataset, tiny_model  # noqa: E402
 
 # The FSDP2 settings of `recipes/accelerate_configs/fsdp2.yaml`, as `HESSOConfig(fsdp=..., fsdp_config=...)`.
 FSDP2_ARGS = dict(

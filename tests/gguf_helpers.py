@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
-from conftest import tiny_config
+from fixtures import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -70,12 +69,9 @@ def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(name: str, shapes: list[dict] | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random causal LM of family `name`; with `shapes`, a slim one with those per-layer sizes."""
-    torch.manual_seed(seed)
-    config = tiny_config(name, **overrides)
-    prefix = {"llama": "Llama", "llama_mha": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[name]
-    model = getattr(transformers, prefix + "ForCausalLM")(config).eval()
+def gguf_model(name: str, shapes: list[dict] | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """The tiny causal LM of family `name` with sharpened weights; with `shapes`, a slim one with those sizes."""
+    model = tiny_model(name, "ForCausalLM", seed, eval_mode=True, **overrides)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias") or "norm" in pname:

@@ -1,12 +1,12 @@
-"""Tiny models of every covered head, random zeroed groups and the shapes slimming must give (shared by the slim, save/load, architecture and depth tests)."""
+"""The heads every tiny family is tested with, random zeroed groups and the shapes slimming must give (shared by the
+slim, save/load, architecture and depth tests). The models come from `fixtures.tiny_model`."""
 
 from __future__ import annotations
 
 import random
 
 import torch
-import transformers
-from conftest import DECODERS, ENCODERS, TINY_CONFIGS, tiny_config
+from fixtures import DECODERS, ENCODERS, TINY_CONFIGS
 
 from hf_hesso.groups import (
     EXPERT_CHANNEL,
@@ -20,33 +20,12 @@ from hf_hesso.groups import (
 from hf_hesso.modeling.architectures import LayerShape, get_layout, normalize_config
 from hf_hesso.modeling.modeling_hesso import layer_modules, layer_sublayers, projection_tensors
 
-PREFIX = {
-    "bert": "Bert",
-    "roberta": "Roberta",
-    "llama": "Llama",
-    "llama_mha": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-}
 DECODER_HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
 ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForMaskedLM")
 CASES = [
     (name, head) for name in sorted(TINY_CONFIGS) for head in (ENCODER_HEADS if name in ENCODERS else DECODER_HEADS)
 ]
 assert set(DECODERS) | set(ENCODERS) == set(TINY_CONFIGS)
-
-
-def make_model(name: str, head: str, seed: int = 0, **overrides):
-    """A fresh tiny model of family `name` with head `head`, with non-trivial biases and norms."""
-    torch.manual_seed(seed)
-    model = getattr(transformers, PREFIX[name] + head)(tiny_config(name, **overrides)).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") or "norm" in pname:
-                # Random biases/norm weights, so that a wrongly kept or dropped row shows in the outputs.
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def zero_random_groups(model, groups, seed: int = 0, full_layer: int = 0) -> list[int]:

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from dist_train_worker import hesso_args, lm_dataset, tiny_model
+from fixtures import hesso_args, lm_dataset, tiny_model
 from transformers import TrainerCallback
 
 from hf_hesso.config import HESSOConfig

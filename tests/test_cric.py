@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
-from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from fixtures import hesso_args, lm_dataset, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 
 from hf_hesso import build_groups
 from hf_hesso.optim import CRIC, HESSO
 
-KW = dict(target_group_sparsity=0.4, start_step=2, pruning_steps=4, sampling_steps=3)
+KW = dict(target_group_sparsity=0.4, start_pruning_step=2, pruning_steps=4, sampling_steps=3)
 
 
 def run_loop(model, opt, steps: int, first: int = 0) -> list[float]:
@@ -72,7 +71,7 @@ def test_observe_loss_required():
 
 def test_probes_restore_weights_exactly_on_every_block_kind():
     # Probes zero heads, key/value groups and query slots through the Block/Slice views, then restore them.
-    model, groups, opt = make(start_step=0)
+    model, groups, opt = make(start_pruning_step=0)
     assert {b.kind for b in groups.blocks} == {"mlp_channel", "kv_group", "query_slot"}
     run_loop(model, opt, 1)
     cached = {k: v.clone() for k, v in opt._cache.items()}
@@ -176,7 +175,7 @@ def test_cric_keeps_indispensable_channel_that_hesso_removes():
     assert index in hesso.pruned_groups.tolist()
     assert hesso_loss > 0.3, hesso_loss
 
-    _, groups, cric, cric_loss = train(CRIC, start_step=2, sampling_steps=2, max_cycles=2)
+    _, groups, cric, cric_loss = train(CRIC, start_pruning_step=2, sampling_steps=2, max_cycles=2)
     # The probe that zeroes the lowest quarter of layer 0's MLP takes the channel and multiplies the loss.
     ratios = cric.probe_loss_ratios
     block = groups.block_ids[index]
@@ -333,3 +332,18 @@ def test_probes_read_the_task_loss_under_distillation(tmp_path, monkeypatch):
     assert math.isclose(cric._ref_loss, observed[first], rel_tol=1e-6)
     ratios = [observed[step] / observed[first] for step in sorted(observed)[1:]]
     torch.testing.assert_close(cric.probe_loss_ratios.flatten(), torch.tensor(ratios, dtype=torch.float64))
+
+
+def test_start_pruning_step_is_hesso_s_name_and_the_old_one_warns_for_one_release():
+    model = tiny_model("llama")
+    groups = build_groups(model)
+    base = dict(target_group_sparsity=0.4, pruning_steps=4, sampling_steps=3)
+    new = CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, start_pruning_step=2, **base)
+    with pytest.warns(FutureWarning, match=r"`CRIC\(start_step=...\)` is renamed `start_pruning_step`, as in `HESSO`"):
+        old = CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, start_step=2, **base)
+    assert old.cric_start_step == new.cric_start_step == 2
+    assert old.pruning_end_step == new.pruning_end_step
+    with pytest.raises(TypeError, match=r"Pass `start_pruning_step` only: `start_step` is its former name"):
+        CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, start_step=2, start_pruning_step=2, **base)
+    with pytest.raises(ValueError, match=r"`start_pruning_step` must be an integer >= 0"):
+        CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, start_pruning_step=-1, **base)

@@ -19,7 +19,7 @@ import resources
 import torch
 import transformers
 from arch_families import FAMILIES
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from fresh_process import run_fresh
 
 from hf_hesso import HESSO
@@ -27,7 +27,8 @@ from hf_hesso.export.card import PruningReport, render_model_card
 from hf_hesso.groups import ATTENTION_SUBLAYER, KINDS, KV_GROUP, MLP_CHANNEL, MLP_SUBLAYER, build_groups
 from hf_hesso.modeling.architectures import LAYER_SHAPES_KEY, LayerShape, get_layout
 from hf_hesso.modeling.modeling_hesso import RemovedSublayer, SkippedLayer, layer_modules
-from hf_hesso.slim import slim_copy, slim_model, uniform_stock_problem
+from hf_hesso.slim import slim_copy, slim_model
+from hf_hesso.slim.core import uniform_stock_problem
 
 _PREFIX = {
     "llama": "Llama",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dist_train_worker import hesso_args, lm_dataset, tiny_model
+from fixtures import hesso_args, lm_dataset, tiny_model
 
 from hf_hesso import HESSOTrainer
 

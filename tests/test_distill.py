@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from dist_train_worker import cls_dataset, hesso_args, lm_dataset, tiny_model
+from fixtures import cls_dataset, hesso_args, lm_dataset, tiny_model
 from transformers import TrainerCallback
 
 from hf_hesso import HESSOConfig, HESSOTrainer

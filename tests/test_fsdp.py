@@ -122,7 +122,7 @@ def test_flattened_original_parameters_are_refused():
 
 
 def _trainer(tmp_path):
-    from dist_train_worker import hesso_args, lm_dataset, tiny_model
+    from fixtures import hesso_args, lm_dataset, tiny_model
 
     from hf_hesso import HESSOTrainer
 

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
+from fixtures import tiny_config
 from gguf_helpers import (
     F16_ATOL,
     F32_ATOL,
@@ -31,13 +31,13 @@ from gguf_helpers import (
     ROOT,
     SKIP_LLAMA_CPP_ENV,
     UNEVEN,
+    gguf_model,
     hf_greedy,
     hf_logprobs,
     llama_cpp_model,
     max_diff,
     read,
     require_llama_cpp,
-    tiny_model,
     tiny_tokenizer,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -105,7 +105,7 @@ def test_permutation_turns_half_rotation_into_pair_rotation():
 
 
 def test_uneven_file_records_per_layer_sizes_and_tokenizer(tmp_path):
-    model = tiny_model("llama", UNEVEN)
+    model = gguf_model("llama", UNEVEN)
     tok = tiny_tokenizer()
     result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tok)
     assert result.architecture == "deci"
@@ -137,7 +137,7 @@ def test_uneven_file_records_per_layer_sizes_and_tokenizer(tmp_path):
 
 
 def test_uniform_untied_mistral_writes_the_llama_architecture(tmp_path):
-    model = tiny_model("mistral", [UNEVEN[1], UNEVEN[1]])
+    model = gguf_model("mistral", [UNEVEN[1], UNEVEN[1]])
     with pytest.warns(UserWarning, match="sliding window of 16"):
         result = export_gguf(model, tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
     assert result.architecture == "llama"
@@ -148,7 +148,7 @@ def test_uniform_untied_mistral_writes_the_llama_architecture(tmp_path):
 
 
 def test_q8_0_pads_mlp_widths_with_zero_channels(tmp_path):
-    model = tiny_model("llama", UNEVEN)
+    model = gguf_model("llama", UNEVEN)
     result = export_gguf(model, tmp_path / "m.gguf", "q8_0", tokenizer=tiny_tokenizer())
     fields, tensors = read(result.path)
     # 72 and 40 channels become 96 and 64: ffn_down's rows (the MLP width) are whole Q8_0 blocks of 32.
@@ -160,7 +160,7 @@ def test_q8_0_pads_mlp_widths_with_zero_channels(tmp_path):
 
 
 def test_llama_cpp_q8_0_with_padded_mlp_matches_transformers(tmp_path):
-    model = tiny_model("llama", UNEVEN)
+    model = gguf_model("llama", UNEVEN)
     result = export_gguf(model, tmp_path / "m.gguf", "q8_0", tokenizer=tiny_tokenizer())
     llm = llama_cpp_model(result.path, f32_cache=False)
     for ids in PROMPTS:
@@ -169,7 +169,7 @@ def test_llama_cpp_q8_0_with_padded_mlp_matches_transformers(tmp_path):
 
 
 def test_bf16(tmp_path):
-    result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "bf16", tokenizer=tiny_tokenizer())
+    result = export_gguf(gguf_model("llama"), tmp_path / "m.gguf", "bf16", tokenizer=tiny_tokenizer())
     _, tensors = read(result.path)
     assert tensors["blk.0.attn_q.weight"][1] == "BF16"
     assert result.architecture == "llama"
@@ -178,10 +178,10 @@ def test_bf16(tmp_path):
 def test_refusals_name_the_reason(tmp_path):
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="pass `tokenizer=`"):
-        export_gguf(tiny_model("llama"), tmp_path / "a.gguf")
+        export_gguf(gguf_model("llama"), tmp_path / "a.gguf")
     with pytest.raises(ValueError, match="choose one of f32, f16, bf16, q8_0"):
-        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", "q4_0", tokenizer=tok)
-    uneven_qwen3 = tiny_model("qwen3", UNEVEN)
+        export_gguf(gguf_model("llama"), tmp_path / "a.gguf", "q4_0", tokenizer=tok)
+    uneven_qwen3 = gguf_model("qwen3", UNEVEN)
     with pytest.raises(ValueError, match="no query/key norm"):
         export_gguf(uneven_qwen3, tmp_path / "a.gguf", tokenizer=tok)
     bert = transformers.BertForMaskedLM(tiny_config("bert"))
@@ -190,11 +190,11 @@ def test_refusals_name_the_reason(tmp_path):
     # A SentencePiece-style (byte fallback) vocabulary is not written.
     spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
     with pytest.raises(ValueError, match="byte fallback"):
-        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
+        export_gguf(gguf_model("llama"), tmp_path / "a.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
     with pytest.raises(ValueError, match="no known llama.cpp name"):
         odd = tiny_tokenizer()
         odd.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", tokenizer=odd)
+        export_gguf(gguf_model("llama"), tmp_path / "a.gguf", tokenizer=odd)
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -204,7 +204,7 @@ def _tree(path) -> dict[str, bytes]:
 
 def test_output_path_never_overwrites_a_file_it_did_not_write(tmp_path):
     ckpt = tmp_path / "slim"
-    tiny_model("llama", UNEVEN).save_pretrained(ckpt)
+    gguf_model("llama", UNEVEN).save_pretrained(ckpt)
     tiny_tokenizer().save_pretrained(ckpt)
     checkpoint = _tree(ckpt)
     (tmp_path / "link.gguf").symlink_to(ckpt / "model.safetensors")
@@ -218,7 +218,7 @@ def test_output_path_never_overwrites_a_file_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match=r"is the checkpoint folder the export reads\. Pass a file path"):
         export_gguf(ckpt, ckpt, "f32")
     # Any file the export did not write, whatever its name, and from a model object too.
-    for source, kwargs in ((ckpt, {}), (tiny_model("llama", UNEVEN), {"tokenizer": tiny_tokenizer()})):
+    for source, kwargs in ((ckpt, {}), (gguf_model("llama", UNEVEN), {"tokenizer": tiny_tokenizer()})):
         with pytest.raises(FileExistsError, match=r"user\.gguf' already exists and was not written by `export_gguf`"):
             export_gguf(source, tmp_path / "user.gguf", "f32", **kwargs)
     assert _tree(ckpt) == checkpoint and (tmp_path / "user.gguf").read_bytes() == b"GGUF from another tool"
@@ -246,7 +246,7 @@ def test_imports_without_gguf_and_names_the_extra():
 
 
 def test_command_line_exports_a_saved_slim_folder(tmp_path):
-    model = tiny_model("llama", UNEVEN)
+    model = gguf_model("llama", UNEVEN)
     model.save_pretrained(tmp_path / "slim")
     tiny_tokenizer().save_pretrained(tmp_path / "slim")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -317,7 +317,7 @@ ROUND_TRIPS = [
     "name, shapes, arch", ROUND_TRIPS, ids=[f"{n}-{a}-{'slim' if s else 'stock'}" for n, s, a in ROUND_TRIPS]
 )
 def test_llama_cpp_matches_transformers_f32(tmp_path, name, shapes, arch):
-    model = tiny_model(name, shapes)
+    model = gguf_model(name, shapes)
     result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tiny_tokenizer())
     assert result.architecture == arch
     llm = llama_cpp_model(result.path)
@@ -329,7 +329,7 @@ def test_llama_cpp_matches_transformers_f32(tmp_path, name, shapes, arch):
 
 
 def test_llama_cpp_matches_transformers_f16(tmp_path):
-    model = tiny_model("llama", UNEVEN)
+    model = gguf_model("llama", UNEVEN)
     result = export_gguf(model, tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
     llm = llama_cpp_model(result.path, f32_cache=False)
     for ids in PROMPTS:
@@ -340,7 +340,7 @@ def test_llama_cpp_matches_transformers_f16(tmp_path):
 
 def test_llama_cpp_tokenizes_like_transformers(tmp_path):
     tok = tiny_tokenizer()
-    result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f32", tokenizer=tok)
+    result = export_gguf(gguf_model("llama"), tmp_path / "m.gguf", "f32", tokenizer=tok)
     llm = llama_cpp_model(result.path)
     for text in ["the cat sat", "Hello there, in the sun!", "a  b"]:
         assert llm.tokenize(text, special=False) == tok(text, add_special_tokens=False)["input_ids"]
@@ -351,7 +351,7 @@ def test_llama_cpp_tokenizes_like_transformers(tmp_path):
 
 
 def test_json_of_result_is_plain(tmp_path):
-    result = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
+    result = export_gguf(gguf_model("llama"), tmp_path / "m.gguf", "f16", tokenizer=tiny_tokenizer())
     assert json.loads(json.dumps(result.tensor_types)) == result.tensor_types
     assert result.tensor_types["F16"] == 2 * 7 + 1  # 7 projections per layer + token_embd (tied: no output)
 

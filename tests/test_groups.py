@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import DECODERS, ENCODERS, TINY_CONFIGS, tiny_config
+from fixtures import DECODERS, ENCODERS, TINY_CONFIGS, tiny_config
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_hesso.groups import MLP_CHANNEL, Block, GroupSet, Slice, build_groups
-from hf_hesso.optim import HESSO, GroupStatistics
-from hf_hesso.optim.saliency import CRITERIA
+from hf_hesso.optim import HESSO
+from hf_hesso.optim.saliency import CRITERIA, GroupStatistics
 
 
 def tiny_model(name: str = "llama") -> nn.Module:
@@ -303,7 +303,7 @@ def test_criteria_raw_values_and_weighted_sum():
     torch.testing.assert_close(CRITERIA["taylor_first_order"](stats), torch.tensor([2.0, 3.0, 0.0]))
     torch.testing.assert_close(CRITERIA["taylor_second_order"](stats), torch.tensor([2.0, 4.5, 0.0]))
     torch.testing.assert_close(CRITERIA["taylor_elementwise"](stats), torch.tensor([2.5, 3.0, 1.0]))
-    from hf_hesso.optim import saliency_scores
+    from hf_hesso.optim.saliency import saliency_scores
 
     both = saliency_scores(stats, {"magnitude": 0.5, "avg_magnitude": 2.0})
     expected = 0.5 * torch.tensor([2.0, 3.0, 0.0]) / math.sqrt(13) + 2.0 * torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2)
@@ -675,7 +675,7 @@ def test_metrics_are_flat_floats():
 
 
 def test_saliency_scores_per_kind_normalisation():
-    from hf_hesso.optim import saliency_scores
+    from hf_hesso.optim.saliency import saliency_scores
 
     xx = torch.tensor([1.0, 9.0, 100.0, 900.0], dtype=torch.float64)
     stats = GroupStatistics(

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from transformers import AutoModelForCausalLM
 
 from hf_hesso.groups import build_groups

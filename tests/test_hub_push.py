@@ -6,8 +6,7 @@ from __future__ import annotations
 import huggingface_hub.constants
 import pytest
 import transformers.utils.hub
-from conftest import tiny_batch
-from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from fixtures import hesso_args, lm_dataset, tiny_batch, tiny_model, tiny_tokenizer
 from helpers import card_figures, reference_logits, reload_in_fresh_process
 from hub_server import HubServer
 

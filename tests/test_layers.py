@@ -1,7 +1,8 @@
 """The package reads bottom-up: each layer imports only the layers below it, with no import hidden in a function.
 
-Layers (DESIGN.md, "Layers"): `modeling` (shipped beside the weights: torch, transformers, stdlib only) <- `groups`
-<- `optim`, `slim` <- `export` <- `config`, `trainer` (and the package's `__init__`, `check`).
+Layers (`RANKS` below): `modeling` (shipped beside the weights: torch, transformers, stdlib only) <- `groups`
+<- `optim`, `slim` <- `export`, `distill`, `diagnostics` <- `config` <- `trainer`, `check` <- the package's
+`__init__`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ RANKS = {
     "trainer": 5,
     "check": 5,
 }
-TOP = 6  # hf_hesso/__init__.py and hf_hesso/__main__.py
+TOP = 6  # hf_hesso/__init__.py
 
 
 def _part(module: str) -> str | None:
@@ -135,6 +136,13 @@ def cycles(graph) -> list[list[str]]:
     return found
 
 
+def test_ranks_name_the_package_parts():
+    """Every part the table ranks is a module or subpackage of hf_hesso, and every part has a rank."""
+    parts = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    parts |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert set(RANKS) == parts
+
+
 def test_layers_point_one_way():
     graph = import_graph()
     assert "hf_hesso.optim.hesso" in graph and "hf_hesso.export.save" in graph  # the scan sees the package
@@ -180,3 +188,35 @@ def test_checker_catches_wrong_arrows(module, imports, expected):
 def test_checker_finds_a_cycle():
     graph = {"hf_hesso.a.x": [("hf_hesso.a.y", 1, True)], "hf_hesso.a.y": [("hf_hesso.a.x", 1, True)]}
     assert cycles(graph) and set(cycles(graph)[0]) == {"hf_hesso.a.x", "hf_hesso.a.y"}
+
+
+PUBLIC = {
+    "hf_hesso.export": {"GgufExport", "SavedSlim", "export_gguf", "save_slim"},
+    "hf_hesso.modeling": {"register_auto_classes"},
+    "hf_hesso.optim": {"CRIC", "CRITERIA", "HESSO", "Schedule"},
+    "hf_hesso.slim": {
+        "SlimAdapters",
+        "SlimSummary",
+        "current_layer_shapes",
+        "gather_full_model",
+        "merge_and_slim",
+        "slim_copy",
+        "slim_model",
+        "slim_with_adapters",
+        "to_stock",
+    },
+}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_subpackages_export_only_public_names(package):
+    """A subpackage's `__init__` names its public API only; the plumbing is imported from its module."""
+    import importlib
+
+    module = importlib.import_module(package)
+    assert set(module.__all__) == PUBLIC[package]
+    public = {n for n, v in vars(module).items() if not n.startswith("_") and not isinstance(v, type(module))}
+    # Nothing else is importable from the package (the names its own body needs, like `transformers`, aside).
+    assert public - PUBLIC[package] <= {"annotations", "transformers", "HESSO_CONFIGS", "HESSO_MODELS"}, public
+    for plumbing in ("atomic_save", "recover", "owned_files", "keep_plan", "check_materialized", "saliency_scores"):
+        assert not hasattr(module, plumbing), (package, plumbing)

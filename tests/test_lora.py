@@ -11,13 +11,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_batch
-from dist_train_worker import hesso_args, lm_dataset, tiny_model
+from fixtures import hesso_args, lm_dataset, tiny_batch, tiny_model
 from helpers import reload_in_fresh_process
 
 from hf_hesso import HESSO, build_groups
 from hf_hesso.optim.frozen import FROZEN_SLICES_NAME
-from hf_hesso.slim import ADAPTER_SUBDIR, merge_and_slim, merged_groups
+from hf_hesso.slim import merge_and_slim
+from hf_hesso.slim.lora import ADAPTER_SUBDIR, merged_groups
 from hf_hesso.trainer import HESSOTrainer
 
 peft = pytest.importorskip("peft")

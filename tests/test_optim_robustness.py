@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_config
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -328,7 +328,7 @@ def test_restored_cric_state_is_validated_by_field(edit, match):
 
     def make():
         model = tiny_llama()
-        kw = dict(target_group_sparsity=0.4, start_step=2, pruning_steps=4, sampling_steps=3)
+        kw = dict(target_group_sparsity=0.4, start_pruning_step=2, pruning_steps=4, sampling_steps=3)
         return model, CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), build_groups(model), **kw)
 
     model, opt = make()

@@ -19,6 +19,7 @@ import resources
 import transformers
 
 from hf_hesso import build_groups
+from hf_hesso.modeling.architectures import layer_shapes_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -199,6 +200,22 @@ def test_bert_recipe_tiny(tmp_path):
     stdout = _run("bert_prune", tmp_path, *flags)
     acc = re.search(r"Test accuracy \(213 BBC articles\): ([\d.]+)% after 3 dense steps, ([\d.]+)% after", stdout)
     assert acc, stdout
+    before, after = (int(n.replace(",", "")) for n in re.search(r"Parameters: ([\d,]+) -> ([\d,]+)", stdout).groups())
+    # What was written loads as anyone would load it, is the pruned model the recipe scored, and is smaller.
+    slim_dir = tmp_path / "slim"
+    slim = transformers.AutoModelForSequenceClassification.from_pretrained(slim_dir, trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(slim_dir)
+    assert slim.num_parameters() == after < before
+    dense = resources.tiny_bert(vocab_size=len(tokenizer), num_labels=slim.config.num_labels)
+    assert dense.num_parameters() == before
+    kept = [(s.num_attention_heads, s.intermediate_size) for s in layer_shapes_from_config(slim.config)]
+    full = [(s.num_attention_heads, s.intermediate_size) for s in layer_shapes_from_config(dense.config)]
+    assert all(k <= f for ks, fs in zip(kept, full, strict=True) for k, f in zip(ks, fs, strict=True)), kept
+    assert kept != full
+    # The printed accuracy after pruning is the loaded slim model's accuracy on the same 213 test articles.
+    data = resources.classification_features(resources.load_bbc_news(seed=0)["test"], tokenizer, max_length=32)
+    assert len(data) == 213
+    assert resources.accuracy(slim.eval(), data, tokenizer) == pytest.approx(float(acc.group(2)) / 100, abs=5e-4)
 
 
 def _save_tiny(directory, config, head, tokenizer):

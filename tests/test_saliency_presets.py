@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_train_worker import hesso_args, lm_dataset, tiny_model
+from fixtures import hesso_args, lm_dataset, tiny_model
 
 from hf_hesso import HESSO, HESSOTrainer, build_groups
 from hf_hesso.optim.presets import default_saliency_steps, resolve_saliency

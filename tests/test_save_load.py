@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import DECODERS, tiny_batch
+from fixtures import DECODERS, PREFIX, tiny_batch, tiny_model
 from fresh_process import run_fresh
 from safetensors.torch import load_file, save_file
-from slim_helpers import CASES, PREFIX, expected_shapes, make_model, outputs, zero_random_groups
+from slim_helpers import CASES, expected_shapes, outputs, zero_random_groups
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from hf_hesso.groups import KV_GROUP, MLP_CHANNEL, QUERY_SLOT, build_groups
@@ -28,7 +28,7 @@ AUTO = {
     "ForSequenceClassification": "AutoModelForSequenceClassification",
     "ForMaskedLM": "AutoModelForMaskedLM",
 }
-CODE_FILES = {"modeling_hesso.py", "configuration_hesso.py", "architectures.py"}
+CODE_FILES = {"modeling_hesso.py", "configuration_hesso.py", "architectures.py", "journal.py"}
 GEN_TOKENS = 6
 
 
@@ -56,7 +56,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("slim")
     entries = {}
     for name, head in CASES:
-        model = make_model(name, head)
+        model = tiny_model(name, head, perturb=0.1, eval_mode=True)
         groups = build_groups(model)
         zero_random_groups(model, groups, seed=len(name) * 7 + len(head))
         batch = tiny_batch(name)
@@ -106,7 +106,7 @@ def test_fresh_process_without_hf_hesso(saved, tmp_path):
     # Stock exports load with stock classes, no remote code.
     stock_dirs = {}
     for name, kw in (("llama", dict(kv_groups=[1], mlp=range(0, 90, 3))), ("mistral", dict(slots=[0], mlp=[5]))):
-        model = make_model(name, "ForCausalLM")
+        model = tiny_model(name, "ForCausalLM", perturb=0.1, eval_mode=True)
         groups = uniform_prune(model, **kw)
         batch = tiny_batch(name)
         ref = outputs(model, batch)
@@ -219,7 +219,7 @@ def test_second_round_trip_and_repruning(saved, tmp_path, monkeypatch, remote):
 )
 def test_stock_export(tmp_path, name, head, kw, heads):
     overrides = {"num_key_value_heads": 4} if "heads" in kw else {}
-    model = make_model(name, head, **overrides)
+    model = tiny_model(name, head, perturb=0.1, eval_mode=True, **overrides)
     groups = uniform_prune(model, **kw)
     batch = tiny_batch(name)
     ref = outputs(model, batch)
@@ -247,7 +247,7 @@ def test_stock_export(tmp_path, name, head, kw, heads):
     ],
 )  # fmt: skip
 def test_stock_export_errors(name, head, kw, match):
-    model = make_model(name, head)
+    model = tiny_model(name, head, perturb=0.1, eval_mode=True)
     slim_model(model, uniform_prune(model, **kw))
     cls, config = type(model), model.config.to_dict()
     with pytest.raises(ValueError, match=match):
@@ -256,7 +256,7 @@ def test_stock_export_errors(name, head, kw, match):
 
 
 def test_stock_export_uneven_layers_error():
-    model = make_model("mistral", "ForCausalLM")
+    model = tiny_model("mistral", "ForCausalLM", perturb=0.1, eval_mode=True)
     groups = build_groups(model)
     mlp = next(b for b in groups.blocks if b.kind == MLP_CHANNEL and b.layer == 1)
     groups.zero_(model, [mlp.offset])

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_batch, tiny_config
+from fixtures import PREFIX, tiny_batch, tiny_config, tiny_model
 from slim_helpers import (
     CASES,
-    PREFIX,
     check_runtime_attributes,
     expected_param_count,
     expected_shapes,
-    make_model,
     outputs,
     zero_random_groups,
 )
@@ -29,7 +27,7 @@ from hf_hesso.slim import current_layer_shapes, slim_model
 
 @pytest.mark.parametrize("name,head", CASES)
 def test_slim_matches_masked_dense(name, head):
-    model = make_model(name, head)
+    model = tiny_model(name, head, perturb=0.1, eval_mode=True)
     groups = build_groups(model)
     chosen = zero_random_groups(model, groups, seed=len(name) + len(head))
     batch = tiny_batch(name)
@@ -59,7 +57,7 @@ def test_slim_matches_masked_dense(name, head):
 
 def test_gqa_overlap_keeps_kv_times_slots():
     # Layer 0 of the GQA llama: 2 kv heads x 2 slots. Remove kv head 1 and slot 0: only query head 0*2+1 stays.
-    model = make_model("llama", "ForCausalLM")
+    model = tiny_model("llama", "ForCausalLM", perturb=0.1, eval_mode=True)
     groups = build_groups(model)
     kv = next(b for b in groups.blocks if b.layer == 0 and b.kind == KV_GROUP)
     slot = next(b for b in groups.blocks if b.layer == 0 and b.kind == QUERY_SLOT)
@@ -78,7 +76,7 @@ def test_gqa_overlap_keeps_kv_times_slots():
 
 
 def test_partly_zero_groups_are_kept():
-    model = make_model("llama", "ForCausalLM")
+    model = tiny_model("llama", "ForCausalLM", perturb=0.1, eval_mode=True)
     with torch.no_grad():
         model.model.layers[0].mlp.gate_proj.weight[3] = 0  # channel 3: gate row only, up row and down column stay
         model.model.layers[1].self_attn.k_proj.weight[:16] = 0  # kv head 0: k rows only
@@ -89,7 +87,7 @@ def test_partly_zero_groups_are_kept():
 
 
 def test_stale_groups_are_refused():
-    model = make_model("qwen2", "ForCausalLM")
+    model = tiny_model("qwen2", "ForCausalLM", perturb=0.1, eval_mode=True)
     groups = build_groups(model)
     mlp = [b for b in groups.blocks if b.kind == MLP_CHANNEL]
     groups.zero_(model, [b.offset for b in mlp])
@@ -110,7 +108,7 @@ def test_unsupported_class_is_refused():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_reslim_slim_model(name):
     head = "ForCausalLM" if name == "llama" else "ForMaskedLM"
-    model = make_model(name, head)
+    model = tiny_model(name, head, perturb=0.1, eval_mode=True)
     groups = build_groups(model)
     zero_random_groups(model, groups, seed=1)
     slim_model(model, groups)

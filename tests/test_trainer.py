@@ -7,8 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_batch
-from dist_train_worker import cls_dataset, hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from fixtures import cls_dataset, hesso_args, lm_dataset, tiny_batch, tiny_model, tiny_tokenizer
 from helpers import card_figures, check_pruned, reference_logits, reload_in_fresh_process
 
 from hf_hesso.trainer import HESSOTrainer

@@ -180,3 +180,38 @@ def test_zero_learning_rate_is_fine_where_the_direction_is_the_gradient_or_unuse
 
 def test_prune_kinds_string_becomes_list(tmp_path):
     assert make(tmp_path, prune_kinds="mlp_channel").prune_kinds == ["mlp_channel"]
+
+
+def test_fields_are_grouped_documented_and_carry_help_and_choices():
+    """trl's convention: every field has help, every field with a fixed set of values lists it as `choices`, and the
+    docstring documents the fields in their order (grouped by topic)."""
+    import dataclasses
+    import re
+
+    from transformers import TrainingArguments
+
+    from hf_hesso.groups import KINDS
+    from hf_hesso.optim.presets import SALIENCY_CHOICES
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f for f in dataclasses.fields(HESSOConfig) if f.name not in inherited]
+    overridden = [f for f in dataclasses.fields(HESSOConfig) if f.name == "dataloader_pin_memory"]
+    assert all(f.metadata.get("help") for f in own + overridden), [f.name for f in own if not f.metadata.get("help")]
+    choices = {f.name: f.metadata["choices"] for f in own if "choices" in f.metadata}
+    assert choices == {
+        "saliency": list(SALIENCY_CHOICES),
+        "saliency_direction": ["update", "gradient"],
+        "prune_kinds": list(KINDS),
+        "layer_shapes": ["free", "uniform"],
+    }
+    documented = re.findall(r"^        (\w+) \(`", HESSOConfig.__doc__, flags=re.M)
+    assert documented == [f.name for f in own] + ["dataloader_pin_memory"]
+    headings = re.findall(r"^        > ([^:\n]+)", HESSOConfig.__doc__, flags=re.M)
+    assert headings[:6] == [
+        "Targets and schedule",
+        "Saliency",
+        "Kinds and shapes",
+        "CRIC",
+        "Distillation",
+        "Saving and resuming",
+    ]

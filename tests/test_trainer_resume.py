@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from dist_train_worker import hesso_args, lm_dataset, tiny_model
+from fixtures import hesso_args, lm_dataset, tiny_model
 from peft import LoraConfig
 from transformers import TrainerCallback
 

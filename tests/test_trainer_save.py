@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.modeling_utils
-from dist_train_worker import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
+from fixtures import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_hesso import save_slim, slim_copy, slim_model
-from hf_hesso.export import MANIFEST_NAME, ConcurrentSaveError, atomic_save
+from hf_hesso.export import ConcurrentSaveError
+from hf_hesso.export.atomic import atomic_save
+from hf_hesso.modeling.journal import MANIFEST_NAME
 from hf_hesso.trainer import HESSOTrainer
 
 HERE = Path(__file__).resolve().parent

@@ -17,15 +17,9 @@ from ..groups import GroupSet, build_groups
 from ..groups.peft import is_peft_model
 from ..modeling.journal import MANIFEST_NAME
 from ..optim import HESSO
-from ..slim import (
-    ADAPTER_SUBDIR,
-    SlimSummary,
-    check_materialized,
-    merge_and_slim,
-    slim_copy,
-    slim_with_adapters,
-    to_stock,
-)
+from ..slim import SlimSummary, merge_and_slim, slim_copy, slim_with_adapters, to_stock
+from ..slim.core import check_materialized
+from ..slim.lora import ADAPTER_SUBDIR
 from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir, save_lock
 from .card import MODEL_CARD_NAME, PruningReport, check_evaluation, render_model_card
 

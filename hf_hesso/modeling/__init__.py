@@ -1,11 +1,14 @@
-"""Layout table and the self-contained slim model classes that travel with saved models."""
+"""Layout table and the self-contained slim model classes that travel with saved models.
+
+Public: `register_auto_classes`; the rest is read from its module (`architectures`, `configuration_hesso`,
+`modeling_hesso`, `journal`)."""
 
 from __future__ import annotations
 
 import transformers
 
 from .configuration_hesso import HESSO_CONFIGS
-from .modeling_hesso import HESSO_MODELS, apply_layer_shape, apply_layer_shapes
+from .modeling_hesso import HESSO_MODELS
 
 _registered = False
 
@@ -27,4 +30,4 @@ def register_auto_classes() -> None:
     _registered = True
 
 
-__all__ = ["HESSO_CONFIGS", "HESSO_MODELS", "apply_layer_shape", "apply_layer_shapes", "register_auto_classes"]
+__all__ = ["register_auto_classes"]

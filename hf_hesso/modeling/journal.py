@@ -201,7 +201,8 @@ def recover_for_loading(path: str | os.PathLike) -> bool:
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.warn(
             f"{os.fspath(path)!r} holds an interrupted hf_hesso save that could not be completed ({e}); loading the "
-            "files as they are. Save the model again, or run `hf_hesso.export.recover(path)` with write access.",
+            "files as they are. Save the model again, or run `hf_hesso.modeling.journal.recover(path)` with write "
+            "access.",
             stacklevel=3,
         )
         return False

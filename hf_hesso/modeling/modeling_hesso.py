@@ -1,9 +1,9 @@
 # Copyright 2026 The hf_hesso authors. Apache-2.0.
 """Model classes of slim models whose layers may differ in size.
 
-This file travels with every saved slim model (`save_pretrained` copies it, with `configuration_hesso.py` and
-`architectures.py`, next to the weights), so `AutoModel*.from_pretrained(dir, trust_remote_code=True)` works in a
-Python that has never heard of `hf_hesso`. It must only import `torch`, `transformers` and its sibling files.
+This file travels with every saved slim model (`save_pretrained` copies it, with `configuration_hesso.py`,
+`architectures.py` and `journal.py`, next to the weights), so `AutoModel*.from_pretrained(dir,
+trust_remote_code=True)` works in a Python that has never heard of `hf_hesso`. It must only import `torch`, `transformers` and its sibling files.
 
 Every class subclasses a stock class (`HessoLlamaForCausalLM(LlamaForCausalLM)`): `__init__` builds the stock model
 with the uniform sizes of the config, then cuts each layer's linears down to the sizes recorded in

@@ -31,13 +31,29 @@ logger = logging.getLogger(__name__)
 _STATE_KEY = "cric"
 
 
+def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> Any:
+    """The value of a renamed argument: `new`, or `old` with a `FutureWarning` (one release), never both."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise TypeError(
+            f"Pass `{new}` only: `{old}` is its former name (got {old}={old_value!r}, {new}={new_value!r})."
+        )
+    warnings.warn(
+        f"`CRIC({old}=...)` is renamed `{new}`, as in `HESSO`; `{old}` will be removed in the next release.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
 class CRIC(HESSO):
     r"""
     HESSO with the Corrective Redundant Identification Cycle (CRIC): the redundant set is identified by probing and
     corrective cycles before it is projected to zero, so that a structure whose one-step saliency is low but whose
     removal destroys the loss is kept.
 
-    Schedule, in optimizer steps `n = 1, 2, ...` (S = `start_step`, B = number of blocks, R = number of trial
+    Schedule, in optimizer steps `n = 1, 2, ...` (S = `start_pruning_step`, B = number of blocks, R = number of trial
     ratios, m = `sampling_steps`):
 
     1. `n <= S`: plain base-optimizer steps (warm-up).
@@ -88,7 +104,9 @@ class CRIC(HESSO):
         target_group_sparsity (`float`, *optional*): fraction of the groups to remove, in `(0, 1)`.
         target_param_sparsity (`float`, *optional*): fraction of the group parameters to remove, in `(0, 1)`.
             Set exactly one of the two targets.
-        start_step (`int`, *optional*, defaults to `0`): warm-up optimizer steps before CRIC starts.
+        start_pruning_step (`int`, *optional*, defaults to `0`): warm-up optimizer steps before CRIC starts (the
+            name `HESSO` uses; `start_step`, its former name here, is still accepted with a `FutureWarning` and will
+            be removed in the next release).
         pruning_steps (`int`, *optional*, defaults to `10`): length of the one projection period, at least 2.
         sampling_steps (`int`, *optional*, defaults to `10`): optimizer steps per cycle, at least 2.
         max_cycles (`int`, *optional*, defaults to `5`): most cycles, at least 1.
@@ -103,7 +121,7 @@ class CRIC(HESSO):
 
     ```python
     opt = CRIC(torch.optim.AdamW(model.parameters(), lr=1e-4), build_groups(model), target_group_sparsity=0.3,
-               start_step=100, pruning_steps=50)
+               start_pruning_step=100, pruning_steps=50)
     for batch in loader:
         loss = model(**batch).loss
         loss.backward()
@@ -120,7 +138,7 @@ class CRIC(HESSO):
         *,
         target_group_sparsity: float | None = None,
         target_param_sparsity: float | None = None,
-        start_step: int = 0,
+        start_pruning_step: int | None = None,
         pruning_steps: int = 10,
         sampling_steps: int = 10,
         max_cycles: int = 5,
@@ -132,10 +150,14 @@ class CRIC(HESSO):
         hold_zeros: str = "auto",
         saliency_direction: str | None = None,
         saliency: str | None = None,
+        start_step: int | None = None,
     ):
-        ratios = check_cric_settings(start_step, sampling_steps, max_cycles, tolerance, trial_ratios, loss_weight)
+        start_pruning_step = _renamed("start_step", start_step, "start_pruning_step", start_pruning_step, default=0)
+        ratios = check_cric_settings(
+            start_pruning_step, sampling_steps, max_cycles, tolerance, trial_ratios, loss_weight
+        )
         num_blocks = len(groups.blocks) if isinstance(groups, GroupSet) else 0
-        probe_end = start_step + 1 + num_blocks * len(ratios)
+        probe_end = start_pruning_step + 1 + num_blocks * len(ratios)
         worst_start = probe_end + max_cycles * sampling_steps
         super().__init__(
             optimizer,
@@ -152,7 +174,7 @@ class CRIC(HESSO):
             saliency_steps=1,
             saliency=saliency,
         )
-        self.cric_start_step = start_step
+        self.cric_start_step = start_pruning_step
         self.sampling_steps = sampling_steps
         self.max_cycles = max_cycles
         self.tolerance = tolerance
@@ -300,7 +322,7 @@ class CRIC(HESSO):
         if not math.isfinite(ref_loss) or ref_loss <= 0:
             raise RuntimeError(
                 f"CRIC's reference loss (step {self.cric_start_step + 1}) is {ref_loss}; the loss ratios of the probes "
-                "need a finite positive loss. Start CRIC later (`start_step`) or check the training loss."
+                "need a finite positive loss. Start CRIC later (`start_pruning_step`) or check the training loss."
             )
         self._ref_loss = float(ref_loss)
         self._accumulate(self.score_step(), self.cric_start_step + 1)
@@ -456,8 +478,8 @@ class CRIC(HESSO):
             self.trial_ratios
         ):
             raise ValueError(
-                f"`state_dict` was saved with CRIC settings (start_step, sampling_steps, max_cycles, tolerance) = "
-                f"{list(ours['settings'])} and trial_ratios {list(ours['trial_ratios'])}, but this optimizer has "
+                "`state_dict` was saved with CRIC settings (start_pruning_step, sampling_steps, max_cycles, "
+                f"tolerance) = {list(ours['settings'])} and trial_ratios {list(ours['trial_ratios'])}, but this optimizer has "
                 f"{settings} and {list(self.trial_ratios)}. Rebuild it with the settings of the run you resume."
             )
         # Every field is checked (shape, type, range) before anything is changed.

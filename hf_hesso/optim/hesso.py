@@ -4,9 +4,9 @@ The wrapped base optimizer does every ordinary update; `HESSO` adds, per optimiz
 - multiplying the gradients of the groups pruned in earlier periods by zero (before the base step): with zero
   gradient, zero moments and a zero weight, every torch built-in optimizer leaves the weight exactly zero, so the
   pruned groups stay zero in the weights and in the base optimizer's state;
-- at the first step of a period, scoring every group (saliency from the weights and the base optimizer's own update
-  direction `d = (p_before - p_after) / lr`) and marking the globally least salient groups as this period's
-  redundant set;
+- at the first step of a period, scoring every group (saliency from the weights and a direction: the raw gradient
+  for the default `saliency="taylor"`, or the base optimizer's own update `d = (p_before - p_after) / lr`) and
+  marking the globally least salient groups as this period's redundant set;
 - multiplying this period's redundant groups by `(T - t - 1) / (T - t)`, which fades them linearly to exactly zero
   at the period's last step while they keep receiving gradient updates; at that step every base-optimizer state
   tensor shaped like the parameter is zeroed for them;
@@ -100,19 +100,26 @@ class HESSO(WrappedOptimizer):
         pruning_steps (`int`):
             Optimizer steps over which pruning happens; `pruning_steps // pruning_periods` must be at least 2.
             Required (keyword-only), as in `HESSOConfig`.
+        saliency (`str`, *optional*, defaults to `"taylor"`, or `"custom"` when `importance_criteria` is given):
+            A preset of the criteria weights and the direction (`hf_hesso.optim.presets`): `"taylor"`
+            (`taylor_elementwise` on the raw gradient; with LoRA `taylor_first_order` on the update), `"paper"` (the
+            paper's mix, 0.2 for each of its five criteria, on the update), `"activation"` (the magnitude of each
+            group's output, as Minitron), or `"custom"` (the `importance_criteria` given). See docs/saliency.md.
         importance_criteria (`dict[str, float]`, *optional*):
-            Weights of the saliency criteria: the paper's `magnitude`, `avg_magnitude`, `cosine_similarity`,
-            `taylor_first_order`, `taylor_second_order`, and `taylor_elementwise` (`sum |x * d|` over a group's
-            elements; not in the paper). Missing ones weigh 0. Defaults to the paper's: 0.2 for each of its five.
-        saliency_steps (`int`, *optional*, defaults to `1`):
+            Weights of the saliency criteria for `saliency="custom"`: the paper's `magnitude`, `avg_magnitude`,
+            `cosine_similarity`, `taylor_first_order`, `taylor_second_order`, `taylor_elementwise` (`sum |x * d|`
+            over a group's elements; not in the paper) and `activation`. Missing ones weigh 0. Defaults to the
+            weights of the `saliency` preset (`{"taylor_elementwise": 1.0}` for the default `"taylor"`).
+        saliency_steps (`int`, *optional*, defaults to `min(4, start_pruning_step + 1, period length)`):
             Number of optimizer steps whose scores every selection averages: the period's first step and the
             `saliency_steps - 1` steps just before it (the end of the warm-up for the first period, the end of the
             previous period for the others), each scored on its own batch, as the Taylor calibration of one-shot
             pruners sums over several batches. At most `start_pruning_step + 1` and, with several periods, at most
-            the period length `pruning_steps // pruning_periods`. Every step in a window costs what a scoring step
-            costs (one pass over the grouped weights; one O(groups) all-reduce under FSDP2); the running sum is
-            O(groups) of state. Not used by [`CRIC`], which accumulates its own scores over its cycles.
-        saliency_direction (`str`, *optional*, defaults to `"update"`):
+            the period length `pruning_steps // pruning_periods` (the default takes the period cap only with several
+            periods). Every step in a window costs what a scoring step costs (one pass over the grouped weights; one
+            O(groups) all-reduce under FSDP2); the running sum is O(groups) of state. Not used by [`CRIC`], which
+            accumulates its own scores over its cycles.
+        saliency_direction (`str`, *optional*, defaults to the `saliency` preset's: `"gradient"` for `"taylor"`):
             The direction `d` of the criteria. `"update"` (the paper's): the base optimizer's processed step,
             `d = (p_before - p_after) / lr` at the scoring step (for Adam a preconditioned, almost sign-like
             vector). `"gradient"`: the raw gradient of the scoring step, which makes the Taylor criteria estimates

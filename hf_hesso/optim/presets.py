@@ -1,11 +1,12 @@
 """Saliency presets: named settings of the criteria weights and the direction, and the default `saliency_steps`.
 
 - `"taylor"` (the default): the elementwise Taylor criterion `sum |x * g|` on the raw gradient `g`, averaged over
-  `saliency_steps` batches. Measured best for full fine-tuning on SmolLM2-135M (README, *Quality*: perplexity 44.9
-  at 20% where the paper's mix gave 117, and 146 at 50% against 613; `benchmarks/saliency_ranking.py` ranks it first
-  by the loss of the pruned model). With LoRA the gradient of the effective weight `W0 + s * B @ A` is never formed,
-  so the preset falls back to `taylor_first_order` on the base optimizer's update, the best update-direction setting
-  that `benchmarks/saliency_ranking.py` measured (the LLaMA recipe's LoRA setting).
+  `saliency_steps` batches. Measured best for full fine-tuning on SmolLM2-135M (`benchmarks/README.md`, *Earlier
+  quality figures*: perplexity 44.9 at 20% where the paper's mix gave 117, and 146 at 50% against 613;
+  `benchmarks/saliency_ranking.py` ranks it first by the loss of the pruned model). With LoRA the gradient of the
+  effective weight `W0 + s * B @ A` is never formed, so the preset falls back to `taylor_first_order` on the base
+  optimizer's update, the best update-direction setting that `benchmarks/saliency_ranking.py` measured (the LLaMA
+  recipe's LoRA setting).
 - `"paper"`: HESSO's mix, 0.2 each of `magnitude`, `avg_magnitude`, `cosine_similarity`, `taylor_first_order` and
   `taylor_second_order`, on the update direction (the paper's and the reference code's).
 - `"activation"`: the magnitude of what each group outputs on the scoring batches (Minitron), forward-only; see
@@ -35,8 +36,8 @@ LORA_FALLBACK: dict[str, tuple[dict[str, float], str]] = {
 }
 DEFAULT_SALIENCY = "taylor"
 SALIENCY_CHOICES = (*sorted(SALIENCY_PRESETS), "custom")
-# Batches every selection averages by default (README, *Quality*: 4 was measured better than 1), capped by the
-# schedule (see `default_saliency_steps`).
+# Batches every selection averages by default (`benchmarks/README.md`, *Schedule search*: 4 was measured better than
+# 1), capped by the schedule (see `default_saliency_steps`).
 DEFAULT_SALIENCY_STEPS = 4
 
 

@@ -130,8 +130,9 @@ def check_cric_settings(
     loss_weight: float,
     prefix: str = "",
 ) -> tuple[float, ...]:
-    """Validate the CRIC knobs (named `{prefix}<knob>` in the errors); returns the trial ratios as a tuple."""
-    check_int(f"{prefix}start_step", start_step, 0)
+    """Validate the CRIC knobs (named `{prefix}<knob>` in the errors; the first is `HESSOConfig.cric_start_step` with
+    the prefix `"cric_"`, `CRIC(start_pruning_step=...)` without); returns the trial ratios as a tuple."""
+    check_int(f"{prefix}start_step" if prefix else "start_pruning_step", start_step, 0)
     check_int(
         f"{prefix}sampling_steps",
         sampling_steps,

@@ -1,31 +1,20 @@
-"""Physical slicing of zeroed groups: `slim_model`, `to_stock`, the LoRA exports and the FSDP2 gather."""
+"""Physical slicing of zeroed groups: `slim_model`, `slim_copy`, `to_stock`, the LoRA exports and the FSDP2 gather.
 
-from .core import (
-    SlimSummary,
-    check_materialized,
-    current_layer_shapes,
-    keep_plan,
-    slim_copy,
-    slim_model,
-    to_stock,
-    uniform_stock_problem,
-)
+The plumbing stays in its modules (`core.keep_plan`, `core.check_materialized`, `core.uniform_stock_problem`,
+`lora.merged_groups`, `lora.ADAPTER_SUBDIR`)."""
+
+from .core import SlimSummary, current_layer_shapes, slim_copy, slim_model, to_stock
 from .gather import gather_full_model
-from .lora import ADAPTER_SUBDIR, SlimAdapters, merge_and_slim, merged_groups, slim_with_adapters
+from .lora import SlimAdapters, merge_and_slim, slim_with_adapters
 
 __all__ = [
-    "ADAPTER_SUBDIR",
     "SlimAdapters",
     "SlimSummary",
-    "check_materialized",
     "current_layer_shapes",
     "gather_full_model",
-    "keep_plan",
     "merge_and_slim",
-    "merged_groups",
     "slim_copy",
     "slim_model",
     "slim_with_adapters",
     "to_stock",
-    "uniform_stock_problem",
 ]
