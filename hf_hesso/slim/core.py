@@ -22,6 +22,7 @@ from ..groups import (
     ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
+    HIDDEN_CHANNEL,
     KV_GROUP,
     MLP_CHANNEL,
     MLP_SUBLAYER,
@@ -33,6 +34,7 @@ from ..groups import (
 from ..modeling.architectures import (
     EXPERT_CHANNEL_UNIT,
     HESSO_PREFIX,
+    HIDDEN_SIZE_KEY,
     KV,
     LAYER_SHAPES_KEY,
     MLP,
@@ -40,15 +42,21 @@ from ..modeling.architectures import (
     LayerShape,
     Q,
     base_model_type,
+    current_hidden_size,
     get_layout,
     get_submodule,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
 from ..modeling.modeling_hesso import (
+    EMBED,
+    FINAL_NORM,
     HESSO_MODELS,
+    READ_NORM,
+    WRITE,
     RemovedSublayer,
     SkippedLayer,
+    apply_hidden_size,
     apply_layer_shape,
     layer_modules,
     layer_sublayers,
@@ -56,6 +64,7 @@ from ..modeling.modeling_hesso import (
     projection_tensors,
     skip_layer,
     space_sizes,
+    stream_tensors,
 )
 
 __all__ = [
@@ -93,6 +102,9 @@ class SlimSummary:
         layers (`list[LayerShape]`): the kept query heads, key/value heads and MLP channels of every layer.
         layers_before (`list[LayerShape]`): the same before slimming.
         removed_groups (`int`): number of groups (of the given `GroupSet`) found all-zero and removed.
+        hidden_size (`int`, *optional*): the residual-stream width after slimming (None: hidden channels not grouped
+            or none removed).
+        hidden_size_before (`int`, *optional*): the width before, where `hidden_size` is set.
     """
 
     params_before: int
@@ -100,6 +112,8 @@ class SlimSummary:
     layers: list[LayerShape]
     layers_before: list[LayerShape]
     removed_groups: int
+    hidden_size: int | None = None
+    hidden_size_before: int | None = None
 
     @property
     def params_removed(self) -> int:
@@ -114,15 +128,19 @@ class SlimSummary:
             "layers": [s.to_dict() for s in self.layers],
             "layers_before": [s.to_dict() for s in self.layers_before],
             "removed_sublayers": self.removed_sublayers(),
-        }
+            **({"hidden_size": self.hidden_size, "hidden_size_before": self.hidden_size_before}
+               if self.hidden_size is not None else {}),
+        }  # fmt: skip
 
     def __str__(self) -> str:
         ratio = self.params_after / self.params_before if self.params_before else 1.0
         lines = [
             f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} kept), "
             f"{self.removed_groups} groups removed",
-            "layer  heads      kv_heads   mlp_channels",
         ]
+        if self.hidden_size is not None:
+            lines.append(f"hidden size: {self.hidden_size}/{self.hidden_size_before}")
+        lines.append("layer  heads      kv_heads   mlp_channels")
         for i, (a, b) in enumerate(zip(self.layers_before, self.layers, strict=True)):
             line = (
                 f"{i:>5}  {b.num_attention_heads:>3}/{a.num_attention_heads:<6} {b.num_key_value_heads:>3}/"
@@ -297,6 +315,7 @@ class _SlimPlan:
     before: list[LayerShape]
     params_before: int
     removed: int
+    hidden_kept: torch.Tensor | None = None  # kept residual-stream channels, None when none is removed
 
     @classmethod
     def of(cls, model: nn.Module, groups: GroupSet | None, what: str) -> _SlimPlan:
@@ -305,6 +324,19 @@ class _SlimPlan:
             groups = build_groups(model)
         zero = groups.zero_mask(model).cpu()
         _, plans = keep_plan(model, groups, zero=zero)
+        hidden_kept = None
+        for b in groups.blocks:
+            if b.kind == HIDDEN_CHANNEL:
+                keep = ~zero[b.offset : b.offset + b.n]
+                width = b.n * b.slices[0].inner
+                if width != current_hidden_size(model.config):
+                    raise ValueError(
+                        f"The `hidden_channel` groups cover {width} channels but the model's hidden size is "
+                        f"{current_hidden_size(model.config)}: the groups were built for another shape. Call "
+                        "`build_groups(model)` again."
+                    )
+                if not bool(keep.all()):
+                    hidden_kept = keep.repeat_interleave(b.slices[0].inner).nonzero().squeeze(1)
         return cls(
             layout=get_layout(model.config.model_type),
             head_dim=normalize_config(model.config).head_dim,
@@ -313,10 +345,53 @@ class _SlimPlan:
             before=current_layer_shapes(model),
             params_before=_num_params(model),
             removed=int(zero.sum()),
+            hidden_kept=hidden_kept,
         )
 
-    def finish(self, model: nn.Module) -> SlimSummary:
-        return _finish(model, self.slim_cls, self.plans, self.before, self.params_before, self.removed)
+    def slim_hidden(self, model: nn.Module) -> tuple[int, int] | None:
+        """Remove the zero residual-stream channels (after the layers are sliced); `(before, after)` widths."""
+        if self.hidden_kept is None:
+            return None
+        before = current_hidden_size(model.config)
+        apply_hidden_size(model, self.hidden_kept, self.layout)
+        rescale_stream(model, self.layout, (len(self.hidden_kept) / before) ** 0.5)
+        return before, len(self.hidden_kept)
+
+    def finish(self, model: nn.Module, hidden: tuple[int, int] | None = None) -> SlimSummary:
+        return _finish(model, self.slim_cls, self.plans, self.before, self.params_before, self.removed, hidden)
+
+
+def _scale_norm(weight: torch.Tensor, factor: float, offset: float) -> None:
+    """Multiply the effective weight `offset + weight` of an RMSNorm by `factor`, in place."""
+    w = weight.data
+    w.copy_((w.double() * factor + offset * (factor - 1)).to(w.dtype))
+
+
+@torch.no_grad()
+def rescale_stream(model: nn.Module, layout, s: float) -> None:
+    """Multiply the residual stream by `s` and undo it in every norm that reads it, in place; the function is kept.
+
+    With `s = sqrt(d' / d)`, the `d'` channels that survive hidden-size pruning have `sum(x^2) / d' = s^2 sum(x^2) /
+    d'` = `sum(x^2) / d` once the stream is `s x`: every RMSNorm on the stream (and on a sublayer output that joins
+    it, Gemma's post-norms) then computes over the kept channels exactly the root mean square it computed over all
+    `d` channels with the zeros, with the same epsilon. So nothing in the config changes (Qwen3's and Gemma-3's q/k
+    norms, which share `rms_norm_eps`, are untouched): the embedding and every writer (output rows and biases) are
+    scaled by `s`, the norms that read the stream by `1 / s`, writer norms stay (their input is already scaled), and
+    the final norm by `1 / s`, or `1 / s^2` when the LM head is the (scaled) embedding. Untied heads stay.
+    """
+    stream = layout.stream
+    entries = stream_tensors(model, layout)
+    embed = entries[0].tensor
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and getattr(output, "weight", None) is embed
+    for e in entries:
+        t = e.tensor
+        if e.role in (EMBED, WRITE):
+            t.data.copy_((t.data.double() * s).to(t.dtype))
+        elif e.role == READ_NORM:
+            _scale_norm(t, 1 / s, stream.norm_offset)
+        elif e.role == FINAL_NORM:
+            _scale_norm(t, 1 / (s * s) if tied else 1 / s, stream.norm_offset)
 
 
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
@@ -362,14 +437,15 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     for i, (new_shape, kept) in enumerate(plan.plans):
         apply_layer_shape(layers[i], plan.layout, new_shape, plan.head_dim, kept)
         skip_layer(layers, i, plan.layout, new_shape)
-    summary = plan.finish(model)
+    summary = plan.finish(model, plan.slim_hidden(model))
     if stock:
         to_stock(model)
     return summary
 
 
-def _finish(model, slim_cls, plans, before, params_before: int, removed: int) -> SlimSummary:
-    """Swap in the slim class and config, record the per-layer shapes; the summary of the slicing."""
+def _finish(model, slim_cls, plans, before, params_before: int, removed: int,
+            hidden: tuple[int, int] | None = None) -> SlimSummary:  # fmt: skip
+    """Swap in the slim class and config, record the per-layer shapes (and the hidden size); the summary."""
     config = model.config
     after = [shape for shape, _ in plans]
     if slim_cls is not None:
@@ -378,12 +454,16 @@ def _finish(model, slim_cls, plans, before, params_before: int, removed: int) ->
         config.__class__ = HESSO_CONFIGS[base_model_type(config.model_type)]
         model.__class__ = slim_cls
     setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
+    if hidden is not None:
+        setattr(config, HIDDEN_SIZE_KEY, hidden[1] if hidden[1] != config.hidden_size else None)
     return SlimSummary(
         params_before=params_before,
         params_after=_num_params(model),
         layers=after,
         layers_before=before,
         removed_groups=removed,
+        hidden_size=None if hidden is None else hidden[1],
+        hidden_size_before=None if hidden is None else hidden[0],
     )
 
 
@@ -430,7 +510,7 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     memo.update(cpu_copy_memo(model, skip=layer_tensors))
     out = copy.deepcopy(model, memo)
-    summary = plan.finish(out)
+    summary = plan.finish(out, plan.slim_hidden(out))
     return out, summary
 
 
