@@ -527,10 +527,13 @@ def stock_rule(layout) -> str:
 
 
 def stock_updates(config, shape: LayerShape, layer_mlp) -> dict:
-    """The stock config fields that give every layer `shape` (the head size is kept where the config stores it)."""
+    """The stock config fields that give every layer `shape` (the head size is kept where the config stores it, and
+    the hidden size is the slim one)."""
     layout = get_layout(config.model_type)
     norm = normalize_config(config)
     updates = {"num_attention_heads": shape.num_attention_heads}
+    if norm.hidden_size != config.hidden_size:
+        updates["hidden_size"] = norm.hidden_size
     if layout.kv_heads_field:
         updates[layout.kv_heads_field] = shape.num_key_value_heads
     if layout.head_dim_field:
@@ -589,7 +592,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
             return updates, "its config lists `mlp_only_layers` by index, which dropping layers would renumber"
         updates.update(_per_layer_updates(config, kept))
     trial = config.to_dict()
-    for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+    for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
         trial.pop(key, None)
     trial.update(updates)
     stock_config_cls = _stock_base(type(config))
@@ -677,7 +680,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
             if (h, k) == (heads, kv):
                 continue
             trial = config.to_dict()
-            for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+            for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
                 trial.pop(key, None)
             trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
                                        mlp_variant(layer_modules(model)[0], layout)))  # fmt: skip
@@ -758,10 +761,35 @@ def to_stock(model: nn.Module) -> nn.Module:
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = new
         setattr(get_submodule(model.base_model, parent_path), name, remaining)
+    if "hidden_size" in updates:
+        _stock_embed_scale(model, get_layout(config.model_type), config.hidden_size, updates["hidden_size"])
     config.__class__ = _stock_base(type(config))
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
+    config.__dict__.pop(HIDDEN_SIZE_KEY, None)
     config.__dict__.pop("auto_map", None)
     for key, value in updates.items():
         setattr(config, key, value)
     model.__class__ = _stock_base(type(model))
     return model
+
+
+@torch.no_grad()
+def _stock_embed_scale(model: nn.Module, layout, before: int, after: int) -> None:
+    """Gemma multiplies its embeddings by `sqrt(config.hidden_size)`: a slim config keeps the stock width `before`,
+    the stock config gets `after`. Scale the embedding by `sqrt(before / after)` so that the stream is unchanged,
+    set the module's scale, and, when the LM head is the embedding, undo the factor in the final norm."""
+    stream = layout.stream
+    if stream is None or not stream.embed_scale:
+        return
+    embed = model.base_model.get_input_embeddings()
+    ratio = (before / after) ** 0.5
+    embed.weight.data.copy_((embed.weight.data.double() * ratio).to(embed.weight.dtype))
+    scale = getattr(embed, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        scale.fill_(after**0.5)
+    if hasattr(embed, "scalar_embed_scale"):
+        embed.scalar_embed_scale = after**0.5
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is embed.weight:
+        final = get_submodule(model.base_model, stream.final_norm)
+        _scale_norm(final.weight, 1 / ratio, stream.norm_offset)
