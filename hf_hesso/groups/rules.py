@@ -152,7 +152,7 @@ def build_groups(
     layers: Iterable[int] | None = None,
     layout: ArchLayout | None = None,
     prune_frozen: bool = False,
-    hidden_unit: int = 1,
+    hidden_unit: int | None = None,
 ) -> GroupSet:
     """Build the zero-invariant groups of a supported model from its config, without tracing.
 
@@ -172,9 +172,10 @@ def build_groups(
             `requires_grad=False`. By default a block (one kind in one layer) that touches a frozen parameter is
             left out, with a warning that names it, so that HESSO never changes what the user froze. A LoRA model's
             frozen base is not concerned: its groups are kept and pruned through the adapters.
-        hidden_unit (`int`, *optional*, defaults to 1): residual-stream channels per `hidden_channel` group
-            (consecutive channels; e.g. 8 or 64 keeps the slim hidden size a multiple of it). Must divide the hidden
-            size.
+        hidden_unit (`int`, *optional*): residual-stream channels per `hidden_channel` group (consecutive
+            channels; e.g. 8 or 64 keeps the slim hidden size a multiple of it). Must divide the hidden size.
+            Default 1, and 8 (`EXPERT_CHANNEL_UNIT`) in mixture-of-experts families, whose fused expert kernels need
+            rows of a multiple of 16 bytes (a multiple of 8 is required there).
 
     Returns:
         `GroupSet`: the groups, block by block (one block = one kind in one layer). Blocks with fewer than two
@@ -269,7 +270,7 @@ def build_groups(
     return groups if prune_frozen else exclude_frozen(groups)
 
 
-def _hidden_blocks(model: nn.Module, layout: ArchLayout, unit: int, adapters: dict, shapes: dict,
+def _hidden_blocks(model: nn.Module, layout: ArchLayout, unit: int | None, adapters: dict, shapes: dict,
                    offset: int) -> list[Block]:  # fmt: skip
     """The one model-wide block of `hidden_channel` groups (none when it would hold fewer than two groups)."""
     if layout.stream is None:
@@ -283,8 +284,17 @@ def _hidden_blocks(model: nn.Module, layout: ArchLayout, unit: int, adapters: di
             "embedding and every projection. Prune hidden channels on the plain model, or leave `hidden_channel` out "
             "of the kinds."
         )
+    experts = any(mlp.experts for mlp in layout.mlps)
+    if unit is None:
+        unit = EXPERT_CHANNEL_UNIT if experts else 1
     if not isinstance(unit, int) or unit < 1:
         raise ValueError(f"`hidden_unit` is {unit!r}; give a positive integer number of channels per group.")
+    if experts and unit % EXPERT_CHANNEL_UNIT:
+        raise ValueError(
+            f"`hidden_unit={unit}` on {layout.name}: its fused experts run `grouped_mm`, whose kernels need every "
+            f"weight row to span a multiple of 16 bytes, so the hidden size must stay a multiple of "
+            f"{EXPERT_CHANNEL_UNIT}. Use a multiple of {EXPERT_CHANNEL_UNIT} (the default for this family)."
+        )
     entries = stream_tensors(model, layout)
     width = entries[0].tensor.shape[1]
     if width % unit:
