@@ -17,7 +17,7 @@ from fresh_process import run_fresh
 from slim_helpers import PREFIX, zero_random_groups
 
 import hf_hesso.slim.core as slim_core
-from hf_hesso.groups import HIDDEN_CHANNEL, HIDDEN_LAYER, SUBLAYER_KINDS, KINDS, build_groups
+from hf_hesso.groups import HIDDEN_CHANNEL, HIDDEN_LAYER, KINDS, SUBLAYER_KINDS, build_groups
 from hf_hesso.modeling import register_auto_classes
 from hf_hesso.optim.selection import ParamCounter
 from hf_hesso.optim.uniform import check_uniform_groups, select_uniform
@@ -119,7 +119,12 @@ def test_group_holds_every_tensor_along_the_stream():
 def test_routers_and_sandwich_norms_are_in_the_group(name):
     params = {s.param for s in hidden_block(build_groups(make(name), kinds=[HIDDEN_CHANNEL])).slices}
     if name == "qwen2_moe":
-        want = ["mlp.gate.weight", "mlp.shared_expert_gate.weight", "mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        want = [
+            "mlp.gate.weight",
+            "mlp.shared_expert_gate.weight",
+            "mlp.experts.down_proj",
+            "mlp.experts.gate_up_proj",
+        ]
     else:
         want = ["input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
                 "post_feedforward_layernorm.weight"]  # fmt: skip

@@ -39,13 +39,13 @@ from ..modeling.architectures import (
     HIDDEN_CHANNEL,
     HIDDEN_LAYER,
     KINDS,
-    NO_STREAM_REASON,
-    OPT_IN_KINDS,
     KV,
     KV_GROUP,
     MLP,
     MLP_CHANNEL,
     MLP_SUBLAYER,
+    NO_STREAM_REASON,
+    OPT_IN_KINDS,
     QUERY_SLOT,
     SHARED,
     SHARED_EXPERT_CHANNEL,
@@ -311,7 +311,9 @@ def _hidden_blocks(model: nn.Module, layout: ArchLayout, unit: int | None, adapt
         tensor = e.tensor
         name = names.get(id(tensor))
         if name is None:
-            raise ValueError(f"A tensor along the residual stream ({type(e.owner).__name__}.{e.attr}) is not a parameter.")
+            raise ValueError(
+                f"A tensor along the residual stream ({type(e.owner).__name__}.{e.attr}) is not a parameter."
+            )
         s = Slice(name, e.dim, 1, n, unit)
         shapes[name] = tuple(tensor.shape)
         slices.append(s)

@@ -24,11 +24,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import (
     ARCHITECTURES,
-    HIDDEN_SIZE_KEY,
     KV,
     LAYER_SHAPES_KEY,
-    NO_STREAM_REASON,
     MLP,
+    NO_STREAM_REASON,
     SHARED,
     ArchLayout,
     LayerShape,
