@@ -21,7 +21,7 @@ from hf_hesso.groups import HIDDEN_CHANNEL, HIDDEN_LAYER, KINDS, SUBLAYER_KINDS,
 from hf_hesso.modeling import register_auto_classes
 from hf_hesso.optim.selection import ParamCounter
 from hf_hesso.optim.uniform import check_uniform_groups, select_uniform
-from hf_hesso.slim import current_layer_shapes, slim_model, to_stock
+from hf_hesso.slim import current_layer_shapes, slim_model, to_stock, uniform_stock_problem
 from hf_hesso.trainer import HESSOTrainer
 
 register_auto_classes()
@@ -372,4 +372,46 @@ def test_trainer_on_a_smollm2_shaped_llama(tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["hesso_hidden_size"] == 72 - int(zero[b.offset : b.offset + b.n].sum())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (run(loaded, bt) - ref).abs().max().item() <= 1e-5
+
+
+def _smollm2_shaped(hidden_unit=None):
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                                      num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                      tie_word_embeddings=True)  # fmt: skip
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(config)
+
+
+def test_uniform_stock_problem_names_the_hidden_unit():
+    # SmolLM2-135M's shape: 9 heads over 576 channels; a stock LlamaConfig wants hidden_size % heads == 0.
+    model = _smollm2_shaped()
+    problem = uniform_stock_problem(model, build_groups(model, kinds=["mlp_channel", HIDDEN_CHANNEL]))
+    assert problem is not None and "(hidden size, query heads) such as [(1, 9)" in problem
+    assert "set `hidden_channel_unit=9`" in problem
+    assert (
+        uniform_stock_problem(model, build_groups(model, kinds=["mlp_channel", HIDDEN_CHANNEL], hidden_unit=9)) is None
+    )
+    # With query slots and key/value groups the head count may end at 1, 2, 3, 4, 6 or 9: multiples of 36.
+    kinds = ["kv_group", "query_slot", "mlp_channel", HIDDEN_CHANNEL]
+    assert "hidden_channel_unit=36" in uniform_stock_problem(model, build_groups(model, kinds=kinds))
+    assert uniform_stock_problem(model, build_groups(model, kinds=kinds, hidden_unit=36)) is None
+
+
+@pytest.mark.slow
+def test_uniform_run_saves_a_stock_model(tmp_path):
+    from dist_train_worker import tiny_model
+
+    model = tiny_model("qwen2")
+    args = hesso_args(str(tmp_path / "out"), target_group_sparsity=None, target_param_sparsity=0.4,
+                      layer_shapes="uniform", prune_kinds=["mlp_channel", HIDDEN_CHANNEL])  # fmt: skip
+    trainer = HESSOTrainer(model=model, args=args, train_dataset=lm_dataset())
+    trainer.train()
+    bt = batch()
+    ref = run(trainer.model.eval(), bt)
+    trainer.save_model()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["hidden_size"] < 64 and "auto_map" not in config
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(loaded).__module__.startswith("transformers.models.")
     assert (run(loaded, bt) - ref).abs().max().item() <= 1e-5

@@ -701,7 +701,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
 
     bad = failing(group_divisible)
     if not bad:
-        return None
+        return _uniform_hidden_problem(model, groups, group_divisible, sorted(candidates(group_divisible)))
     fix = next((d for d in range(group_divisible + 1, max(heads, 2) + 1) if not failing(d)), None)
     attention_kinds = sorted(kinds & {HEAD, KV_GROUP, QUERY_SLOT})
     return (
@@ -711,6 +711,66 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
         "layers only)"
         + (f", or set `group_divisible={fix}`" if fix else "")
         + ", or keep `layer_shapes='free'` (the slim model then ships its code)."
+    )
+
+
+def _uniform_hidden_problem(
+    model: nn.Module, groups: GroupSet, group_divisible: int, head_counts: list[tuple[int, int]]
+) -> str | None:
+    """With `hidden_channel` groups: None when every reachable hidden size, with every reachable (query heads,
+    key/value heads), makes a valid stock config (Llama and Gemma want `hidden_size % num_attention_heads == 0`),
+    else the problem and a `hidden_channel_unit` that avoids it. Config validation only (the tensors of a stock model
+    follow `hidden_size` wherever it is valid); each (hidden, heads, key/value heads) is tried once."""
+    block = next((b for b in groups.blocks if b.kind == HIDDEN_CHANNEL), None)
+    if block is None:
+        return None
+    config = model.config
+    layout = get_layout(config.model_type)
+    width, unit = current_hidden_size(config), block.slices[0].inner
+    shape = current_layer_shapes(model)[0]
+    variant = mlp_variant(layer_modules(model)[0], layout)
+    base = config.to_dict()
+    for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
+        base.pop(key, None)
+    base.update(_per_layer_updates(config, [0]))
+    heads = sorted(set(head_counts) | {(shape.num_attention_heads, shape.num_key_value_heads)})
+    valid: dict[tuple[int, int, int], bool] = {}
+
+    def ok(d: int, h: int, k: int) -> bool:
+        if (d, h, k) not in valid:
+            trial = dict(base)
+            trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
+                                       variant))  # fmt: skip
+            trial["hidden_size"] = d
+            try:
+                _stock_base(type(config)).from_dict(trial)
+                valid[(d, h, k)] = True
+            except (ValueError, TypeError, StrictDataclassError):
+                valid[(d, h, k)] = False
+        return valid[(d, h, k)]
+
+    def failing(u: int, limit: int) -> list[tuple[int, int]]:
+        """Up to `limit` (hidden size, query heads) that fail with `u` channels per group."""
+        bad: list[tuple[int, int]] = []
+        for d in (u * c for c in _kept_counts(width // u, group_divisible)):
+            for h, k in heads:
+                if d != width and (d, h) not in bad and not ok(d, h, k):
+                    bad.append((d, h))
+                    if len(bad) >= limit:
+                        return bad
+        return bad
+
+    bad = failing(unit, 7)
+    if not bad:
+        return None
+    fix = next((u for u in range(2 * unit, width // 2 + 1, unit) if width % u == 0 and not failing(u, 1)), None)
+    return (
+        f"`layer_shapes='uniform'` with `hidden_channel` groups of {unit} channel(s) can end with (hidden size, query "
+        f"heads) such as {bad[:6]}{' ...' if len(bad) > 6 else ''}, which the stock {layout.config_class} cannot express "
+        f"({stock_rule(layout)}). Fix: "
+        + (f"set `hidden_channel_unit={fix}` (`build_groups(..., hidden_unit={fix})`), or " if fix else "")
+        + "leave `hidden_channel` out of `prune_kinds`, or keep `layer_shapes='free'` (the slim model then ships its "
+        "code)."
     )
 
 
