@@ -415,3 +415,67 @@ def test_uniform_run_saves_a_stock_model(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(loaded).__module__.startswith("transformers.models.")
     assert (run(loaded, bt) - ref).abs().max().item() <= 1e-5
+
+
+def _gguf_model(name: str, hidden: list[int], uneven: bool):
+    """A tiny llama/mistral/qwen2 with the given hidden channels removed (and uneven layers when asked)."""
+    from gguf_helpers import UNEVEN, tiny_model
+
+    model = tiny_model(name, UNEVEN if uneven else None)
+    groups = build_groups(model, kinds=[HIDDEN_CHANNEL, "mlp_sublayer"])
+    zero_hidden(model, groups, hidden)
+    if uneven:  # layer 1 also loses its MLP: deci then gets an all-zero stand-in MLP of the hidden width
+        groups.zero_(model, [b.offset for b in groups.blocks if b.kind == "mlp_sublayer" and b.layer == 1])
+    slim_model(model, groups)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:transformers limits attention to a sliding window")
+@pytest.mark.parametrize(
+    "name, uneven, arch", [("llama", True, "deci"), ("mistral", False, "llama"), ("qwen2", False, "deci")]
+)
+def test_gguf_header_and_tensors_follow_the_hidden_size(tmp_path, name, uneven, arch):
+    pytest.importorskip("gguf", reason="GGUF export needs `pip install hf_hesso[gguf]`")
+    from gguf_helpers import read, tiny_tokenizer
+
+    from hf_hesso import export_gguf
+
+    model = _gguf_model(name, [0, 5, 6, 20, 33, 41, 50, 63], uneven)  # 56 channels
+    result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tiny_tokenizer())
+    # qwen2's own graph needs heads x head_dim == hidden size (64 != 56): deci.
+    assert result.architecture == arch
+    fields, tensors = read(result.path)
+    assert fields[f"{arch}.embedding_length"] == 56
+    assert fields[f"{arch}.attention.key_length"] == 16
+    assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(model.config.rms_norm_eps)
+    assert tensors["token_embd.weight"] == ((56, 128), "F32")
+    assert tensors["output_norm.weight"] == ((56,), "F32")
+    assert tensors["blk.1.attn_norm.weight"] == ((56,), "F32")
+    assert tensors["blk.1.attn_q.weight"][0][0] == 56 and tensors["blk.1.attn_output.weight"][0][1] == 56
+    assert tensors["blk.1.ffn_up.weight"][0][0] == 56 and tensors["blk.1.ffn_down.weight"][0][1] == 56
+    assert tensors["blk.1.ffn_norm.weight"] == ((56,), "F32")
+    if uneven:
+        assert fields["deci.feed_forward_length"] == [72, 1]
+    if name == "mistral":  # untied
+        assert tensors["output.weight"] == ((56, 128), "F32")
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(
+    not _has_llama_cpp(), reason="llama-cpp-python is not installed (`pip install hf_hesso[llamacpp]`)"
+)
+def test_gguf_llama_cpp_round_trip(tmp_path):
+    from gguf_helpers import F32_ATOL, PROMPTS, cpp_logits, hf_logits, llama_cpp_model, tiny_tokenizer
+
+    from hf_hesso import export_gguf
+
+    model = _gguf_model("llama", [0, 5, 6, 20, 33, 41, 50, 63], uneven=True)
+    result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tiny_tokenizer())
+    llm = llama_cpp_model(result.path)
+    for ids in PROMPTS:
+        assert float(abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()) < F32_ATOL
