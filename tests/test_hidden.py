@@ -479,3 +479,39 @@ def test_gguf_llama_cpp_round_trip(tmp_path):
     llm = llama_cpp_model(result.path)
     for ids in PROMPTS:
         assert float(abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()) < F32_ATOL
+
+
+@pytest.mark.parametrize("name, kinds", [("gemma2", WIDTH), ("qwen2_moe", [HIDDEN_CHANNEL])])
+def test_hesso_steps_then_slim(name, kinds):
+    """Real HESSO steps with hidden channels (parameter target): pruned channels stay exactly zero while training
+    goes on (Gemma's `1 + w` norms included), and the slim model equals the trained masked one."""
+    from hf_hesso import HESSO
+
+    model = make(name).train()
+    groups = build_groups(model, kinds=kinds)
+    opt = HESSO(torch.optim.AdamW(model.parameters(), lr=1e-3), groups, target_param_sparsity=0.4,
+                start_pruning_step=1, pruning_periods=1, pruning_steps=2)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        ids = torch.randint(3, 128, (2, 8), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    b = hidden_block(groups)
+    zero = groups.zero_mask(model)
+    removed = int(zero[b.offset : b.offset + b.n].sum())
+    assert removed > 0
+    bt = batch()
+    ref = run(model, bt)
+    summary = slim_model(model, groups)
+    assert summary.hidden_size == 64 - removed * b.slices[0].inner
+    assert (run(model, bt) - ref).abs().max().item() <= 1e-5
+
+
+def test_peft_model_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"`hidden_channel` groups are not built for peft models"):
+        build_groups(model, kinds=[HIDDEN_CHANNEL, "mlp_channel"])

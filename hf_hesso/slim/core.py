@@ -427,6 +427,10 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     their own norms go with them, and a layer left with neither is replaced by a pass-through `SkippedLayer` (in
     pre-norm families), keeping the indices of the others. `config.hesso_layer_shapes` records 0 heads / 0 width.
 
+    Zero `hidden_channel` groups are cut out of every tensor along the residual stream, and the stream is rescaled by
+    `sqrt(d' / d)` so that every RMSNorm over the kept channels computes what it computed over all of them (see
+    `rescale_stream`; the config's epsilon is unchanged). The new width is recorded in `config.hesso_hidden_size`.
+
     Raises:
         `ValueError`: when the zeros cannot be sliced out exactly (e.g. every routed expert of a layer zero but not
             its shared expert), or when the model's weights are on the meta device; nothing is changed then.
@@ -784,6 +788,8 @@ def to_stock(model: nn.Module) -> nn.Module:
     - Llama: `hidden_size % num_attention_heads == 0` for the kept head count (a stock `LlamaConfig` rule);
     - BERT, RoBERTa, GPT-2, GPT-NeoX, ModernBERT (head size = `hidden_size / num_attention_heads`): only when no head
       was removed, i.e. only the MLP is narrower; DeBERTa-v2: the kept head count must divide `hidden_size`.
+    A pruned hidden size becomes the stock `hidden_size` (`head_dim` stays explicit); for Gemma the embedding is
+    rescaled to the stock scale `sqrt(hidden_size)` (see docs/hidden.md).
 
     Returns:
         `nn.Module`: `model` itself.
