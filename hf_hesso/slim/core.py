@@ -456,6 +456,8 @@ def _finish(model, slim_cls, plans, before, params_before: int, removed: int,
         # Swap classes in place: every submodule holds this same config object, and the model object stays the one
         # the caller (optimizer, Trainer) holds.
         config.__class__ = HESSO_CONFIGS[base_model_type(config.model_type)]
+        # A config read from a file holds `model_type` as an instance attribute, which would hide the class's.
+        config.__dict__.pop("model_type", None)
         model.__class__ = slim_cls
     setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
     if hidden is not None:
@@ -830,6 +832,7 @@ def to_stock(model: nn.Module) -> nn.Module:
     if "hidden_size" in updates:
         _stock_embed_scale(model, get_layout(config.model_type), config.hidden_size, updates["hidden_size"])
     config.__class__ = _stock_base(type(config))
+    config.__dict__.pop("model_type", None)
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
     config.__dict__.pop(HIDDEN_SIZE_KEY, None)
     config.__dict__.pop("auto_map", None)
