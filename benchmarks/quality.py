@@ -82,7 +82,8 @@ from transformers import (
 
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
 from hf_hesso.distill import DistillationMixin
-from hf_hesso.groups import GroupSet
+from hf_hesso.groups import KINDS, SUBLAYER_KINDS, GroupSet
+from hf_hesso.optim.selection import ParamCounter
 
 METHODS = (
     "dense",
@@ -187,12 +188,16 @@ def hesso_args(opts, task: str, sparsity: float) -> dict:
         start, steps = opts.start_pruning_step, opts.pruning_steps
     else:
         start, steps = opts.bert_start_pruning_step, opts.bert_pruning_steps
+    kinds = {}
+    if task == "llama" and opts.prune_kinds:
+        kinds = dict(prune_kinds=opts.prune_kinds, hidden_channel_unit=opts.hidden_channel_unit)
     return dict(
         target_param_sparsity=sparsity,
         start_pruning_step=start,
         pruning_periods=opts.pruning_periods,
         pruning_steps=steps,
         saliency_steps=opts.saliency_steps if task == "llama" else opts.bert_saliency_steps,
+        **kinds,
     )
 
 
@@ -301,6 +306,11 @@ def run_method(opts, task: str, method: str, sparsity: float, data: dict, seed: 
     if task == "llama":
         row["second"] = perplexity(model, data["second"], opts.eval_batch_size)
     row["removed"] = removed_fraction(build_groups(model), model) if method != "dense" else 0.0
+    if task == "llama" and method != "dense":
+        # With `hidden_channel` the parameter target is a fraction of (nearly) the whole model, not of the layers'
+        # projections: this figure, zeroed parameters over all parameters, compares runs with and without it.
+        every = build_groups(model, kinds=[k for k in KINDS if k not in SUBLAYER_KINDS])
+        row["removed_of_model"] = ParamCounter(every).count(every.zero_mask(model)) / model.num_parameters()
     row["seconds"] = time.perf_counter() - start
     return row, model
 
@@ -400,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill_alpha", type=float, default=0.5)
     parser.add_argument("--distill_temperature", type=float, default=1.0)
     parser.add_argument("--results", help="Append every finished run to this file as a JSON line.")
+    parser.add_argument("--prune_kinds", nargs="+", help="SmolLM2 HESSO runs: kinds to prune (default: width kinds).")
+    parser.add_argument("--hidden_channel_unit", type=int, help="Channels per hidden_channel group (docs/hidden.md).")
     opts = parser.parse_args(argv)
 
     start = time.perf_counter()
