@@ -370,7 +370,9 @@ def test_trainer_on_a_smollm2_shaped_llama(tmp_path):
     ref = run(trainer.model.eval(), bt)
     trainer.save_model()
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert saved["hesso_hidden_size"] == 72 - int(zero[b.offset : b.offset + b.n].sum())
+    width = 72 - int(zero[b.offset : b.offset + b.n].sum())
+    assert saved["hesso_hidden_size"] == width
+    assert f"| Hidden size | 72 -> {width} |" in (tmp_path / "out" / "README.md").read_text()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert (run(loaded, bt) - ref).abs().max().item() <= 1e-5
 

@@ -32,6 +32,8 @@ class PruningReport:
         metadata (`dict[str, Any]`): extra card metadata (language, license, tags, datasets, ...).
         model_type (`str`): the saved model's `config.model_type`; when set to a family llama.cpp cannot run, the
             card leaves out the GGUF export line.
+        hidden_size (`tuple[int, int]`, *optional*): the residual-stream width before and after, where
+            `hidden_channel` groups were removed.
     """
 
     base_model: str
@@ -44,6 +46,7 @@ class PruningReport:
     training: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     model_type: str = ""
+    hidden_size: tuple[int, int] | None = None
 
 
 def _is_hub_id(name: str) -> bool:
@@ -95,6 +98,8 @@ def render_model_card(report: PruningReport) -> str:
         "layers": [shape.to_dict() for shape in report.layers_after],
         "settings": report.settings,
     }
+    if report.hidden_size is not None:
+        meta["hesso"]["hidden_size"] = int(report.hidden_size[1])
 
     before, after = report.params_before, report.params_after
     kept = after / before if before else 1.0
@@ -127,6 +132,7 @@ def render_model_card(report: PruningReport) -> str:
         f"| Before pruning | {before:,} |",
         f"| After pruning | {after:,} |",
         f"| Kept | {100 * kept:.1f}% |",
+        *([f"| Hidden size | {report.hidden_size[0]} -> {report.hidden_size[1]} |"] if report.hidden_size else []),
         "",
         "## Kept structures per layer",
         "",

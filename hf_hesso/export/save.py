@@ -78,6 +78,7 @@ def build_report(
         training=dict(training or {}),
         metadata=dict(metadata or {}),
         model_type=getattr(config, "model_type", "") or "",
+        hidden_size=None if summary.hidden_size is None else (summary.hidden_size_before, summary.hidden_size),
     )
 
 
