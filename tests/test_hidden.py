@@ -573,3 +573,13 @@ def test_stock_conversion_of_a_loaded_model(tmp_path):
     assert type(model) is transformers.MistralForCausalLM and model.config.model_type == "mistral"
     assert model.config.hidden_size == 63 and model.config.intermediate_size == 95
     assert (run(model, b) - ref).abs().max().item() <= 1e-5
+
+
+def test_every_hidden_channel_zero_is_refused():
+    model = make("llama")
+    groups = build_groups(model, kinds=[HIDDEN_CHANNEL])
+    zero_hidden(model, groups, range(64))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"Every `hidden_channel` group is zero"):
+        slim_model(model, groups)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes

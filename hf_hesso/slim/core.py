@@ -335,6 +335,11 @@ class _SlimPlan:
                         f"{current_hidden_size(model.config)}: the groups were built for another shape. Call "
                         "`build_groups(model)` again."
                     )
+                if not bool(keep.any()):
+                    raise ValueError(
+                        "Every `hidden_channel` group is zero: the model would have no residual stream left. Keep at "
+                        "least one group (HESSO always keeps `group_divisible` of every block)."
+                    )
                 if not bool(keep.all()):
                     hidden_kept = keep.repeat_interleave(b.slices[0].inner).nonzero().squeeze(1)
         return cls(
@@ -364,7 +369,12 @@ class _SlimPlan:
 def _scale_norm(weight: torch.Tensor, factor: float, offset: float) -> None:
     """Multiply the effective weight `offset + weight` of an RMSNorm by `factor`, in place."""
     w = weight.data
-    w.copy_((w.double() * factor + offset * (factor - 1)).to(w.dtype))
+    w.copy_((w.to(_exact(w)) * factor + offset * (factor - 1)).to(w.dtype))
+
+
+def _exact(t: torch.Tensor) -> torch.dtype:
+    # float64 for the arithmetic of the rescaling, where the device has it (not MPS).
+    return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 @torch.no_grad()
@@ -387,7 +397,7 @@ def rescale_stream(model: nn.Module, layout, s: float) -> None:
     for e in entries:
         t = e.tensor
         if e.role in (EMBED, WRITE):
-            t.data.copy_((t.data.double() * s).to(t.dtype))
+            t.data.copy_((t.data.to(_exact(t)) * s).to(t.dtype))
         elif e.role == READ_NORM:
             _scale_norm(t, 1 / s, stream.norm_offset)
         elif e.role == FINAL_NORM:
@@ -852,7 +862,7 @@ def _stock_embed_scale(model: nn.Module, layout, before: int, after: int) -> Non
         return
     embed = model.base_model.get_input_embeddings()
     ratio = (before / after) ** 0.5
-    embed.weight.data.copy_((embed.weight.data.double() * ratio).to(embed.weight.dtype))
+    embed.weight.data.copy_((embed.weight.data.to(_exact(embed.weight)) * ratio).to(embed.weight.dtype))
     scale = getattr(embed, "embed_scale", None)
     if isinstance(scale, torch.Tensor):
         scale.fill_(after**0.5)
