@@ -220,7 +220,7 @@ def test_without_rescaling_the_norms_would_differ(monkeypatch):
 
 
 @pytest.mark.parametrize("head", ["ForSequenceClassification", "Model"])
-def test_other_heads(head):
+def test_other_heads(head, tmp_path):
     model = make("qwen2", head)
     groups = build_groups(model, kinds=[HIDDEN_CHANNEL, "mlp_channel"])
     zero_random_groups(model, groups, seed=3, full_layer=HIDDEN_LAYER)
@@ -235,6 +235,9 @@ def test_other_heads(head):
         assert int(kept.sum()) == summary.hidden_size
         ref = ref[..., kept]
     assert (run(model, b) - ref).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path)
+    loaded = getattr(transformers, "AutoModel" + head.removeprefix("Model")).from_pretrained(tmp_path).eval()
+    assert (run(loaded, b) - ref).abs().max().item() <= 1e-5
 
 
 def test_hidden_unit_aligned_blocks():

@@ -7,7 +7,8 @@ Python that has never heard of `hf_hesso`. It must only import `torch`, `transfo
 
 Every class subclasses a stock class (`HessoLlamaForCausalLM(LlamaForCausalLM)`): `__init__` builds the stock model
 with the uniform sizes of the config, then cuts each layer's linears down to the sizes recorded in
-`config.hesso_layer_shapes` and updates the attributes the attention code reads at run time. Inside
+`config.hesso_layer_shapes` (and every tensor along the residual stream to `config.hesso_hidden_size`, where
+set) and updates the attributes the attention code reads at run time. Inside
 `from_pretrained` the model is built on the meta device, so the temporary full-size layers cost no memory. The
 same function, `apply_layer_shape`, is used by `hf_hesso.slim_model` to slice a trained model.
 """
@@ -432,7 +433,6 @@ def stream_tensors(model: nn.Module, layout: ArchLayout | None = None) -> list[S
     stream = layout.stream
     base = model.base_model
     embed = base.get_input_embeddings()
-    width = embed.weight.shape[1]
     out = [StreamTensor(embed, "weight", 1, EMBED)]
     for layer in layer_modules(model):
         if isinstance(layer, SkippedLayer):
@@ -467,10 +467,10 @@ def stream_tensors(model: nn.Module, layout: ArchLayout | None = None) -> list[S
     for name, module in model.named_modules():
         if id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
             continue
-        if not isinstance(module, nn.Linear) or module.in_features != width:
+        if not isinstance(module, nn.Linear):
             raise ValueError(
                 f"`{name}` ({type(module).__name__}) sits outside the base model and is not a linear head reading the "
-                f"{width} hidden channels; hidden-size pruning handles `lm_head` / `score`-like heads only."
+                "hidden channels; hidden-size pruning handles `lm_head` / `score`-like heads only."
             )
         if module.weight is not embed.weight:  # a tied head is the embedding, listed once
             out.append(StreamTensor(module, "weight", 1, HEAD_READ))
@@ -483,11 +483,16 @@ def apply_hidden_size(model: nn.Module, kept: torch.Tensor, layout: ArchLayout |
     Tied tensors stay tied; `nn.Linear` / `nn.Embedding` sizes and the modules' `hidden_size` / `hidden_dim`
     attributes follow. No rescaling: `hf_hesso.slim_model` rescales first where the norms need it.
     """
-    entries = stream_tensors(model, layout)
-    width = entries[0].tensor.shape[1]
     kept = kept.to(dtype=torch.long)
-    if kept.numel() == width and bool((kept.cpu() == _arange(width)).all()):
+    # Tensors already at the target width are left alone: a `*ForSequenceClassification` builds its base model
+    # (which cuts itself) before its head, and then cuts the head.
+    entries = [e for e in stream_tensors(model, layout) if e.tensor.shape[e.dim] != kept.numel()]
+    widths = {e.tensor.shape[e.dim] for e in entries}
+    if not entries:
         return
+    if len(widths) != 1:
+        raise ValueError(f"The tensors along the residual stream have different widths {sorted(widths)}.")
+    width = widths.pop()
     new: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for e in entries:
