@@ -61,9 +61,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
 from hf_hesso.distill import DistillationMixin
-from hf_hesso.groups import GroupSet
+from hf_hesso.groups import KINDS, SUBLAYER_KINDS, GroupSet
 from hf_hesso.optim.activation import ActivationRecorder
 from hf_hesso.optim.presets import DEFAULT_SALIENCY
+from hf_hesso.optim.selection import ParamCounter
 
 ROOT = _Path(__file__).resolve().parents[1]
 LEDGER = ROOT / "benchmarks" / "results" / "quality.jsonl"
@@ -259,6 +260,8 @@ def spec_of(opts, method: str, distill: bool, sparsity: float, steps: int, seed:
         spec["saliency_steps"] = opts.saliency_steps
         if opts.prune_kinds:
             spec["prune_kinds"] = sorted(opts.prune_kinds)
+        if opts.hidden_channel_unit:
+            spec["hidden_channel_unit"] = opts.hidden_channel_unit
     return spec
 
 
@@ -319,6 +322,8 @@ def run(opts, spec: dict, data: dict) -> dict:
                     extra["saliency"] = opts.saliency
                 if opts.prune_kinds:
                     extra["prune_kinds"] = opts.prune_kinds
+                if opts.hidden_channel_unit:
+                    extra["hidden_channel_unit"] = opts.hidden_channel_unit
                 if distill:
                     extra.update(
                         distill=True, distill_alpha=distill["alpha"], distill_temperature=distill["temperature"]
@@ -356,6 +361,11 @@ def run(opts, spec: dict, data: dict) -> dict:
             )
         del teacher
     row["removed"] = removed_fraction(build_groups(model), model) if method not in ("pretrained", "dense") else 0.0
+    if method not in ("pretrained", "dense"):
+        # With `hidden_channel` the parameter target is a fraction of (nearly) the whole model, not of the layers'
+        # projections: this figure, zeroed parameters over all parameters, compares runs with and without it.
+        every = build_groups(model, kinds=[k for k in KINDS if k not in SUBLAYER_KINDS])
+        row["removed_of_model"] = ParamCounter(every).count(every.zero_mask(model)) / model.num_parameters()
     row["nll_bbc"] = window_nlls(model, data["bbc"])
     row["nll_general"] = window_nlls(model, data["general"])
     row["ppl_bbc"] = ppl(row["nll_bbc"])
@@ -547,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--saliency", help="HESSO/CRIC: saliency preset (default: the library's).")
     parser.add_argument("--saliency_steps", type=int, default=4)
     parser.add_argument("--prune_kinds", nargs="+", help="HESSO/CRIC: kinds to prune (default: the library's).")
+    parser.add_argument("--hidden_channel_unit", type=int, help="Channels per hidden_channel group (docs/hidden.md).")
     parser.add_argument("--calib_blocks", type=int, default=16, help="One-shot: calibration blocks (seeded).")
     parser.add_argument("--distill_alpha", type=float, default=1.0)
     parser.add_argument("--distill_temperature", type=float, default=1.0)

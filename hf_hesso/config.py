@@ -113,8 +113,13 @@ class HESSOConfig(TrainingArguments):
 
         prune_kinds (`list[str]`, *optional*):
             Which kinds of groups may be pruned, among `"mlp_channel"`, `"head"`, `"kv_group"`, `"query_slot"`,
-            `"expert_channel"`, `"shared_expert_channel"` and the whole-sublayer kinds `"attention_sublayer"` and
-            `"mlp_sublayer"` (see docs/depth.md). Default: every width kind the architecture supports (no sublayers).
+            `"expert_channel"`, `"shared_expert_channel"`, the whole-sublayer kinds `"attention_sublayer"` and
+            `"mlp_sublayer"` (see docs/depth.md), and `"hidden_channel"` (residual-stream channels, RMSNorm
+            families; see docs/hidden.md). Default: every width kind the architecture supports (no sublayers, no
+            hidden channels).
+        hidden_channel_unit (`int`, *optional*):
+            Residual-stream channels per `hidden_channel` group (consecutive); must divide the hidden size. Default
+            1, and 8 in mixture-of-experts families (their fused expert kernels need a multiple of 8).
         group_divisible (`int`, *optional*, defaults to `1`):
             The number of groups kept in every block (one kind in one layer) is rounded to a multiple of this value,
             e.g. 8 or 64 for MLP widths that suit matrix kernels and tensor parallelism. When the target cannot be
@@ -250,8 +255,15 @@ class HESSOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Kinds of groups that may be pruned. Default: every width kind (add attention_sublayer / "
-            "mlp_sublayer to let HESSO remove whole sublayers).",
+            "mlp_sublayer to let HESSO remove whole sublayers, hidden_channel for the hidden size).",
             "choices": list(KINDS),
+        },
+    )
+    hidden_channel_unit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Residual-stream channels per hidden_channel group; must divide the hidden size. Default 1 (8 in "
+            "mixture-of-experts families)."
         },
     )
     group_divisible: int = field(
@@ -366,6 +378,13 @@ class HESSOConfig(TrainingArguments):
                     f"`prune_kinds` must be a non-empty list of kinds among {list(KINDS)}, got {self.prune_kinds}. "
                     "Leave it unset to prune every kind the architecture supports."
                 )
+        if self.hidden_channel_unit is not None and (
+            not isinstance(self.hidden_channel_unit, int) or self.hidden_channel_unit < 1
+        ):
+            raise ValueError(
+                f"`hidden_channel_unit` must be a positive integer (channels per hidden_channel group), got "
+                f"{self.hidden_channel_unit!r}."
+            )
         self._check_cric()
         check_distill_settings(self.distill_alpha, self.distill_temperature, self.distill_top_k)
 

@@ -330,7 +330,10 @@ class HESSOTrainer(DistillationMixin, Trainer):
             self.args.check_schedule_fits(planned)
         if self.groups is None:
             self.groups = build_groups(
-                self._unwrapped_model(model), kinds=self.args.prune_kinds, prune_frozen=self.args.prune_frozen
+                self._unwrapped_model(model),
+                kinds=self.args.prune_kinds,
+                prune_frozen=self.args.prune_frozen,
+                hidden_unit=self.args.hidden_channel_unit,
             )
         if len(self.groups) == 0:
             raise ValueError(
@@ -512,7 +515,7 @@ class HESSOTrainer(DistillationMixin, Trainer):
     def _groups_of(self, model: nn.Module) -> GroupSet:
         if self.groups is not None:
             return GroupSet(list(self.groups.blocks), self.groups.model_type, self.groups.param_shapes, model=model)
-        return build_groups(model, kinds=self.args.prune_kinds)
+        return build_groups(model, kinds=self.args.prune_kinds, hidden_unit=self.args.hidden_channel_unit)
 
     def _save_slim(self, output_dir: str, merge_adapters: bool) -> None:
         """Gather (FSDP2), then write the slim model with `hf_hesso.save_slim` on the main process."""
@@ -757,7 +760,9 @@ class HESSOTrainer(DistillationMixin, Trainer):
         path = os.path.join(resume_from_checkpoint, FROZEN_SLICES_NAME)
         live = self._unwrapped_model(model)
         if os.path.isfile(path) and is_peft_model(live):
-            groups = self.groups if self.groups is not None else build_groups(live, kinds=self.args.prune_kinds)
+            groups = self.groups
+            if groups is None:
+                groups = build_groups(live, kinds=self.args.prune_kinds, hidden_unit=self.args.hidden_channel_unit)
             self.groups = groups
             load_frozen_slices(groups, torch.load(path, weights_only=True), groups.parameters(live))
 

@@ -34,6 +34,8 @@ class PruningReport:
             card leaves out the GGUF export line.
         evaluation (`list[dict]`): scores before and after pruning, one entry per evaluation text (see
             `check_evaluation`): the card shows each with its ratio to the unpruned model.
+        hidden_size (`tuple[int, int]`, *optional*): the residual-stream width before and after, where
+            `hidden_channel` groups were removed.
     """
 
     base_model: str
@@ -47,6 +49,7 @@ class PruningReport:
     metadata: dict[str, Any] = field(default_factory=dict)
     model_type: str = ""
     evaluation: list[dict[str, Any]] = field(default_factory=list)
+    hidden_size: tuple[int, int] | None = None
 
 
 EVALUATION_KEYS = ("text", "metric", "tokens", "before", "after")
@@ -121,6 +124,8 @@ def render_model_card(report: PruningReport) -> str:
     }
     if report.evaluation:
         meta["hesso"]["evaluation"] = report.evaluation
+    if report.hidden_size is not None:
+        meta["hesso"]["hidden_size"] = int(report.hidden_size[1])
 
     before, after = report.params_before, report.params_after
     kept = after / before if before else 1.0
@@ -153,6 +158,7 @@ def render_model_card(report: PruningReport) -> str:
         f"| Before pruning | {before:,} |",
         f"| After pruning | {after:,} |",
         f"| Kept | {100 * kept:.1f}% |",
+        *([f"| Hidden size | {report.hidden_size[0]} -> {report.hidden_size[1]} |"] if report.hidden_size else []),
         "",
         "## Kept structures per layer",
         "",

@@ -368,7 +368,7 @@ def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim
     layout = get_layout(config.model_type)
     base = model.base_model
     permute = arch in ("llama", "deci")
-    hidden = config.hidden_size
+    hidden = normalize_config(config).hidden_size  # the slim width where hidden channels were pruned
 
     def t(x: torch.Tensor) -> torch.Tensor:
         return x.detach().to(device="cpu", dtype=torch.float32)

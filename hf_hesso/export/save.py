@@ -74,6 +74,7 @@ def build_report(
         metadata=dict(metadata or {}),
         model_type=getattr(config, "model_type", "") or "",
         evaluation=check_evaluation(evaluation),
+        hidden_size=None if summary.hidden_size is None else (summary.hidden_size_before, summary.hidden_size),
     )
 
 

@@ -15,6 +15,13 @@ Zero-invariance of every kind, for the families supported:
   columns.
 - `query_slot`: the q rows of the j-th query head of every key/value group, and their output columns; removing it
   keeps the same number of query heads per key/value group, as grouped-query attention requires.
+- `hidden_channel` (opt-in, RMSNorm families): one channel of the residual stream (or `hidden_unit` consecutive
+  ones) in the whole model: its embedding column, its row (and bias) of every projection that writes into the
+  stream (attention output, MLP and expert down projections), its column of every projection that reads the stream
+  (q/k/v, gate/up, routers, the LM head; a tied head is the embedding, counted once), and its weight in every norm on
+  the stream. The embedding column and the writer rows being zero make the channel exactly zero in the whole stream
+  (an RMSNorm maps a zero channel to zero, Gemma's `1 + w` too); slimming then rescales the stream so that every
+  RMSNorm over the kept channels computes what it computed over all of them (`hf_hesso.slim.core`).
 """
 
 from __future__ import annotations
@@ -29,16 +36,19 @@ from ..modeling.architectures import (
     EXPERT_CHANNEL,
     EXPERT_CHANNEL_UNIT,
     HEAD,
+    HIDDEN_CHANNEL,
+    HIDDEN_LAYER,
     KINDS,
     KV,
     KV_GROUP,
     MLP,
     MLP_CHANNEL,
     MLP_SUBLAYER,
+    NO_STREAM_REASON,
+    OPT_IN_KINDS,
     QUERY_SLOT,
     SHARED,
     SHARED_EXPERT_CHANNEL,
-    SUBLAYER_KINDS,
     ArchLayout,
     Proj,
     Q,
@@ -46,12 +56,19 @@ from ..modeling.architectures import (
     get_submodule,
     normalize_config,
 )
-from ..modeling.modeling_hesso import SkippedLayer, layer_sublayers, projection_tensors, removed, space_sizes
+from ..modeling.modeling_hesso import (
+    SkippedLayer,
+    layer_sublayers,
+    projection_tensors,
+    removed,
+    space_sizes,
+    stream_tensors,
+)
 from .group import Block, GroupSet, Slice, exclude_frozen
 from .peft import LoraAdapter, is_lora_layer, is_lora_linear, lora_adapters, unwrap_peft
 
-# The kinds `build_groups` offers by default: everything but whole sublayers.
-WIDTH_KINDS = tuple(k for k in KINDS if k not in SUBLAYER_KINDS)
+# The kinds `build_groups` offers by default: everything but whole sublayers and hidden channels.
+WIDTH_KINDS = tuple(k for k in KINDS if k not in OPT_IN_KINDS)
 
 # A kind's partition of an index space: group `g` owns `o * n * inner + g * inner + j` (see `Slice`).
 Partition = tuple[int, int, int]
@@ -135,6 +152,7 @@ def build_groups(
     layers: Iterable[int] | None = None,
     layout: ArchLayout | None = None,
     prune_frozen: bool = False,
+    hidden_unit: int | None = None,
 ) -> GroupSet:
     """Build the zero-invariant groups of a supported model from its config, without tracing.
 
@@ -143,14 +161,21 @@ def build_groups(
             `*ForSequenceClassification`, `*ForMaskedLM`), on any device including `meta`, stock or slim.
         kinds (`Iterable[str]`, *optional*): restrict to these kinds (`"mlp_channel"`, `"head"`, `"kv_group"`,
             `"query_slot"`, `"expert_channel"`, `"shared_expert_channel"`, and the whole-sublayer kinds
-            `"attention_sublayer"`, `"mlp_sublayer"`). Default: every width kind the architecture supports; the
-            sublayer kinds are opt-in (they let HESSO remove a layer's whole attention or MLP).
-        layers (`Iterable[int]`, *optional*): restrict to these layer indices. Default: every layer.
+            `"attention_sublayer"`, `"mlp_sublayer"`, and `"hidden_channel"`). Default: every width kind the
+            architecture supports; the sublayer kinds are opt-in (they let HESSO remove a layer's whole attention or
+            MLP), and so is `"hidden_channel"` (residual-stream channels, RMSNorm families only; see
+            docs/hidden.md).
+        layers (`Iterable[int]`, *optional*): restrict to these layer indices. Default: every layer. The
+            `hidden_channel` block spans the whole model whatever `layers` says.
         layout (`ArchLayout`, *optional*): the layout to read; default the table entry of `config.model_type`.
         prune_frozen (`bool`, *optional*, defaults to `False`): keep the groups that slice parameters with
             `requires_grad=False`. By default a block (one kind in one layer) that touches a frozen parameter is
             left out, with a warning that names it, so that HESSO never changes what the user froze. A LoRA model's
             frozen base is not concerned: its groups are kept and pruned through the adapters.
+        hidden_unit (`int`, *optional*): residual-stream channels per `hidden_channel` group (consecutive
+            channels; e.g. 8 or 64 keeps the slim hidden size a multiple of it). Must divide the hidden size.
+            Default 1, and 8 (`EXPERT_CHANNEL_UNIT`) in mixture-of-experts families, whose fused expert kernels need
+            rows of a multiple of 16 bytes (a multiple of 8 is required there).
 
     Returns:
         `GroupSet`: the groups, block by block (one block = one kind in one layer). Blocks with fewer than two
@@ -251,8 +276,61 @@ def build_groups(
             if kind in wanted and not removed(layer, sub):
                 slices, numel = _sublayer_slices(layer, sub, where, adapters, shapes)
                 blocks.append(Block(i, kind, 1, slices, numel, sum(b.n for b in blocks)))
+    if HIDDEN_CHANNEL in wanted:
+        blocks.extend(_hidden_blocks(model, layout, hidden_unit, adapters, shapes, sum(b.n for b in blocks)))
     groups = GroupSet(blocks, norm.model_type, shapes, model=model, adapters=adapters, prune_frozen=prune_frozen)
     return groups if prune_frozen else exclude_frozen(groups)
+
+
+def _hidden_blocks(model: nn.Module, layout: ArchLayout, unit: int | None, adapters: dict, shapes: dict,
+                   offset: int) -> list[Block]:  # fmt: skip
+    """The one model-wide block of `hidden_channel` groups (none when it would hold fewer than two groups)."""
+    if layout.stream is None:
+        raise ValueError(
+            f"`hidden_channel` is not offered for {layout.name} (`{model.config.model_type}`): {NO_STREAM_REASON}. "
+            "Leave `hidden_channel` out of the kinds (`prune_kinds`)."
+        )
+    if adapters or unwrap_peft(model) is not model:
+        raise ValueError(
+            "`hidden_channel` groups are not built for peft models: the residual stream runs through the frozen "
+            "embedding and every projection. Prune hidden channels on the plain model, or leave `hidden_channel` out "
+            "of the kinds."
+        )
+    experts = any(mlp.experts for mlp in layout.mlps)
+    if unit is None:
+        unit = EXPERT_CHANNEL_UNIT if experts else 1
+    if not isinstance(unit, int) or unit < 1:
+        raise ValueError(f"`hidden_unit` is {unit!r}; give a positive integer number of channels per group.")
+    if experts and unit % EXPERT_CHANNEL_UNIT:
+        raise ValueError(
+            f"`hidden_unit={unit}` on {layout.name}: its fused experts run `grouped_mm`, whose kernels need every "
+            f"weight row to span a multiple of 16 bytes, so the hidden size must stay a multiple of "
+            f"{EXPERT_CHANNEL_UNIT}. Use a multiple of {EXPERT_CHANNEL_UNIT} (the default for this family)."
+        )
+    entries = stream_tensors(model, layout)
+    width = entries[0].tensor.shape[1]
+    if width % unit:
+        raise ValueError(
+            f"`hidden_unit={unit}` does not divide the hidden size {width}; choose a divisor of {width} (e.g. 1, 8 "
+            "or 64 where they divide it)."
+        )
+    n = width // unit
+    if n < 2:
+        return []
+    names = {id(p): name for name, p in model.named_parameters()}
+    slices, numel = [], 0
+    for e in entries:
+        tensor = e.tensor
+        name = names.get(id(tensor))
+        if name is None:
+            raise ValueError(
+                f"A tensor along the residual stream ({type(e.owner).__name__}.{e.attr}) is not a parameter."
+            )
+        s = Slice(name, e.dim, 1, n, unit)
+        shapes[name] = tuple(tensor.shape)
+        slices.append(s)
+        numel += s.numel_per_group(tensor.shape)
+    return [Block(HIDDEN_LAYER, HIDDEN_CHANNEL, n, tuple(slices), numel, offset)]
 
 
 def _sublayer_slices(layer: nn.Module, sub, where: str, adapters: dict, shapes: dict) -> tuple[tuple[Slice, ...], int]:

@@ -10,6 +10,7 @@ from ..modeling.architectures import (
     ARCHITECTURES,
     EXPERT_CHANNEL,
     HEAD,
+    HIDDEN_CHANNEL,
     KV_GROUP,
     MLP_CHANNEL,
     QUERY_SLOT,
@@ -35,12 +36,15 @@ def _sublayer(sub: Sublayer) -> str:
 
 
 def layout_kinds(layout: ArchLayout) -> list[str]:
-    """The group kinds a layout can offer (attention kinds depend on the config: MHA or grouped-query)."""
+    """The group kinds a layout can offer (attention kinds depend on the config: MHA or grouped-query); the opt-in
+    `hidden_channel` where the layout has an RMSNorm residual stream."""
     kinds = [HEAD] if layout.kv_heads_field is None else [HEAD, KV_GROUP, QUERY_SLOT]
     for mlp in layout.mlps:
         kinds.append(EXPERT_CHANNEL if mlp.experts else MLP_CHANNEL)
         if any(SHARED in p.rows for p in mlp.projections):
             kinds.append("shared_expert_channel")
+    if layout.stream is not None:
+        kinds.append(HIDDEN_CHANNEL)
     excluded = {kind for kind, _ in layout.excluded}
     return [k for k in dict.fromkeys(kinds) if k not in excluded]
 

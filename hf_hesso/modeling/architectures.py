@@ -34,7 +34,23 @@ SHARED_EXPERT_CHANNEL = "shared_expert_channel"
 ATTENTION_SUBLAYER = "attention_sublayer"
 MLP_SUBLAYER = "mlp_sublayer"
 SUBLAYER_KINDS = (ATTENTION_SUBLAYER, MLP_SUBLAYER)
-KINDS = (MLP_CHANNEL, HEAD, KV_GROUP, QUERY_SLOT, EXPERT_CHANNEL, SHARED_EXPERT_CHANNEL, *SUBLAYER_KINDS)
+# Residual-stream channels: one group is one channel (or `unit` consecutive channels) of the hidden size, across the
+# embedding, every writer into the stream, every reader of it and every norm on it (see `Stream`). Model-wide: its
+# one block has layer `HIDDEN_LAYER`.
+HIDDEN_CHANNEL = "hidden_channel"
+HIDDEN_LAYER = -1
+KINDS = (
+    MLP_CHANNEL,
+    HEAD,
+    KV_GROUP,
+    QUERY_SLOT,
+    EXPERT_CHANNEL,
+    SHARED_EXPERT_CHANNEL,
+    *SUBLAYER_KINDS,
+    HIDDEN_CHANNEL,
+)
+# Kinds offered only when asked for (`build_groups(kinds=...)`, `HESSOConfig(prune_kinds=...)`).
+OPT_IN_KINDS = (*SUBLAYER_KINDS, HIDDEN_CHANNEL)
 
 # Channels per `expert_channel` group. transformers runs fused experts with `grouped_mm`, whose kernels need every
 # row of a weight to span a multiple of 16 bytes: 8 channels in bf16. Groups of 8 channels keep every slim width a
@@ -100,6 +116,40 @@ class Sublayer:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """The residual stream of a pre-norm RMSNorm family, for `hidden_channel` groups.
+
+    Every projection of the layout reads the stream (rows projections, through a norm) or writes it (the output
+    projection of a sublayer); these fields name the rest. Paths are relative to the layer unless said otherwise.
+
+    Attributes:
+        reader_norms (`tuple[str, ...]`): RMSNorms that normalise the stream before a sublayer reads it.
+        writer_norms (`tuple[str, ...]`): RMSNorms applied to a sublayer's output before it is added to the stream
+            (Gemma's `post_attention_layernorm` / `post_feedforward_layernorm`).
+        readers (`tuple[str, ...]`): other modules that read the normalised stream along their last weight dimension
+            (a mixture-of-experts router, Qwen2-MoE's `shared_expert_gate`); absent ones are skipped.
+        final_norm (`str`): the norm after the last layer, relative to the base model.
+        norm_offset (`float`): the norms scale by `norm_offset + weight` (Gemma: 1.0).
+        embed_scale (`bool`): the embeddings are multiplied by `sqrt(config.hidden_size)` (Gemma).
+    """
+
+    reader_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    writer_norms: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+    final_norm: str = "norm"
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+
+
+# Why `hidden_channel` is not offered where `ArchLayout.stream` is None.
+NO_STREAM_REASON = (
+    "exact hidden-size pruning needs RMSNorm on the residual stream: a LayerNorm subtracts the mean over all d "
+    "channels, so a zero channel still shifts the mean and the variance that every other channel is normalised with "
+    "(and LayerNorm's bias writes it back as non-zero), and no rescaling of the d' kept channels reproduces that"
+)
+
+
+@dataclass(frozen=True)
 class ArchLayout:
     """Where the prunable projections of one transformer layer live, and how the config names their sizes.
 
@@ -124,6 +174,8 @@ class ArchLayout:
         excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
             whose numerical check failed for that kind).
         inferred (`bool`): inferred from a module tree (`check_architecture`), not written in this table.
+        stream (`Stream`, *optional*): the residual stream's norms and extra readers, for `hidden_channel` groups;
+            None where exact hidden-size pruning is impossible (LayerNorm families, see `NO_STREAM_REASON`).
     """
 
     name: str
@@ -139,6 +191,7 @@ class ArchLayout:
     pre_norm: bool = True
     excluded: tuple[tuple[str, str], ...] = ()
     inferred: bool = False
+    stream: Stream | None = None
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
@@ -230,6 +283,12 @@ GATED_MLP = Sublayer(
 # Gemma-2/3: sandwich norms, each only on its sublayer's path (a norm of a zero output is zero).
 GEMMA_MLP = replace(GATED_MLP, norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
 GEMMA_ATTENTION = _llama_attention(norms=("input_layernorm", "post_attention_layernorm"))
+GEMMA_STREAM = Stream(
+    reader_norms=("input_layernorm", "pre_feedforward_layernorm"),
+    writer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    norm_offset=1.0,
+    embed_scale=True,
+)
 
 
 def _plain_mlp(
@@ -277,6 +336,7 @@ LLAMA_LAYOUT = ArchLayout(
     model_classes=_decoder_classes("Llama"),
     stock_rule="stock `LlamaConfig` requires `hidden_size % num_attention_heads == 0`, even with `head_dim` set",
     notes="q/k/v/o projections, gated MLP, grouped-query attention.",
+    stream=Stream(),
 )
 
 
@@ -289,6 +349,7 @@ def _llama_like(name: str, prefix: str, notes: str, **kwargs) -> ArchLayout:
         config_class=prefix + "Config",
         model_classes=_decoder_classes(prefix),
         notes=notes,
+        stream=Stream(),
     )
     fields.update(kwargs)
     return ArchLayout(**fields)
@@ -441,6 +502,7 @@ PHI_LAYOUT = _llama_like(
     mlps=(_plain_mlp("fc1", "fc2", norms=()),),
     stock_rule="stock Phi sizes `q_layernorm`/`k_layernorm` by `hidden_size // num_attention_heads`, so with "
     "`qk_layernorm=True` it cannot express removed heads",
+    stream=None,  # LayerNorm
 )
 
 GEMMA2_LAYOUT = _llama_like(
@@ -449,6 +511,7 @@ GEMMA2_LAYOUT = _llama_like(
     "head_dim independent of hidden size, logit soft-capping, sandwich norms, alternating local/global attention.",
     attention=GEMMA_ATTENTION,
     mlps=(GEMMA_MLP,),
+    stream=GEMMA_STREAM,
 )
 GEMMA3_TEXT_LAYOUT = _llama_like(
     "Gemma-3 (text)",
@@ -457,12 +520,14 @@ GEMMA3_TEXT_LAYOUT = _llama_like(
     model_classes=_decoder_classes("Gemma3Text", causal="Gemma3ForCausalLM"),
     attention=GEMMA_ATTENTION,
     mlps=(GEMMA_MLP,),
+    stream=GEMMA_STREAM,
 )
 MIXTRAL_LAYOUT = _llama_like(
     "Mixtral",
     "Mixtral",
     "Mixture of experts in fused 3-D tensors, top-k router renormalised over the chosen experts.",
     mlps=(_experts("intermediate_size"),),
+    stream=Stream(readers=("mlp.gate",)),
 )
 QWEN2_MOE_LAYOUT = _llama_like(
     "Qwen2-MoE",
@@ -470,18 +535,21 @@ QWEN2_MOE_LAYOUT = _llama_like(
     "Routed experts in fused 3-D tensors plus a sigmoid-gated shared expert; dense layers where `mlp_only_layers` "
     "says.",
     mlps=(_experts("moe_intermediate_size", shared=True), GATED_MLP),
+    stream=Stream(readers=("mlp.gate", "mlp.shared_expert_gate")),
 )
 QWEN3_MOE_LAYOUT = _llama_like(
     "Qwen3-MoE",
     "Qwen3Moe",
     "Routed experts in fused 3-D tensors, per-head q/k RMSNorm.",
     mlps=(_experts("moe_intermediate_size"), GATED_MLP),
+    stream=Stream(readers=("mlp.gate",)),
 )
 STARCODER2_LAYOUT = _llama_like(
     "Starcoder2",
     "Starcoder2",
     "Biases on every projection, plain MLP `c_fc`/`c_proj`.",
     mlps=(_plain_mlp("c_fc", "c_proj"),),
+    stream=None,  # LayerNorm
 )
 
 # model_type -> layout. One entry per line, sorted.
@@ -508,6 +576,9 @@ ARCHITECTURES: dict[str, ArchLayout] = {
 
 # The config key under which a slim model records its per-layer sizes.
 LAYER_SHAPES_KEY = "hesso_layer_shapes"
+# The config key under which a slim model records its hidden size, when `hidden_channel` groups were removed (the
+# stock `hidden_size` keeps the size before pruning, like every stock field of a slim config).
+HIDDEN_SIZE_KEY = "hesso_hidden_size"
 # Prefix of the model_type of a slim model whose layers differ (`hesso_llama`, `hesso_bert`, ...).
 HESSO_PREFIX = "hesso_"
 
@@ -591,7 +662,7 @@ class NormalizedConfig:
 
     model_type: str
     num_layers: int
-    hidden_size: int
+    hidden_size: int  # the model's width now (`hesso_hidden_size` of a slim config where set)
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
@@ -624,6 +695,11 @@ def get_layout(model_type: str) -> ArchLayout:
         raise ValueError(unsupported_message(model_type)) from None
 
 
+def current_hidden_size(config) -> int:
+    """The width of the residual stream: a slim config's `hesso_hidden_size` where set, else `hidden_size`."""
+    return int(getattr(config, HIDDEN_SIZE_KEY, None) or config.hidden_size)
+
+
 def mlp_width(config, width_field: str | None) -> int:
     # GPT-2's `n_inner` is None for the default 4 x hidden.
     value = getattr(config, width_field, None) if width_field else None
@@ -640,7 +716,7 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
     return NormalizedConfig(
         model_type=model_type,
         num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
+        hidden_size=current_hidden_size(config),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim or config.hidden_size // heads,

@@ -4,19 +4,20 @@
 This file travels with every saved slim model, so it must only import `torch`, `transformers` and its sibling
 files (relative imports), never `hf_hesso`.
 
-Each config subclasses the stock config of its family and adds one field, `hesso_layer_shapes`: a list with one
-dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and `shared_intermediate_size` where there is
-a shared expert). The stock fields keep the
-sizes of the model *before* pruning, so the stock validation (e.g. `hidden_size % num_attention_heads == 0`) and
-every derived quantity (head size, rotary size) stay exactly as they were; the model classes in
-`modeling_hesso.py` read the per-layer sizes from the new field.
+Each config subclasses the stock config of its family and adds two fields: `hesso_layer_shapes`, a list with one
+dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and `shared_intermediate_size` where
+there is a shared expert), and `hesso_hidden_size`, the width of the residual stream where hidden channels were
+pruned (None otherwise). The stock fields keep the sizes of the model *before* pruning, so the stock validation (e.g.
+`hidden_size % num_attention_heads == 0`) and every derived quantity (head size, rotary size, Gemma's embedding
+scale `sqrt(hidden_size)`) stay exactly as they were; the model classes in `modeling_hesso.py` read the per-layer
+sizes and the hidden size from the new fields.
 """
 
 from __future__ import annotations
 
 import transformers
 
-from .architectures import ARCHITECTURES, HESSO_PREFIX, LAYER_SHAPES_KEY
+from .architectures import ARCHITECTURES, HESSO_PREFIX, HIDDEN_SIZE_KEY, LAYER_SHAPES_KEY
 from .journal import recover_for_loading
 
 
@@ -34,6 +35,12 @@ class _HessoConfigMixin:
         self.validate_hesso_layer_shapes()
 
     def validate_hesso_layer_shapes(self) -> None:
+        hidden = getattr(self, HIDDEN_SIZE_KEY, None)
+        if hidden is not None and (not isinstance(hidden, int) or not 0 < hidden <= self.hidden_size):
+            raise ValueError(
+                f"`{HIDDEN_SIZE_KEY}` is {hidden!r}; it must be an integer between 1 and `hidden_size` "
+                f"({self.hidden_size}), the width before pruning."
+            )
         shapes = getattr(self, LAYER_SHAPES_KEY, None)
         if shapes is None:
             return
@@ -89,8 +96,9 @@ def make_config_class(model_type: str, stock: type) -> type:
             "__module__": __name__,
             "__qualname__": name,
             "__doc__": f"`{stock_name}` with per-layer sizes in `{LAYER_SHAPES_KEY}`.",
-            "__annotations__": {LAYER_SHAPES_KEY: list | None},
+            "__annotations__": {LAYER_SHAPES_KEY: list | None, HIDDEN_SIZE_KEY: int | None},
             LAYER_SHAPES_KEY: None,
+            HIDDEN_SIZE_KEY: None,
             "model_type": HESSO_PREFIX + model_type,
         },
     )

@@ -7,7 +7,8 @@ trust_remote_code=True)` works in a Python that has never heard of `hf_hesso`. I
 
 Every class subclasses a stock class (`HessoLlamaForCausalLM(LlamaForCausalLM)`): `__init__` builds the stock model
 with the uniform sizes of the config, then cuts each layer's linears down to the sizes recorded in
-`config.hesso_layer_shapes` and updates the attributes the attention code reads at run time. Inside
+`config.hesso_layer_shapes` (and every tensor along the residual stream to `config.hesso_hidden_size`, where
+set) and updates the attributes the attention code reads at run time. Inside
 `from_pretrained` the model is built on the meta device, so the temporary full-size layers cost no memory. The
 same function, `apply_layer_shape`, is used by `hf_hesso.slim_model` to slice a trained model.
 """
@@ -27,12 +28,14 @@ from .architectures import (
     KV,
     LAYER_SHAPES_KEY,
     MLP,
+    NO_STREAM_REASON,
     SHARED,
     ArchLayout,
     LayerShape,
     Proj,
     Q,
     Sublayer,
+    current_hidden_size,
     get_layout,
     get_submodule,
     layer_shapes_from_config,
@@ -393,6 +396,124 @@ def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
         skip_layer(layers, i, layout, shape)
 
 
+# Roles of the tensors that hold the residual stream's channels (see `stream_tensors`).
+EMBED, READ, WRITE, READ_NORM, WRITE_NORM, FINAL_NORM, HEAD_READ = (
+    "embed", "read", "write", "read_norm", "write_norm", "final_norm", "head"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StreamTensor:
+    """One tensor with a dimension `dim` along the residual stream's channels, and what it does with them."""
+
+    owner: nn.Module
+    attr: str
+    dim: int
+    role: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.attr)
+
+
+def stream_tensors(model: nn.Module, layout: ArchLayout | None = None) -> list[StreamTensor]:
+    """Every tensor of `model` that has a dimension along the residual stream, once each (tied heads skipped).
+
+    The embedding (columns), every projection that reads the normalised stream (input columns) or writes into it
+    (output rows and bias, a removed sublayer's kept bias), the routers and gates of `Stream.readers`, the norms on
+    the stream (reader and writer norms, the final norm), and every linear head outside the base model (columns).
+
+    Raises:
+        `ValueError`: the family has no `Stream` (exact hidden-size pruning is impossible there), or a module outside
+            the base model is not a linear head reading the stream.
+    """
+    layout = layout or get_layout(model.config.model_type)
+    if layout.stream is None:
+        raise ValueError(f"{layout.name} has no prunable hidden size: {NO_STREAM_REASON}.")
+    stream = layout.stream
+    base = model.base_model
+    embed = base.get_input_embeddings()
+    out = [StreamTensor(embed, "weight", 1, EMBED)]
+    for layer in layer_modules(model):
+        if isinstance(layer, SkippedLayer):
+            continue
+        for sub in layer_sublayers(layer, layout):
+            module = _module_or_none(layer, sub.module)
+            if isinstance(module, RemovedSublayer):
+                if module.bias is not None:
+                    out.append(StreamTensor(module, "bias", 0, WRITE))
+                continue
+            for proj in sub.projections:
+                t = projection_tensors(layer, proj)
+                if t is None:
+                    continue
+                if proj.cols is not None:
+                    out.append(StreamTensor(t.owner, t.weight_name, t.out_dim, WRITE))
+                    if t.has_bias:
+                        out.append(StreamTensor(t.owner, "bias", 0, WRITE))
+                else:
+                    out.append(StreamTensor(t.owner, t.weight_name, t.in_dim, READ))
+        for path in stream.readers:
+            module = _module_or_none(layer, path)
+            if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                out.append(StreamTensor(module, "weight", module.weight.dim() - 1, READ))
+        for role, paths in ((READ_NORM, stream.reader_norms), (WRITE_NORM, stream.writer_norms)):
+            for path in paths:
+                module = _module_or_none(layer, path)
+                if isinstance(getattr(module, "weight", None), torch.Tensor):
+                    out.append(StreamTensor(module, "weight", 0, role))
+    out.append(StreamTensor(get_submodule(base, stream.final_norm), "weight", 0, FINAL_NORM))
+    inside = {id(m) for m in base.modules()}
+    for name, module in model.named_modules():
+        if id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"`{name}` ({type(module).__name__}) sits outside the base model and is not a linear head reading the "
+                "hidden channels; hidden-size pruning handles `lm_head` / `score`-like heads only."
+            )
+        if module.weight is not embed.weight:  # a tied head is the embedding, listed once
+            out.append(StreamTensor(module, "weight", 1, HEAD_READ))
+    return out
+
+
+def apply_hidden_size(model: nn.Module, kept: torch.Tensor, layout: ArchLayout | None = None) -> None:
+    """Keep only the residual-stream channels `kept` (sorted indices) in every tensor along the stream, in place.
+
+    Tied tensors stay tied; `nn.Linear` / `nn.Embedding` sizes and the modules' `hidden_size` / `hidden_dim`
+    attributes follow. No rescaling: `hf_hesso.slim_model` rescales first where the norms need it.
+    """
+    kept = kept.to(dtype=torch.long)
+    # Tensors already at the target width are left alone: a `*ForSequenceClassification` builds its base model
+    # (which cuts itself) before its head, and then cuts the head.
+    entries = [e for e in stream_tensors(model, layout) if e.tensor.shape[e.dim] != kept.numel()]
+    widths = {e.tensor.shape[e.dim] for e in entries}
+    if not entries:
+        return
+    if len(widths) != 1:
+        raise ValueError(f"The tensors along the residual stream have different widths {sorted(widths)}.")
+    width = widths.pop()
+    new: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for e in entries:
+            old = e.tensor
+            if id(old) not in new:
+                sliced = old.detach().index_select(e.dim, kept.to(old.device)).contiguous()
+                new[id(old)] = nn.Parameter(sliced, requires_grad=old.requires_grad)
+    # Every reference to a sliced tensor (a tied head included) gets the new one.
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in new:
+                module._parameters[name] = new[id(p)]
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        for attr in ("hidden_size", "hidden_dim"):
+            if getattr(module, attr, None) == width and isinstance(getattr(module, attr), int):
+                setattr(module, attr, kept.numel())
+
+
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h)\.(\d+)\.")
 
 
@@ -412,6 +533,9 @@ class HessoModelMixin:
         super().__init__(config, *args, **kwargs)
         if getattr(config, LAYER_SHAPES_KEY, None):
             apply_layer_shapes(self, layer_shapes_from_config(config))
+        hidden = current_hidden_size(config)
+        if hidden != config.hidden_size:
+            apply_hidden_size(self, _arange(hidden))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):

@@ -11,6 +11,7 @@ from ..groups import (
     ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
+    HIDDEN_CHANNEL,
     KV_GROUP,
     MLP_CHANNEL,
     MLP_SUBLAYER,
@@ -45,9 +46,15 @@ class ParamCounter:
     removing `a` key/value groups and `b` query slots of a layer removes `a * b` shared head slices less than the
     sum of their sizes. That correction is applied here. A whole-sublayer group (`attention_sublayer`,
     `mlp_sublayer`) contains every width group of its sublayer: when it is in the mask, those count nothing more.
+
+    A `hidden_channel` group cuts the other dimension of nearly every tensor that the other kinds cut (a head's
+    `o_proj` columns and a channel's `o_proj` row share one element per head row): with hidden groups, the count is
+    taken per tensor instead, exactly, as `numel - prod(kept indices along each cut dimension)` (see
+    `_TensorCount`).
     """
 
     def __init__(self, groups: GroupSet):
+        self.tensors = _TensorCount(groups) if any(b.kind == HIDDEN_CHANNEL for b in groups.blocks) else None
         self.numel = groups.numel.double()
         self.cover = covering_sublayer(groups)
         kv = {b.layer: b for b in groups.blocks if b.kind == KV_GROUP}
@@ -63,6 +70,8 @@ class ParamCounter:
 
     def count(self, mask: torch.Tensor) -> float:
         """Number of distinct parameters held by the groups where `mask` is True."""
+        if self.tensors is not None:
+            return self.tensors.count(mask)
         covered = (self.cover >= 0) & mask[self.cover.clamp_min(0)]
         total = float((self.numel * (mask & ~covered)).sum())
         for kv_off, kv_n, qs_off, qs_n, shared, attention in self.pairs:
@@ -72,6 +81,44 @@ class ParamCounter:
             b = int(mask[qs_off : qs_off + qs_n].sum())
             total -= a * b * shared
         return total
+
+
+class _TensorCount:
+    """Exact count of the distinct elements that a set of groups covers, tensor by tensor.
+
+    An element of a tensor is removed when any of its indices is cut by a selected group, so a tensor keeps
+    `prod over its cut dimensions of (indices no selected group covers)` times the size of the dimensions no group
+    cuts. One pass over the indices of every cut dimension per count (not over the elements). LoRA tensors are not
+    counted (group sizes count base parameters only).
+    """
+
+    def __init__(self, groups: GroupSet):
+        # (param, dim) -> [(block offset, slice)]
+        self.cuts: dict[str, dict[int, list]] = {}
+        for b in groups.blocks:
+            for s in b.slices:
+                if ".lora_" in s.param:
+                    continue
+                self.cuts.setdefault(s.param, {}).setdefault(s.dim, []).append((b.offset, s))
+        self.shapes = {name: groups.param_shapes[name] for name in self.cuts}
+
+    def count(self, mask: torch.Tensor) -> float:
+        total = 0
+        for name, dims in self.cuts.items():
+            shape = self.shapes[name]
+            numel = 1
+            for size in shape:
+                numel *= size
+            kept = numel
+            for dim, entries in dims.items():
+                gone = torch.zeros(shape[dim], dtype=torch.bool)
+                for offset, s in entries:
+                    part = mask[offset : offset + s.n]
+                    if bool(part.any()):
+                        gone |= part.view(1, -1, 1).expand(s.outer, s.n, s.inner).reshape(-1)
+                kept = kept // shape[dim] * (shape[dim] - int(gone.sum()))
+            total += numel - kept
+        return float(total)
 
 
 def _block_rules(groups: GroupSet, group_divisible: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,8 @@ The unit of selection is tied across layers:
   salient remaining group of that kind in *every* layer: taking it removes one group of the kind from each layer, so
   the counts stay equal while each layer still drops its own least salient groups;
 - whole layers: the `attention_sublayer` and `mlp_sublayer` groups of one layer together (a stock config can drop a
-  layer, not half of one), never every layer.
+  layer, not half of one), never every layer;
+- `hidden_channel`: its one model-wide block is uniform by nature, so unit `j` is its `j`-th least salient group.
 Units are ranked globally by score / cost (cost = the units' summed group costs) and taken while they fit the
 budget, as `select_redundant` does with single groups. `group_divisible` chunks the units of a kind alike.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..groups import ATTENTION_SUBLAYER, MLP_SUBLAYER, SUBLAYER_KINDS, GroupSet
+from ..groups import ATTENTION_SUBLAYER, HIDDEN_LAYER, MLP_SUBLAYER, SUBLAYER_KINDS, GroupSet
 
 __all__ = ["LAYER_SHAPES", "check_uniform_groups", "select_uniform"]
 
@@ -26,8 +27,9 @@ def check_uniform_groups(groups: GroupSet) -> None:
     one of the two sublayer kinds is offered)."""
     sizes: dict[str, dict[int, int]] = {}
     for b in groups.blocks:
-        sizes.setdefault(b.kind, {})[b.layer] = b.n
-    layers = {b.layer for b in groups.blocks}
+        if b.layer != HIDDEN_LAYER:  # model-wide blocks (hidden channels) are the same for every layer
+            sizes.setdefault(b.kind, {})[b.layer] = b.n
+    layers = {b.layer for b in groups.blocks if b.layer != HIDDEN_LAYER}
     for kind, per_layer in sizes.items():
         if kind in SUBLAYER_KINDS:
             continue

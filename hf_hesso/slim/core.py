@@ -22,6 +22,7 @@ from ..groups import (
     ATTENTION_SUBLAYER,
     EXPERT_CHANNEL,
     HEAD,
+    HIDDEN_CHANNEL,
     KV_GROUP,
     MLP_CHANNEL,
     MLP_SUBLAYER,
@@ -33,6 +34,7 @@ from ..groups import (
 from ..modeling.architectures import (
     EXPERT_CHANNEL_UNIT,
     HESSO_PREFIX,
+    HIDDEN_SIZE_KEY,
     KV,
     LAYER_SHAPES_KEY,
     MLP,
@@ -40,15 +42,21 @@ from ..modeling.architectures import (
     LayerShape,
     Q,
     base_model_type,
+    current_hidden_size,
     get_layout,
     get_submodule,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
 from ..modeling.modeling_hesso import (
+    EMBED,
+    FINAL_NORM,
     HESSO_MODELS,
+    READ_NORM,
+    WRITE,
     RemovedSublayer,
     SkippedLayer,
+    apply_hidden_size,
     apply_layer_shape,
     layer_modules,
     layer_sublayers,
@@ -56,6 +64,7 @@ from ..modeling.modeling_hesso import (
     projection_tensors,
     skip_layer,
     space_sizes,
+    stream_tensors,
 )
 
 __all__ = [
@@ -93,6 +102,9 @@ class SlimSummary:
         layers (`list[LayerShape]`): the kept query heads, key/value heads and MLP channels of every layer.
         layers_before (`list[LayerShape]`): the same before slimming.
         removed_groups (`int`): number of groups (of the given `GroupSet`) found all-zero and removed.
+        hidden_size (`int`, *optional*): the residual-stream width after slimming (None: hidden channels not grouped
+            or none removed).
+        hidden_size_before (`int`, *optional*): the width before, where `hidden_size` is set.
     """
 
     params_before: int
@@ -100,6 +112,8 @@ class SlimSummary:
     layers: list[LayerShape]
     layers_before: list[LayerShape]
     removed_groups: int
+    hidden_size: int | None = None
+    hidden_size_before: int | None = None
 
     @property
     def params_removed(self) -> int:
@@ -114,15 +128,19 @@ class SlimSummary:
             "layers": [s.to_dict() for s in self.layers],
             "layers_before": [s.to_dict() for s in self.layers_before],
             "removed_sublayers": self.removed_sublayers(),
-        }
+            **({"hidden_size": self.hidden_size, "hidden_size_before": self.hidden_size_before}
+               if self.hidden_size is not None else {}),
+        }  # fmt: skip
 
     def __str__(self) -> str:
         ratio = self.params_after / self.params_before if self.params_before else 1.0
         lines = [
             f"parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} kept), "
             f"{self.removed_groups} groups removed",
-            "layer  heads      kv_heads   mlp_channels",
         ]
+        if self.hidden_size is not None:
+            lines.append(f"hidden size: {self.hidden_size}/{self.hidden_size_before}")
+        lines.append("layer  heads      kv_heads   mlp_channels")
         for i, (a, b) in enumerate(zip(self.layers_before, self.layers, strict=True)):
             line = (
                 f"{i:>5}  {b.num_attention_heads:>3}/{a.num_attention_heads:<6} {b.num_key_value_heads:>3}/"
@@ -297,6 +315,7 @@ class _SlimPlan:
     before: list[LayerShape]
     params_before: int
     removed: int
+    hidden_kept: torch.Tensor | None = None  # kept residual-stream channels, None when none is removed
 
     @classmethod
     def of(cls, model: nn.Module, groups: GroupSet | None, what: str) -> _SlimPlan:
@@ -305,6 +324,24 @@ class _SlimPlan:
             groups = build_groups(model)
         zero = groups.zero_mask(model).cpu()
         _, plans = keep_plan(model, groups, zero=zero)
+        hidden_kept = None
+        for b in groups.blocks:
+            if b.kind == HIDDEN_CHANNEL:
+                keep = ~zero[b.offset : b.offset + b.n]
+                width = b.n * b.slices[0].inner
+                if width != current_hidden_size(model.config):
+                    raise ValueError(
+                        f"The `hidden_channel` groups cover {width} channels but the model's hidden size is "
+                        f"{current_hidden_size(model.config)}: the groups were built for another shape. Call "
+                        "`build_groups(model)` again."
+                    )
+                if not bool(keep.any()):
+                    raise ValueError(
+                        "Every `hidden_channel` group is zero: the model would have no residual stream left. Keep at "
+                        "least one group (HESSO always keeps `group_divisible` of every block)."
+                    )
+                if not bool(keep.all()):
+                    hidden_kept = keep.repeat_interleave(b.slices[0].inner).nonzero().squeeze(1)
         return cls(
             layout=get_layout(model.config.model_type),
             head_dim=normalize_config(model.config).head_dim,
@@ -313,10 +350,58 @@ class _SlimPlan:
             before=current_layer_shapes(model),
             params_before=_num_params(model),
             removed=int(zero.sum()),
+            hidden_kept=hidden_kept,
         )
 
-    def finish(self, model: nn.Module) -> SlimSummary:
-        return _finish(model, self.slim_cls, self.plans, self.before, self.params_before, self.removed)
+    def slim_hidden(self, model: nn.Module) -> tuple[int, int] | None:
+        """Remove the zero residual-stream channels (after the layers are sliced); `(before, after)` widths."""
+        if self.hidden_kept is None:
+            return None
+        before = current_hidden_size(model.config)
+        apply_hidden_size(model, self.hidden_kept, self.layout)
+        rescale_stream(model, self.layout, (len(self.hidden_kept) / before) ** 0.5)
+        return before, len(self.hidden_kept)
+
+    def finish(self, model: nn.Module, hidden: tuple[int, int] | None = None) -> SlimSummary:
+        return _finish(model, self.slim_cls, self.plans, self.before, self.params_before, self.removed, hidden)
+
+
+def _scale_norm(weight: torch.Tensor, factor: float, offset: float) -> None:
+    """Multiply the effective weight `offset + weight` of an RMSNorm by `factor`, in place."""
+    w = weight.data
+    w.copy_((w.to(_exact(w)) * factor + offset * (factor - 1)).to(w.dtype))
+
+
+def _exact(t: torch.Tensor) -> torch.dtype:
+    # float64 for the arithmetic of the rescaling, where the device has it (not MPS).
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+@torch.no_grad()
+def rescale_stream(model: nn.Module, layout, s: float) -> None:
+    """Multiply the residual stream by `s` and undo it in every norm that reads it, in place; the function is kept.
+
+    With `s = sqrt(d' / d)`, the `d'` channels that survive hidden-size pruning have `sum(x^2) / d' = s^2 sum(x^2) /
+    d'` = `sum(x^2) / d` once the stream is `s x`: every RMSNorm on the stream (and on a sublayer output that joins
+    it, Gemma's post-norms) then computes over the kept channels exactly the root mean square it computed over all
+    `d` channels with the zeros, with the same epsilon. So nothing in the config changes (Qwen3's and Gemma-3's q/k
+    norms, which share `rms_norm_eps`, are untouched): the embedding and every writer (output rows and biases) are
+    scaled by `s`, the norms that read the stream by `1 / s`, writer norms stay (their input is already scaled), and
+    the final norm by `1 / s`, or `1 / s^2` when the LM head is the (scaled) embedding. Untied heads stay.
+    """
+    stream = layout.stream
+    entries = stream_tensors(model, layout)
+    embed = entries[0].tensor
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and getattr(output, "weight", None) is embed
+    for e in entries:
+        t = e.tensor
+        if e.role in (EMBED, WRITE):
+            t.data.copy_((t.data.to(_exact(t)) * s).to(t.dtype))
+        elif e.role == READ_NORM:
+            _scale_norm(t, 1 / s, stream.norm_offset)
+        elif e.role == FINAL_NORM:
+            _scale_norm(t, 1 / (s * s) if tied else 1 / s, stream.norm_offset)
 
 
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
@@ -352,6 +437,10 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     their own norms go with them, and a layer left with neither is replaced by a pass-through `SkippedLayer` (in
     pre-norm families), keeping the indices of the others. `config.hesso_layer_shapes` records 0 heads / 0 width.
 
+    Zero `hidden_channel` groups are cut out of every tensor along the residual stream, and the stream is rescaled by
+    `sqrt(d' / d)` so that every RMSNorm over the kept channels computes what it computed over all of them (see
+    `rescale_stream`; the config's epsilon is unchanged). The new width is recorded in `config.hesso_hidden_size`.
+
     Raises:
         `ValueError`: when the zeros cannot be sliced out exactly (e.g. every routed expert of a layer zero but not
             its shared expert), or when the model's weights are on the meta device; nothing is changed then.
@@ -362,28 +451,35 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
     for i, (new_shape, kept) in enumerate(plan.plans):
         apply_layer_shape(layers[i], plan.layout, new_shape, plan.head_dim, kept)
         skip_layer(layers, i, plan.layout, new_shape)
-    summary = plan.finish(model)
+    summary = plan.finish(model, plan.slim_hidden(model))
     if stock:
         to_stock(model)
     return summary
 
 
-def _finish(model, slim_cls, plans, before, params_before: int, removed: int) -> SlimSummary:
-    """Swap in the slim class and config, record the per-layer shapes; the summary of the slicing."""
+def _finish(model, slim_cls, plans, before, params_before: int, removed: int,
+            hidden: tuple[int, int] | None = None) -> SlimSummary:  # fmt: skip
+    """Swap in the slim class and config, record the per-layer shapes (and the hidden size); the summary."""
     config = model.config
     after = [shape for shape, _ in plans]
     if slim_cls is not None:
         # Swap classes in place: every submodule holds this same config object, and the model object stays the one
         # the caller (optimizer, Trainer) holds.
         config.__class__ = HESSO_CONFIGS[base_model_type(config.model_type)]
+        # A config read from a file holds `model_type` as an instance attribute, which would hide the class's.
+        config.__dict__.pop("model_type", None)
         model.__class__ = slim_cls
     setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
+    if hidden is not None:
+        setattr(config, HIDDEN_SIZE_KEY, hidden[1] if hidden[1] != config.hidden_size else None)
     return SlimSummary(
         params_before=params_before,
         params_after=_num_params(model),
         layers=after,
         layers_before=before,
         removed_groups=removed,
+        hidden_size=None if hidden is None else hidden[1],
+        hidden_size_before=None if hidden is None else hidden[0],
     )
 
 
@@ -430,7 +526,7 @@ def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Modu
     layer_tensors = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     memo.update(cpu_copy_memo(model, skip=layer_tensors))
     out = copy.deepcopy(model, memo)
-    summary = plan.finish(out)
+    summary = plan.finish(out, plan.slim_hidden(out))
     return out, summary
 
 
@@ -447,10 +543,13 @@ def stock_rule(layout) -> str:
 
 
 def stock_updates(config, shape: LayerShape, layer_mlp) -> dict:
-    """The stock config fields that give every layer `shape` (the head size is kept where the config stores it)."""
+    """The stock config fields that give every layer `shape` (the head size is kept where the config stores it, and
+    the hidden size is the slim one)."""
     layout = get_layout(config.model_type)
     norm = normalize_config(config)
     updates = {"num_attention_heads": shape.num_attention_heads}
+    if norm.hidden_size != config.hidden_size:
+        updates["hidden_size"] = norm.hidden_size
     if layout.kv_heads_field:
         updates[layout.kv_heads_field] = shape.num_key_value_heads
     if layout.head_dim_field:
@@ -509,7 +608,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
             return updates, "its config lists `mlp_only_layers` by index, which dropping layers would renumber"
         updates.update(_per_layer_updates(config, kept))
     trial = config.to_dict()
-    for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+    for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
         trial.pop(key, None)
     trial.update(updates)
     stock_config_cls = _stock_base(type(config))
@@ -597,7 +696,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
             if (h, k) == (heads, kv):
                 continue
             trial = config.to_dict()
-            for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+            for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
                 trial.pop(key, None)
             trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
                                        mlp_variant(layer_modules(model)[0], layout)))  # fmt: skip
@@ -618,7 +717,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
 
     bad = failing(group_divisible)
     if not bad:
-        return None
+        return _uniform_hidden_problem(model, groups, group_divisible, sorted(candidates(group_divisible)))
     fix = next((d for d in range(group_divisible + 1, max(heads, 2) + 1) if not failing(d)), None)
     attention_kinds = sorted(kinds & {HEAD, KV_GROUP, QUERY_SLOT})
     return (
@@ -628,6 +727,66 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
         "layers only)"
         + (f", or set `group_divisible={fix}`" if fix else "")
         + ", or keep `layer_shapes='free'` (the slim model then ships its code)."
+    )
+
+
+def _uniform_hidden_problem(
+    model: nn.Module, groups: GroupSet, group_divisible: int, head_counts: list[tuple[int, int]]
+) -> str | None:
+    """With `hidden_channel` groups: None when every reachable hidden size, with every reachable (query heads,
+    key/value heads), makes a valid stock config (Llama and Gemma want `hidden_size % num_attention_heads == 0`),
+    else the problem and a `hidden_channel_unit` that avoids it. Config validation only (the tensors of a stock model
+    follow `hidden_size` wherever it is valid); each (hidden, heads, key/value heads) is tried once."""
+    block = next((b for b in groups.blocks if b.kind == HIDDEN_CHANNEL), None)
+    if block is None:
+        return None
+    config = model.config
+    layout = get_layout(config.model_type)
+    width, unit = current_hidden_size(config), block.slices[0].inner
+    shape = current_layer_shapes(model)[0]
+    variant = mlp_variant(layer_modules(model)[0], layout)
+    base = config.to_dict()
+    for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
+        base.pop(key, None)
+    base.update(_per_layer_updates(config, [0]))
+    heads = sorted(set(head_counts) | {(shape.num_attention_heads, shape.num_key_value_heads)})
+    valid: dict[tuple[int, int, int], bool] = {}
+
+    def ok(d: int, h: int, k: int) -> bool:
+        if (d, h, k) not in valid:
+            trial = dict(base)
+            trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
+                                       variant))  # fmt: skip
+            trial["hidden_size"] = d
+            try:
+                _stock_base(type(config)).from_dict(trial)
+                valid[(d, h, k)] = True
+            except (ValueError, TypeError, StrictDataclassError):
+                valid[(d, h, k)] = False
+        return valid[(d, h, k)]
+
+    def failing(u: int, limit: int) -> list[tuple[int, int]]:
+        """Up to `limit` (hidden size, query heads) that fail with `u` channels per group."""
+        bad: list[tuple[int, int]] = []
+        for d in (u * c for c in _kept_counts(width // u, group_divisible)):
+            for h, k in heads:
+                if d != width and (d, h) not in bad and not ok(d, h, k):
+                    bad.append((d, h))
+                    if len(bad) >= limit:
+                        return bad
+        return bad
+
+    bad = failing(unit, 7)
+    if not bad:
+        return None
+    fix = next((u for u in range(2 * unit, width // 2 + 1, unit) if width % u == 0 and not failing(u, 1)), None)
+    return (
+        f"`layer_shapes='uniform'` with `hidden_channel` groups of {unit} channel(s) can end with (hidden size, query "
+        f"heads) such as {bad[:6]}{' ...' if len(bad) > 6 else ''}, which the stock {layout.config_class} cannot express "
+        f"({stock_rule(layout)}). Fix: "
+        + (f"set `hidden_channel_unit={fix}` (`build_groups(..., hidden_unit={fix})`), or " if fix else "")
+        + "leave `hidden_channel` out of `prune_kinds`, or keep `layer_shapes='free'` (the slim model then ships its "
+        "code)."
     )
 
 
@@ -641,6 +800,8 @@ def to_stock(model: nn.Module) -> nn.Module:
     - Llama: `hidden_size % num_attention_heads == 0` for the kept head count (a stock `LlamaConfig` rule);
     - BERT, RoBERTa, GPT-2, GPT-NeoX, ModernBERT (head size = `hidden_size / num_attention_heads`): only when no head
       was removed, i.e. only the MLP is narrower; DeBERTa-v2: the kept head count must divide `hidden_size`.
+    A pruned hidden size becomes the stock `hidden_size` (`head_dim` stays explicit); for Gemma the embedding is
+    rescaled to the stock scale `sqrt(hidden_size)` (see docs/hidden.md).
 
     Returns:
         `nn.Module`: `model` itself.
@@ -678,10 +839,36 @@ def to_stock(model: nn.Module) -> nn.Module:
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = new
         setattr(get_submodule(model.base_model, parent_path), name, remaining)
+    if "hidden_size" in updates:
+        _stock_embed_scale(model, get_layout(config.model_type), config.hidden_size, updates["hidden_size"])
     config.__class__ = _stock_base(type(config))
+    config.__dict__.pop("model_type", None)
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
+    config.__dict__.pop(HIDDEN_SIZE_KEY, None)
     config.__dict__.pop("auto_map", None)
     for key, value in updates.items():
         setattr(config, key, value)
     model.__class__ = _stock_base(type(model))
     return model
+
+
+@torch.no_grad()
+def _stock_embed_scale(model: nn.Module, layout, before: int, after: int) -> None:
+    """Gemma multiplies its embeddings by `sqrt(config.hidden_size)`: a slim config keeps the stock width `before`,
+    the stock config gets `after`. Scale the embedding by `sqrt(before / after)` so that the stream is unchanged,
+    set the module's scale, and, when the LM head is the embedding, undo the factor in the final norm."""
+    stream = layout.stream
+    if stream is None or not stream.embed_scale:
+        return
+    embed = model.base_model.get_input_embeddings()
+    ratio = (before / after) ** 0.5
+    embed.weight.data.copy_((embed.weight.data.to(_exact(embed.weight)) * ratio).to(embed.weight.dtype))
+    scale = getattr(embed, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        scale.fill_(after**0.5)
+    if hasattr(embed, "scalar_embed_scale"):
+        embed.scalar_embed_scale = after**0.5
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is embed.weight:
+        final = get_submodule(model.base_model, stream.final_norm)
+        _scale_norm(final.weight, 1 / ratio, stream.norm_offset)
