@@ -12,8 +12,6 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import HESSOConfig
 from .diagnostics import SelectionDiagnostics
@@ -22,6 +20,14 @@ from .export import MODEL_CARD_NAME, PruningReport, atomic_save, owned_by_last_s
 from .export.save import upload_folder
 from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
+from .modeling.compat import (
+    OPTIMIZER_NAME,
+    OPTIMIZER_NAME_BIN,
+    SCHEDULER_NAME,
+    TRAINING_ARGS_NAME,
+    PrinterCallback,
+    ProgressCallback,
+)
 from .optim import CRIC, HESSO
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
 from .optim.presets import resolve_saliency
