@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_record_tokens_counts_like_a_real_attention_layer(kind):
     for tokens in (6, 1, 1):
         hidden = torch.randn(2, tokens, config.hidden_size)
         cache_position = torch.arange(position, position + tokens)
-        compat.record_tokens(counted, 0, hidden, {"cache_position": cache_position})
+        compat.record_tokens(counted, 0, hidden)
         kv = torch.randn(2, heads, tokens, head_dim)
         real.update(
             kv, kv, 0, {"cache_position": cache_position, "sliding_window": getattr(config, "sliding_window", 0)}
@@ -104,18 +105,8 @@ def test_record_tokens_counts_like_a_real_attention_layer(kind):
             cache.update(kv, kv, 1, {"cache_position": cache_position})
         position += tokens
         assert int(counted.get_seq_length()) == int(real.get_seq_length()) == position
-        query = 1
-        assert [int(v) for v in counted.get_mask_sizes(*_mask_args(query, position))] == [
-            int(v) for v in real.get_mask_sizes(*_mask_args(query, position))
-        ]
+        assert [int(v) for v in counted.get_mask_sizes(1, 0)] == [int(v) for v in real.get_mask_sizes(1, 0)]
     assert counted.layers[0].keys.shape[1] == 1 and counted.layers[0].keys.shape[-1] == 1
-
-
-def _mask_args(query: int, position: int) -> tuple:
-    # `get_mask_sizes(query_length, layer_idx)` from transformers 5.25 on, `(cache_position, layer_idx)` before.
-    params = list(inspect.signature(transformers.Cache.get_mask_sizes).parameters)
-    first = query if params[1] == "query_length" else torch.arange(position, position + query)
-    return first, 0
 
 
 def test_decoder_layer_hands_the_cache_to_its_attention():
@@ -192,8 +183,9 @@ def test_config_post_init_runs_on_construction_and_from_dict():
             calls.append(self.num_hidden_layers)
 
     Checked(num_hidden_layers=3)
+    assert calls == [3]
     Checked.from_dict({"num_hidden_layers": 5})
-    assert calls == [3, 5]
+    assert 5 in calls[1:]  # (some versions build a default config on the way, which validates too)
 
 
 # ---------------------------------------------------------------------------------------------------- Auto factories
@@ -226,5 +218,23 @@ def test_trainer_checkpoint_names_and_helpers(tmp_path):
     assert compat.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-12")
 
 
-def test_trainer_private_hooks_exist():
+def test_trainer_private_hooks_and_attributes_exist():
     assert compat.trainer_hook_problems() == []
+
+
+# ---------------------------------------------------------------------------------------------------- version policy
+
+
+def test_ci_tests_the_declared_floors():
+    """The second venv of `.ci/run` pins exactly the lower bounds that pyproject.toml declares."""
+    root = Path(__file__).resolve().parents[1]
+    declared = dict(
+        re.findall(
+            r'"(torch|transformers|accelerate|peft)>=([0-9.]+),<[0-9.]+"', (root / "pyproject.toml").read_text()
+        )
+    )
+    (line,) = re.findall(r'^OLDEST="(.*)"$', (root / ".ci" / "run").read_text(), flags=re.M)
+    pinned = dict(pin.split("==") for pin in line.split())
+    assert set(pinned) == set(declared) == {"torch", "transformers", "accelerate", "peft"}
+    for name, floor in declared.items():
+        assert pinned[name].split(".")[: len(floor.split("."))] == floor.split("."), (name, pinned[name], floor)

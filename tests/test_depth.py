@@ -57,7 +57,10 @@ def build(name: str, layers: int = 4, seed: int = 0):
     if name in _PREFIX:
         model = getattr(transformers, _PREFIX[name] + head)(config).eval()
     else:
-        model = getattr(transformers, auto).from_config(config).eval()
+        # Gemma-2's attention logit soft-capping runs in eager attention only; the default implementation differs
+        # between transformers versions, and the fresh-process reload below uses eager.
+        impl = {"attn_implementation": "eager"} if name == "gemma2" else {}
+        model = getattr(transformers, auto).from_config(config, **impl).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias") or "norm" in pname:

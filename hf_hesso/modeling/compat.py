@@ -26,8 +26,8 @@ Touchpoints:
 - `_BaseAutoModelClass._model_mapping` (`auto_mapping`): the config class -> model class table of an Auto factory.
 - `PreTrainedModel._auto_class` (`auto_class_of`): the Auto class name `register_for_auto_class` recorded.
 - Trainer internals used by `HESSOTrainer`: the checkpoint file names (`transformers.trainer`), the console
-  callbacks (`transformers.trainer_callback`), `get_last_checkpoint` (`transformers.trainer_utils`), and the private
-  methods it overrides (`TRAINER_HOOKS`).
+  callbacks (`transformers.trainer_callback`), `get_last_checkpoint` (`transformers.trainer_utils`), the private
+  methods it overrides (`TRAINER_HOOKS`) and the attributes it reads (`TRAINER_ATTRIBUTES`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ __all__ = [
     "PrinterCallback",
     "ProgressCallback",
     "SCHEDULER_NAME",
+    "TRAINER_ATTRIBUTES",
     "TRAINER_HOOKS",
     "TRAINING_ARGS_NAME",
     "WEIGHT_CONVERSIONS",
@@ -75,7 +76,7 @@ def find_cache(args: tuple, kwargs: dict) -> transformers.Cache | None:
     return None
 
 
-def record_tokens(cache: transformers.Cache, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+def record_tokens(cache: transformers.Cache, layer_idx: int, hidden_states: torch.Tensor) -> None:
     """Advance cache slot `layer_idx` by the tokens of `hidden_states` (`(batch, tokens, hidden)`), storing one number
     per token.
 
@@ -84,18 +85,12 @@ def record_tokens(cache: transformers.Cache, layer_idx: int, hidden_states: torc
     model's forward and in `generate`) and the mask sizes from the first layer of each attention type. A slot that
     never grows would say 0 there; a slot that stores nothing (transformers' `DummyLayer`, for layers without
     attention) has no length at all from transformers 5.25 on. So the slot holds keys and values of shape
-    `(batch, 1, tokens, 1)`, all ones (a static cache of transformers 5.0 counts the non-zero rows): for every cache
-    class (dynamic, sliding-window, static) it then reports exactly the length and mask sizes a real attention layer
-    of the same type would, at two numbers per token.
+    `(batch, 1, tokens, 1)`: for every cache class (dynamic, sliding-window, static) it then reports exactly the
+    length and mask sizes a real attention layer of the same type would, at two numbers per token.
     """
     batch, tokens = hidden_states.shape[:2]
-    placeholder = hidden_states.new_ones(batch, 1, tokens, 1)
-    position = kwargs.get("cache_position")
-    if position is None:
-        # transformers 5.0's static layers place new tokens by `cache_position`, which GPT-2 passes positionally.
-        start = cache.get_seq_length(layer_idx) if layer_idx < len(cache.layers) else 0
-        position = torch.arange(tokens, device=hidden_states.device) + start
-    cache.update(placeholder, placeholder, layer_idx, {"cache_position": position})
+    placeholder = hidden_states.new_zeros(batch, 1, tokens, 1)
+    cache.update(placeholder, placeholder, layer_idx)
 
 
 # ---------------------------------------------------------------------------------------------- model loading
@@ -138,6 +133,9 @@ TRAINER_HOOKS = {
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     "save_model": ("output_dir", "_internal_call"),
 }
+# Attributes of `transformers.Trainer` that `DistillationMixin.compute_loss` reads to scale its loss terms like the
+# task loss (`loss_is_scaled_for_ga`: transformers 5.19 and later).
+TRAINER_ATTRIBUTES = ("loss_is_scaled_for_ga",)
 
 
 def trainer_hook_problems() -> list[str]:
@@ -150,4 +148,7 @@ def trainer_hook_problems() -> list[str]:
             continue
         have = inspect.signature(method).parameters
         problems += [f"`Trainer.{name}` has no parameter `{p}`" for p in params if p not in have]
+    problems += [
+        f"`Trainer.{name}` does not exist" for name in TRAINER_ATTRIBUTES if not hasattr(transformers.Trainer, name)
+    ]
     return problems

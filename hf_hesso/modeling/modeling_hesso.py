@@ -125,7 +125,7 @@ class RemovedSublayer(nn.Module):
         if self.cache_layer is not None:
             cache = find_cache(args[1:], kwargs)
             if cache is not None:
-                record_tokens(cache, self.cache_layer, x, kwargs)
+                record_tokens(cache, self.cache_layer, x)
         if self.empty:
             out = x.new_zeros(*x.shape[:-1], 0)
         elif self.bias is not None:
@@ -161,7 +161,7 @@ class SkippedLayer(nn.Module):
         if self.cache_layer is not None:
             cache = find_cache(args, kwargs)
             if cache is not None:
-                record_tokens(cache, self.cache_layer, hidden_states, kwargs)
+                record_tokens(cache, self.cache_layer, hidden_states)
         return hidden_states
 
 
