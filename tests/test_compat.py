@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,20 @@ def test_no_transformers_internals_outside_compat():
             ):
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} transformers.{node.value.attr}.{node.attr}")
     assert not found, "transformers internals used outside hf_hesso/modeling/compat.py:\n" + "\n".join(found)
+
+
+def test_shipped_compat_imports_no_trainer_stack():
+    """compat.py ships beside every slim model: importing it (as remote code does, without hf_hesso) must not import
+    transformers' Trainer modules (accelerate, datasets), which it reaches only when a Trainer name is asked for."""
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('compat', {str(PACKAGE / 'modeling' / 'compat.py')!r})\n"
+        "compat = importlib.util.module_from_spec(spec); spec.loader.exec_module(compat)\n"
+        "assert 'transformers.trainer' not in sys.modules and 'accelerate' not in sys.modules, 'imported early'\n"
+        "assert compat.OPTIMIZER_NAME == 'optimizer.pt' and 'transformers.trainer' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------------- Conv1D

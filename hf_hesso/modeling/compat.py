@@ -32,31 +32,23 @@ Touchpoints:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import torch
 import transformers
 from transformers.pytorch_utils import Conv1D
-from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+# (The Trainer names of `_TRAINER_NAMES` are attributes too, resolved on first use.)
 __all__ = [
     "Conv1D",
     "LOADING_CHECK_HOOK",
-    "OPTIMIZER_NAME",
-    "OPTIMIZER_NAME_BIN",
-    "PrinterCallback",
-    "ProgressCallback",
-    "SCHEDULER_NAME",
     "TRAINER_ATTRIBUTES",
     "TRAINER_HOOKS",
-    "TRAINING_ARGS_NAME",
     "WEIGHT_CONVERSIONS",
     "auto_class_of",
     "auto_mapping",
     "find_cache",
-    "get_last_checkpoint",
     "loading_report",
     "record_tokens",
 ]
@@ -125,6 +117,26 @@ def auto_class_of(model_class: type) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------ Trainer
+
+# Names from transformers' Trainer modules, imported on first use (module `__getattr__` below): this file ships beside
+# every slim model, and loading one must not import the Trainer stack (accelerate, datasets: seconds).
+_TRAINER_NAMES = {
+    "OPTIMIZER_NAME": "transformers.trainer",
+    "OPTIMIZER_NAME_BIN": "transformers.trainer",
+    "SCHEDULER_NAME": "transformers.trainer",
+    "TRAINING_ARGS_NAME": "transformers.trainer",
+    "PrinterCallback": "transformers.trainer_callback",
+    "ProgressCallback": "transformers.trainer_callback",
+    "get_last_checkpoint": "transformers.trainer_utils",
+}
+
+
+def __getattr__(name: str):
+    module = _TRAINER_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 # Private methods of `transformers.Trainer` that `HESSOTrainer` overrides, with the parameters it calls them with.
 # A release that renames one would silently skip the override: `tests/test_compat.py` checks each.
