@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"`{args.model}` is neither a directory nor a model type transformers knows: {error}", file=sys.stderr
             )
             return 2
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     report = check_architecture(config)
     print(report)
     return 0 if report.error is None and report.exact_kinds else 1

@@ -31,9 +31,9 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .groups.peft import is_peft_model
+from .modeling.compat import get_last_checkpoint
 
 TEACHER_WEIGHTS_NAME = "distill_teacher.safetensors"
 

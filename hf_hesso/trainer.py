@@ -12,8 +12,6 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import HESSOConfig, check_update_direction
 from .diagnostics import SelectionDiagnostics
@@ -24,6 +22,14 @@ from .export.card import MODEL_CARD_NAME, PruningReport, check_evaluation, rende
 from .export.save import upload_folder
 from .groups import KINDS, GroupSet, build_groups
 from .groups.peft import is_peft_model
+from .modeling.compat import (
+    OPTIMIZER_NAME,
+    OPTIMIZER_NAME_BIN,
+    SCHEDULER_NAME,
+    TRAINING_ARGS_NAME,
+    PrinterCallback,
+    ProgressCallback,
+)
 from .optim import CRIC, HESSO
 from .optim.frozen import FROZEN_SLICES_NAME, frozen_slices_state, load_frozen_slices
 from .optim.presets import resolve_saliency

@@ -7,6 +7,7 @@ masked dense model -> `save_pretrained` -> reload in a fresh process without hf_
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -67,7 +68,10 @@ def build(name: str, layers: int = 4, seed: int = 0):
     if name in _PREFIX:
         model = getattr(transformers, _PREFIX[name] + head)(config).eval()
     else:
-        model = getattr(transformers, auto).from_config(config).eval()
+        # Gemma-2's attention logit soft-capping runs in eager attention only; the default implementation differs
+        # between transformers versions, and the fresh-process reload below uses eager.
+        impl = {"attn_implementation": "eager"} if name == "gemma2" else {}
+        model = getattr(transformers, auto).from_config(config, **impl).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias") or "norm" in pname:
@@ -146,6 +150,40 @@ def test_removed_sublayers_match_masked_model(name, tmp_path):
     assert (out["logits_" + impl] - ref).abs().max() <= 1e-5
     if ref_gen is not None:
         assert torch.equal(out["generate_" + impl], ref_gen)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_removed_first_attention_counts_tokens_in_every_cache(name):
+    """Layer 0 without attention: transformers reads the cache length from layer 0, so its slot must still count.
+
+    Each kind of cache a user or `generate` can bring (`DynamicCache(config=...)`, a bare `DynamicCache()` that grows
+    layer by layer, the static cache of `generate`) gives the masked dense model's logits and greedy tokens, on a
+    left-padded batch, and reports the length a real attention layer would. gemma2's layer 0 is a sliding-window
+    layer; GPT-2 is a family whose layers take the cache positionally in some transformers versions.
+    """
+    model = build(name)
+    groups = zero_depth_pattern(model)
+    batch = batch_for(name)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dense = copy.deepcopy(model)
+    slim_model(model, groups)
+    assert isinstance(layer_modules(model)[0].get_submodule(get_layout(model.config.model_type).attention.module),
+                      RemovedSublayer)  # fmt: skip
+    nxt = torch.randint(3, 128, (ids.shape[0], 1), generator=torch.Generator().manual_seed(1))
+    full_mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    with torch.no_grad():
+        want = dense(input_ids=torch.cat([ids, nxt], dim=1), attention_mask=full_mask, use_cache=False).logits[:, -1]
+        for cache in (transformers.DynamicCache(config=model.config), transformers.DynamicCache()):
+            # The cache is filled in place (`past_key_values=` is the keyword every supported version accepts).
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            assert cache.get_seq_length() == ids.shape[1]
+            step = model(input_ids=nxt, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+            assert (step - want).abs().max() <= 1e-5
+            assert cache.get_seq_length() == ids.shape[1] + 1
+    with torch.no_grad():
+        for implementation in ("dynamic", "static"):
+            settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation=implementation)
+            assert torch.equal(model.generate(**batch, **settings), dense.generate(**batch, **settings))
 
 
 def test_attention_emptied_by_heads_keeps_its_bias():

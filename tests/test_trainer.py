@@ -188,3 +188,28 @@ def test_prune_kinds_without_groups(tmp_path):
     trainer = HESSOTrainer(model=model, args=args, train_dataset=lm_dataset(32))
     with pytest.raises(ValueError, match=r"no prunable groups of kinds \['head'\]"):
         trainer.train()
+
+
+def test_attention_sublayer_run_saves_a_model_that_generates_with_the_cache(tmp_path):
+    """`prune_kinds` with `attention_sublayer`: a run that removes layer 0's attention saves a slim model whose cached
+    forward and greedy `generate` equal the trained (masked) model's."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # the least salient sublayer by far, so that HESSO removes it
+        for p in model.model.layers[0].self_attn.parameters():
+            p.mul_(1e-3)
+    args = hesso_args(str(tmp_path / "out"), prune_kinds=["attention_sublayer", "mlp_sublayer"])
+    trainer = HESSOTrainer(model=model, args=args, train_dataset=lm_dataset(32))
+    trainer.train()
+    trainer.save_model()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hesso_layer_shapes"][0]["num_attention_heads"] == 0
+
+    batch = tiny_batch("llama")
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    dense = trainer.model.eval()
+    slim = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(slim(**batch, use_cache=True).logits, dense(**batch).logits, rtol=0, atol=1e-5)
+        assert torch.equal(slim.generate(**batch, **settings), dense.generate(**batch, **settings))

@@ -16,9 +16,9 @@ group is exact.
 from __future__ import annotations
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..modeling.architectures import KV, MLP, ArchLayout, Proj, Q, Sublayer
+from ..modeling.compat import Conv1D
 
 ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "q")
 ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "k")

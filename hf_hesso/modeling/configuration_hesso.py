@@ -70,20 +70,6 @@ class _HessoConfigMixin:
                     f"{shape['num_key_value_heads']} key/value heads; query heads must be a multiple of key/value heads."
                 )
 
-    @property
-    def kv_sharing_modes(self) -> list[str | None] | None:
-        """Per layer, `"reuse"` where the attention is removed, so that `DynamicCache(config=...)` gives that layer a
-        cache slot that stores nothing (transformers' `DummyLayer`) and `get_seq_length()` / the mask code read the
-        first layer that has attention; `None` when every layer has attention.
-
-        transformers reads this name for models whose layers reuse another layer's cache; here the layer has no
-        attention at all, which the cache treats the same way. It is derived from `hesso_layer_shapes`, never saved.
-        """
-        shapes = getattr(self, LAYER_SHAPES_KEY, None)
-        if not shapes or all(shape.get("num_attention_heads") for shape in shapes):
-            return None
-        return [None if shape.get("num_attention_heads") else "reuse" for shape in shapes]
-
 
 def make_config_class(model_type: str, stock: type) -> type:
     """The slim config class of `model_type`: `stock` plus the per-layer sizes."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .architectures import (
     ARCHITECTURES,
@@ -41,6 +40,7 @@ from .architectures import (
     layer_shapes_from_config,
     normalize_config,
 )
+from .compat import LOADING_CHECK_HOOK, WEIGHT_CONVERSIONS, Conv1D, find_cache, loading_report, record_tokens
 from .configuration_hesso import HESSO_CONFIGS, make_config_class
 from .journal import recover_for_loading
 
@@ -100,22 +100,35 @@ class RemovedSublayer(nn.Module):
     0-dim tensor, which broadcasts), or the bias that the sublayer's output projection kept adding once every head or
     channel was gone. Where the output projection lives outside the module (BERT's `attention.output.dense`, kept at
     zero input width with its bias), the output is an empty `(..., 0)` tensor for that projection to read.
-    Attention modules return `(output, None)`; an attention that is gone writes nothing into the key/value cache
-    (the config marks its cache layer as one that stores nothing, see `HessoConfig.kv_sharing_modes`).
+    Attention modules return `(output, None)`. A removed attention still advances its slot of the key/value cache
+    (`cache_layer`, the index the attention passed to the cache) by one number per token, so that the cache reports
+    the same length and mask sizes as with the attention (see `compat.record_tokens`).
     """
 
-    def __init__(self, bias: torch.Tensor | None, empty: bool, returns_tuple: bool, variant: int = 0):
+    def __init__(
+        self,
+        bias: torch.Tensor | None,
+        empty: bool,
+        returns_tuple: bool,
+        variant: int = 0,
+        cache_layer: int | None = None,
+    ):
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self.empty = empty
         self.returns_tuple = returns_tuple
         self.variant = variant  # which MLP variant of the layout this was (mixture-of-experts layouts have two)
+        self.cache_layer = cache_layer
 
     def extra_repr(self) -> str:
         return f"empty={self.empty}, bias={self.bias is not None}"
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else kwargs["hidden_states"]
+        if self.cache_layer is not None:
+            cache = find_cache(args[1:], kwargs)
+            if cache is not None:
+                record_tokens(cache, self.cache_layer, x)
         if self.empty:
             out = x.new_zeros(*x.shape[:-1], 0)
         elif self.bias is not None:
@@ -129,18 +142,42 @@ class SkippedLayer(nn.Module):
     """A layer whose attention and MLP are both removed: the identity, with no parameters.
 
     It keeps its place in the layer list so that the indices of the other layers (their key/value cache slots,
-    `config.layer_types`, checkpoint names) stay what they were; it costs one Python call.
+    `config.layer_types`, checkpoint names) stay what they were; it costs one Python call. Like a removed attention,
+    it advances its key/value cache slot (`cache_layer`) by one number per token.
     """
 
-    def __init__(self, shape: LayerShape, mlp_variant: int = 0, attention_type: str | None = None):
+    def __init__(
+        self,
+        shape: LayerShape,
+        mlp_variant: int = 0,
+        attention_type: str | None = None,
+        cache_layer: int | None = None,
+    ):
         super().__init__()
         self.hesso_shape = shape
         self.mlp_variant = mlp_variant
+        self.cache_layer = cache_layer
         if attention_type is not None:
             self.attention_type = attention_type  # read by some models' layer loops to pick the mask
 
     def forward(self, hidden_states, *args, **kwargs):
+        if self.cache_layer is not None:
+            cache = find_cache(args, kwargs)
+            if cache is not None:
+                record_tokens(cache, self.cache_layer, hidden_states)
         return hidden_states
+
+
+def _cache_layer(attention: nn.Module | None) -> int | None:
+    """The key/value cache slot an attention module writes (the `layer_idx` the stock attention passes to the cache;
+    a removed attention keeps it), or None for a module that keeps no cache."""
+    if isinstance(attention, (RemovedSublayer, SkippedLayer)):
+        return attention.cache_layer
+    for module in attention.modules() if attention is not None else ():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return None
 
 
 def _module_or_none(layer: nn.Module, path: str) -> nn.Module | None:
@@ -359,8 +396,10 @@ def _remove_sublayer(layer: nn.Module, layout: ArchLayout, sub: Sublayer, keep_b
             )
         bias = t.bias
     variant = layout.mlps.index(sub) if sub in layout.mlps else 0
+    cache_layer = _cache_layer(get_submodule(layer, sub.module)) if sub is layout.attention else None
     parent_path, _, name = sub.module.rpartition(".")
-    setattr(get_submodule(layer, parent_path), name, RemovedSublayer(bias, empty, sub.returns_tuple, variant))
+    replacement = RemovedSublayer(bias, empty, sub.returns_tuple, variant, cache_layer)
+    setattr(get_submodule(layer, parent_path), name, replacement)
     for norm in sub.norms:
         parent_path, _, name = norm.rpartition(".")
         setattr(get_submodule(layer, parent_path), name, nn.Identity())
@@ -372,7 +411,8 @@ def skip_layer(layers: nn.ModuleList, index: int, layout: ArchLayout, shape: Lay
     if not (shape.empty and layout.pre_norm) or isinstance(layer, SkippedLayer):
         return
     variant = layout.mlps.index(mlp_variant(layer, layout))
-    layers[index] = SkippedLayer(shape, variant, getattr(layer, "attention_type", None))
+    cache_layer = _cache_layer(_module_or_none(layer, layout.attention.module))
+    layers[index] = SkippedLayer(shape, variant, getattr(layer, "attention_type", None), cache_layer)
 
 
 def layer_modules(model: nn.Module) -> nn.ModuleList:
@@ -546,23 +586,13 @@ class HessoModelMixin:
             config = None
         return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
-    # transformers renames some checkpoints on save and load (fused MoE experts <-> per-expert legacy tensors), picking
-    # the renaming by class name or `model_type`, which a slim class matches only partly: a slim Mixtral could be saved
-    # in the legacy layout and then not be renamed back on load. A slim checkpoint always holds the tensors exactly as
-    # the model does: no renaming on save (on load, legacy patterns match none of these names).
-    @property
-    def _weight_conversions(self):
-        return []
-
-    @_weight_conversions.setter
-    def _weight_conversions(self, value) -> None:
-        pass
-
-    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
-        # transformers re-initialises a weight whose checkpoint shape differs from the model (and only then raises,
-        # without naming the tensor, unless `ignore_mismatched_sizes=True`, where it stays silent). A slim model
-        # must never be silently re-initialised: name the layer and the tensor and stop.
-        super()._adjust_missing_and_unexpected_keys(loading_info)
+    def _check_loaded_weights(self, *args, **kwargs):
+        # Installed below as transformers' load-report hook (`compat.LOADING_CHECK_HOOK`). transformers
+        # re-initialises a weight whose checkpoint shape differs from the model (and only then raises, without naming
+        # the tensor, unless `ignore_mismatched_sizes=True`, where it stays silent). A slim model must never be
+        # silently re-initialised: name the layer and the tensor and stop.
+        result = getattr(super(), LOADING_CHECK_HOOK)(*args, **kwargs)
+        loading_info = loading_report(*args, **kwargs)
         problems = []
         shapes = layer_shapes_from_config(self.config)
         for key, ckpt_shape, model_shape in sorted(loading_info.mismatched_keys):
@@ -590,6 +620,15 @@ class HessoModelMixin:
                 + "\nThe weights and config.json were written by different models: save the slim model again with "
                 "`model.save_pretrained(dir)`."
             )
+        return result
+
+
+setattr(HessoModelMixin, LOADING_CHECK_HOOK, HessoModelMixin._check_loaded_weights)
+# transformers renames some checkpoints on save and load (fused MoE experts <-> per-expert legacy tensors), picking the
+# renaming by class name or `model_type`, which a slim class matches only partly: a slim Mixtral could be saved in the
+# legacy layout and then not be renamed back on load. A slim checkpoint always holds the tensors exactly as the model
+# does: no renaming on save (on load, legacy patterns match none of these names).
+setattr(HessoModelMixin, WEIGHT_CONVERSIONS, property(lambda self: [], lambda self, value: None, lambda self: None))
 
 
 # stock class name (`LlamaForCausalLM`) -> slim class (`HessoLlamaForCausalLM`).

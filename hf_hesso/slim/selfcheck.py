@@ -34,6 +34,7 @@ from ..modeling.architectures import (
     base_model_type,
     normalize_config,
 )
+from ..modeling.compat import auto_mapping
 from ..modeling.modeling_hesso import layer_modules, layer_sublayers, register_layout, space_sizes
 from .core import can_stock, slim_model
 
@@ -129,7 +130,7 @@ def _stock_class(cls: type) -> type:
 def _auto_classes(config) -> list[tuple[type, str]]:
     """Stock classes to check a bare config with: the causal LM if there is one, else the masked LM, else bare."""
     for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
-        mapping = getattr(transformers, auto)._model_mapping
+        mapping = auto_mapping(auto)
         if type(config) in mapping:
             return [(mapping[type(config)], auto)]
     raise ValueError(f"No Auto class knows the config class {type(config).__name__}.")
@@ -138,7 +139,7 @@ def _auto_classes(config) -> list[tuple[type, str]]:
 def _auto_of(cls: type) -> str:
     """The Auto class that maps `cls.config_class` to `cls` (looked up by key: no other model is imported)."""
     for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModel"):
-        mapping = getattr(transformers, auto)._model_mapping
+        mapping = auto_mapping(auto)
         if cls.config_class in mapping and mapping[cls.config_class] is cls:
             return auto
     raise ValueError(
