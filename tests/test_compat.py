@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
+from fixtures import tiny_config
 from torch import nn
 
 from hf_hesso.modeling import compat

@@ -11,17 +11,17 @@ import pytest
 import torch
 import transformers
 from arch_families import FAMILIES
-from conftest import TINY_CONFIGS, tiny_batch
-from dist_train_worker import hesso_args, lm_dataset
+from fixtures import PREFIX, TINY_CONFIGS, hesso_args, lm_dataset, tiny_batch
 from fresh_process import run_fresh
-from slim_helpers import PREFIX, zero_random_groups
+from slim_helpers import zero_random_groups
 
 import hf_hesso.slim.core as slim_core
 from hf_hesso.groups import HIDDEN_CHANNEL, HIDDEN_LAYER, KINDS, SUBLAYER_KINDS, build_groups
 from hf_hesso.modeling import register_auto_classes
 from hf_hesso.optim.selection import ParamCounter
 from hf_hesso.optim.uniform import check_uniform_groups, select_uniform
-from hf_hesso.slim import current_layer_shapes, slim_model, to_stock, uniform_stock_problem
+from hf_hesso.slim import current_layer_shapes, slim_model, to_stock
+from hf_hesso.slim.core import uniform_stock_problem
 from hf_hesso.trainer import HESSOTrainer
 
 register_auto_classes()
@@ -325,12 +325,12 @@ def test_to_stock_names_the_llama_rule():
 @pytest.mark.parametrize("name", LAYERNORM)
 def test_layernorm_families_are_refused(name):
     from arch_families import make as make_family
-    from slim_helpers import make_model
+    from fixtures import tiny_model
 
     if name in FAMILIES:
         model = make_family(name)
     else:
-        model = make_model(name, "ForMaskedLM")
+        model = tiny_model(name, "ForMaskedLM")
     with pytest.raises(ValueError, match=r"`hidden_channel` is not offered .*LayerNorm subtracts the mean over all d"):
         build_groups(model, kinds=[HIDDEN_CHANNEL, "mlp_channel"])
     build_groups(model)  # the default kinds still work
@@ -405,7 +405,7 @@ def test_uniform_stock_problem_names_the_hidden_unit():
 
 @pytest.mark.slow
 def test_uniform_run_saves_a_stock_model(tmp_path):
-    from dist_train_worker import tiny_model
+    from fixtures import tiny_model
 
     model = tiny_model("qwen2")
     args = hesso_args(str(tmp_path / "out"), target_group_sparsity=None, target_param_sparsity=0.4,
@@ -424,9 +424,9 @@ def test_uniform_run_saves_a_stock_model(tmp_path):
 
 def _gguf_model(name: str, hidden: list[int], uneven: bool):
     """A tiny llama/mistral/qwen2 with the given hidden channels removed (and uneven layers when asked)."""
-    from gguf_helpers import UNEVEN, tiny_model
+    from gguf_helpers import UNEVEN, gguf_model
 
-    model = tiny_model(name, UNEVEN if uneven else None)
+    model = gguf_model(name, UNEVEN if uneven else None)
     groups = build_groups(model, kinds=[HIDDEN_CHANNEL, "mlp_sublayer"])
     zero_hidden(model, groups, hidden)
     if uneven:  # layer 1 also loses its MLP: deci then gets an all-zero stand-in MLP of the hidden width
@@ -465,25 +465,28 @@ def test_gguf_header_and_tensors_follow_the_hidden_size(tmp_path, name, uneven, 
         assert tensors["output.weight"] == ((56, 128), "F32")
 
 
-def _has_llama_cpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-@pytest.mark.skipif(
-    not _has_llama_cpp(), reason="llama-cpp-python is not installed (`pip install hf_hesso[llamacpp]`)"
-)
 def test_gguf_llama_cpp_round_trip(tmp_path):
-    from gguf_helpers import F32_ATOL, PROMPTS, cpp_logits, hf_logits, llama_cpp_model, tiny_tokenizer
+    """llama.cpp (the pinned prebuilt wheel of the `llamacpp-test` extra) runs a hidden-pruned GGUF with the same
+    log-probabilities as transformers."""
+    from gguf_helpers import (
+        F32_ATOL,
+        PROMPTS,
+        hf_logprobs,
+        llama_cpp_model,
+        max_diff,
+        require_llama_cpp,
+        tiny_tokenizer,
+    )
 
     from hf_hesso import export_gguf
 
+    require_llama_cpp()
     model = _gguf_model("llama", [0, 5, 6, 20, 33, 41, 50, 63], uneven=True)
     result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tiny_tokenizer())
     llm = llama_cpp_model(result.path)
     for ids in PROMPTS:
-        assert float(abs(cpp_logits(llm, ids) - hf_logits(model, ids)).max()) < F32_ATOL
+        diff = max_diff(llm.logprobs(ids, 128), hf_logprobs(model, ids))
+        assert diff < F32_ATOL, f"prompt {ids}: max |log-probability diff| {diff:.2e}"
 
 
 @pytest.mark.parametrize("name, kinds", [("gemma2", WIDTH), ("qwen2_moe", [HIDDEN_CHANNEL])])
