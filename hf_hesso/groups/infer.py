@@ -15,10 +15,25 @@ group is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..modeling.architectures import KV, MLP, ArchLayout, Proj, Q, Sublayer
+from ..modeling.architectures import (
+    ARCHITECTURES,
+    KV,
+    LAYOUT_KEY,
+    MLP,
+    ArchLayout,
+    Proj,
+    Q,
+    Sublayer,
+    base_model_type,
+    layout_of,
+    unsupported_message,
+)
+from .peft import unwrap_peft
 
 ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "q")
 ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "k")
@@ -234,8 +249,38 @@ def _unrecognised(config, what: str, layer: nn.Module | None = None) -> str:
         names = [f"{p} {tuple(_shape(m))}" for p, m in layer.named_modules() if _shape(m) is not None]
         found = f" The layer's projections (in, out): {', '.join(names) or 'none'}."
     return (
-        f"hf_hesso cannot infer a layout for `model_type` {config.model_type!r}: not recognised: {what}.{found} Add a "
-        "layout to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py` (an `ArchLayout` naming the layer list, "
-        "and for each projection the index spaces of its rows and columns; see the entries there), plus a tiny "
-        "config in `tests/test_architectures.py`."
+        f"hf_hesso cannot infer a layout for `model_type` {config.model_type!r}: not recognised: {what}.{found} "
+        "Describe the layer yourself: an `hf_hesso.modeling.architectures.ArchLayout` naming the layer list and, for "
+        "each projection, the index spaces of its rows and columns (docs/architectures.md shows the known ones), "
+        "registered in your script with `hf_hesso.modeling.modeling_hesso.register_layout(model_type, layout, "
+        "[(model_class, auto_class_name)])` before `build_groups`."
     )
+
+
+# The numerical check of an inferred layout. It slims, so it lives in a higher layer (`hf_hesso.slim.selfcheck`),
+# which installs it here when the package is imported; `resolve_layout` calls it for model types outside the table.
+_layout_check: Callable[[nn.Module], ArchLayout] | None = None
+
+
+def set_layout_check(check: Callable[[nn.Module], ArchLayout]) -> None:
+    """Install the function that infers and checks the layout of a model outside the table (`hf_hesso.slim.selfcheck`
+    does, on import)."""
+    global _layout_check
+    _layout_check = check
+
+
+def resolve_layout(model: nn.Module) -> ArchLayout:
+    """The layout of `model`: the table's; the one its config records (a slim model of an inferred layout); one
+    registered in this process; else one inferred from its module tree and checked numerically (once per model
+    class), which is registered.
+
+    Raises:
+        `ValueError`: no layout can be inferred, or none of its group kinds passed the check (naming why).
+    """
+    config = model.config
+    model_type = base_model_type(config.model_type)
+    if model_type in ARCHITECTURES or getattr(config, LAYOUT_KEY, None):
+        return layout_of(config)
+    if _layout_check is None:
+        raise ValueError(unsupported_message(model_type))
+    return _layout_check(unwrap_peft(model))

@@ -35,13 +35,15 @@ from ..modeling.architectures import (
     HESSO_PREFIX,
     KV,
     LAYER_SHAPES_KEY,
+    LAYOUT_KEY,
     MLP,
     SHARED,
     LayerShape,
     Q,
     base_model_type,
-    get_layout,
     get_submodule,
+    layout_of,
+    layout_to_dict,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
@@ -159,7 +161,7 @@ def _num_params(model: nn.Module) -> int:
 
 def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
     """The per-layer sizes of `model`, read from its tensors (stock or slim)."""
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     hd = normalize_config(model.config).head_dim
     shapes = []
     for layer in layer_modules(model):
@@ -207,7 +209,7 @@ def keep_plan(
     for block in groups.blocks:
         keep.setdefault(block.layer, {})[block.kind] = ~zero[block.offset : block.offset + block.n]
 
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     plans = []
     for i, (layer, shape) in enumerate(zip(layer_modules(model), before, strict=True)):
         heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
@@ -306,7 +308,7 @@ class _SlimPlan:
         zero = groups.zero_mask(model).cpu()
         _, plans = keep_plan(model, groups, zero=zero)
         return cls(
-            layout=get_layout(model.config.model_type),
+            layout=layout_of(model.config),
             head_dim=normalize_config(model.config).head_dim,
             slim_cls=_slim_class(model),
             plans=plans,
@@ -378,6 +380,10 @@ def _finish(model, slim_cls, plans, before, params_before: int, removed: int) ->
         config.__class__ = HESSO_CONFIGS[base_model_type(config.model_type)]
         model.__class__ = slim_cls
     setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
+    layout = layout_of(config)
+    if layout.inferred:
+        # Outside the table: the checked layout travels in config.json, where the shipped code reads it.
+        setattr(config, LAYOUT_KEY, layout_to_dict(layout))
     return SlimSummary(
         params_before=params_before,
         params_after=_num_params(model),
@@ -448,7 +454,7 @@ def stock_rule(layout) -> str:
 
 def stock_updates(config, shape: LayerShape, layer_mlp) -> dict:
     """The stock config fields that give every layer `shape` (the head size is kept where the config stores it)."""
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     norm = normalize_config(config)
     updates = {"num_attention_heads": shape.num_attention_heads}
     if layout.kv_heads_field:
@@ -479,7 +485,7 @@ def _per_layer_updates(config, kept: list[int]) -> dict:
 
 def _renamed(model: nn.Module, kept: list[int]) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of `model` under the names they get once the dropped layers are gone."""
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     new_index = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(r"(^|\.)" + re.escape(layout.layers) + r"\.(\d+)\.")
 
@@ -497,7 +503,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
     and the shapes of all its parameters are compared with the slim model's.
     """
     config = model.config
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     layers = layer_modules(model)
     kept = list(range(len(layers))) if kept is None else kept
     variants = {mlp_variant(layers[i], layout) for i in kept}
@@ -509,7 +515,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
             return updates, "its config lists `mlp_only_layers` by index, which dropping layers would renumber"
         updates.update(_per_layer_updates(config, kept))
     trial = config.to_dict()
-    for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+    for key in (LAYER_SHAPES_KEY, LAYOUT_KEY, "auto_map", "model_type", "transformers_version"):
         trial.pop(key, None)
     trial.update(updates)
     stock_config_cls = _stock_base(type(config))
@@ -578,7 +584,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
     meta device (MLP widths and dropped layers never trouble a stock config of the families in the table).
     """
     config = model.config
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     kinds = {b.kind for b in groups.blocks}
     shape = current_layer_shapes(model)[0]
     heads, kv = shape.num_attention_heads, shape.num_key_value_heads
@@ -597,7 +603,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
             if (h, k) == (heads, kv):
                 continue
             trial = config.to_dict()
-            for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+            for key in (LAYER_SHAPES_KEY, LAYOUT_KEY, "auto_map", "model_type", "transformers_version"):
                 trial.pop(key, None)
             trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
                                        mlp_variant(layer_modules(model)[0], layout)))  # fmt: skip
@@ -670,7 +676,7 @@ def to_stock(model: nn.Module) -> nn.Module:
     layers = layer_modules(model)
     if len(kept) != len(layers):
         # Drop the skipped layers for good and renumber the others (their cache slots and attention types follow).
-        layout = get_layout(config.model_type)
+        layout = layout_of(config)
         parent_path, _, name = layout.layers.rpartition(".")
         remaining = nn.ModuleList([layers[i] for i in kept])
         for new, layer in enumerate(remaining):
@@ -680,6 +686,7 @@ def to_stock(model: nn.Module) -> nn.Module:
         setattr(get_submodule(model.base_model, parent_path), name, remaining)
     config.__class__ = _stock_base(type(config))
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
+    config.__dict__.pop(LAYOUT_KEY, None)
     config.__dict__.pop("auto_map", None)
     for key, value in updates.items():
         setattr(config, key, value)

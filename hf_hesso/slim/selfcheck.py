@@ -13,6 +13,7 @@ It lives beside `slim_model` (not in `hf_hesso.groups`) because it slims.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -22,19 +23,22 @@ import transformers
 from torch import nn
 
 from ..groups import build_groups
-from ..groups.infer import infer_layouts
+from ..groups.infer import infer_layouts, set_layout_check
 from ..groups.rules import InexpressibleKind, kind_partitions
 from ..modeling.architectures import (
     ARCHITECTURES,
     HESSO_PREFIX,
     KINDS,
     LAYER_SHAPES_KEY,
+    LAYOUT_KEY,
     ArchLayout,
     base_model_type,
     normalize_config,
 )
 from ..modeling.modeling_hesso import layer_modules, layer_sublayers, register_layout, space_sizes
 from .core import can_stock, slim_model
+
+logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 # Config fields set for the tiny instance, where the config has them.
@@ -270,7 +274,7 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
     if config.model_type.startswith(HESSO_PREFIX):
         # A slim checkpoint: check its stock family.
         stock = config.to_dict()
-        for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+        for key in (LAYER_SHAPES_KEY, LAYOUT_KEY, "auto_map", "model_type", "transformers_version"):
             stock.pop(key, None)
         config = next(c for c in type(config).__mro__ if not c.__name__.startswith(("Hesso", "_Hesso"))).from_dict(
             stock
@@ -312,3 +316,56 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
         elif previous is None:
             ARCHITECTURES.pop(model_type, None)
     return best
+
+
+# Model class -> the layout `ensure_layout` registered for it, or the reason there is none.
+_CHECKED: dict[type, ArchLayout | str] = {}
+
+
+def ensure_layout(model: nn.Module) -> ArchLayout:
+    """The layout of a model outside the table, inferred and checked by `check_architecture` once per model class
+    in this process and registered; logs the kinds that passed and those excluded, with the reason.
+
+    `hf_hesso.build_groups` (and so HESSO and HESSOTrainer) calls this for any `model_type` the table lacks.
+
+    Raises:
+        `ValueError`: no layout could be inferred, or no group kind passed the check; the message says why.
+    """
+    cls = type(model)
+    found = _CHECKED.get(cls)
+    if found is None:
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # the check saves and loads tiny models, several times
+        try:
+            report = check_architecture(model)
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+        if report.error is not None or not report.exact_kinds:
+            found = (
+                f"hf_hesso cannot prune `model_type` {report.model_type!r} ({cls.__name__}): "
+                + (report.error or "no group kind passed the numerical check: " + _kinds_text(report))
+            )
+        else:
+            found = report.layout
+            logger.warning(
+                f"`model_type` {report.model_type!r} is not in hf_hesso's layout table: its layout was inferred from "
+                f"the module tree of {cls.__name__} and checked numerically on a tiny instance. "
+                + _kinds_text(report)
+            )
+        _CHECKED[cls] = found
+    if isinstance(found, str):
+        raise ValueError(found)
+    model_type = base_model_type(model.config.model_type)
+    if ARCHITECTURES.get(model_type) is not found:
+        register_layout(model_type, found, [(cls, _auto_of(cls))])
+    return found
+
+
+def _kinds_text(report: ArchitectureReport) -> str:
+    exact = ", ".join(report.exact_kinds) or "none"
+    excluded = "; ".join(f"{k.kind} ({k.reason})" for k in report.kinds if not k.exact) or "none"
+    return f"Exact kinds: {exact}. Excluded kinds: {excluded}."
+
+
+set_layout_check(ensure_layout)
