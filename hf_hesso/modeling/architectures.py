@@ -125,6 +125,7 @@ class ArchLayout:
         excluded (`tuple[tuple[str, str], ...]`): group kinds not offered, each with the reason (an inferred layout
             whose numerical check failed for that kind).
         inferred (`bool`): inferred from a module tree (`check_architecture`), not written in this table.
+        exact (`tuple[str, ...]`): for an inferred layout, the group kinds the numerical check found exact.
     """
 
     name: str
@@ -140,6 +141,7 @@ class ArchLayout:
     pre_norm: bool = True
     excluded: tuple[tuple[str, str], ...] = ()
     inferred: bool = False
+    exact: tuple[str, ...] = ()
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:

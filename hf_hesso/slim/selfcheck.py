@@ -310,7 +310,7 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
             break
     if not in_table:
         excluded = tuple((k.kind, k.reason) for k in best.kinds if not k.exact)
-        best.layout = ArchLayout(**{**best.layout.__dict__, "excluded": excluded})
+        best.layout = ArchLayout(**{**best.layout.__dict__, "excluded": excluded, "exact": tuple(best.exact_kinds)})
         if register:
             register_layout(model_type, best.layout, classes)
         elif previous is None:
@@ -342,16 +342,14 @@ def ensure_layout(model: nn.Module) -> ArchLayout:
             if bars:
                 transformers.utils.logging.enable_progress_bar()
         if report.error is not None or not report.exact_kinds:
-            found = (
-                f"hf_hesso cannot prune `model_type` {report.model_type!r} ({cls.__name__}): "
-                + (report.error or "no group kind passed the numerical check: " + _kinds_text(report))
+            found = f"hf_hesso cannot prune `model_type` {report.model_type!r} ({cls.__name__}): " + (
+                report.error or "no group kind passed the numerical check: " + _kinds_text(report)
             )
         else:
             found = report.layout
             logger.warning(
                 f"`model_type` {report.model_type!r} is not in hf_hesso's layout table: its layout was inferred from "
-                f"the module tree of {cls.__name__} and checked numerically on a tiny instance. "
-                + _kinds_text(report)
+                f"the module tree of {cls.__name__} and checked numerically on a tiny instance. " + _kinds_text(report)
             )
         _CHECKED[cls] = found
     if isinstance(found, str):
