@@ -550,16 +550,27 @@ def register_layout(model_type: str, layout: ArchLayout, model_classes: list[tup
     return made
 
 
+def slim_class_of(stock: type) -> type | None:
+    """The slim class of the stock transformers class `stock` (made on first use, with the slim config of its
+    model type); None when `stock` is not a transformers model class."""
+    model_type = getattr(getattr(stock, "config_class", None), "model_type", None)
+    if not (isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel) and model_type):
+        return None
+    if getattr(transformers, stock.__name__, None) is not stock:
+        return None
+    hesso_config_class(model_type, stock.config_class)
+    auto = next((a for a in AUTO_MAPPING_NAMES if stock.__name__ in _mapped(a, model_type)), None)
+    return _add_class(model_type, stock, auto)
+
+
 def __getattr__(name: str) -> type:
     # A slim class of a model type outside the layout table (`HessoPhi3ForCausalLM`), named by `auto_map` in the
     # config of a slim model whose layout is recorded there: made from the stock transformers class on first use.
     stock = getattr(transformers, name.removeprefix("Hesso"), None) if name.startswith("Hesso") else None
-    model_type = getattr(getattr(stock, "config_class", None), "model_type", None)
-    if not (isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel) and model_type):
+    cls = slim_class_of(stock) if isinstance(stock, type) else None
+    if cls is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    hesso_config_class(model_type, stock.config_class)
-    auto = next((a for a in AUTO_MAPPING_NAMES if stock.__name__ in _mapped(a, model_type)), None)
-    return _add_class(model_type, stock, auto)
+    return cls
 
 
 for _model_type, _layout in ARCHITECTURES.items():

@@ -57,6 +57,7 @@ from ..modeling.modeling_hesso import (
     mlp_variant,
     projection_tensors,
     skip_layer,
+    slim_class_of,
     space_sizes,
 )
 
@@ -182,7 +183,7 @@ def _slim_class(model: nn.Module) -> type | None:
     if model.config.model_type.startswith(HESSO_PREFIX):
         return None
     cls = type(model)
-    slim = HESSO_MODELS.get(cls.__name__)
+    slim = HESSO_MODELS.get(cls.__name__) or slim_class_of(cls)  # another head of the family (`BertLMHeadModel`)
     if slim is None or cls not in slim.__mro__:
         raise ValueError(
             f"`model` is a {cls.__name__}, which `slim_model` cannot convert. Supported classes: "

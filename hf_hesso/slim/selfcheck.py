@@ -110,6 +110,8 @@ def tiny_config(config):
     if getattr(config, "num_key_value_heads", None):
         fields["num_key_value_heads"] = 2 if gqa else 4
     for key, value in fields.items():
+        if isinstance(getattr(type(config), key, None), property):
+            continue  # derived from other fields (Falcon's `head_dim`)
         if getattr(config, key, None) is not None:
             setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
