@@ -100,12 +100,13 @@ def _outputs(model, batch):
 
 
 def _diff(got, expected, batch) -> float:
+    """Largest difference, relative to the outputs' scale where that exceeds 1."""
     if got.shape != expected.shape:
         return float("inf")
     if got.dim() == 3:  # positions under padding depend on the attention code: compare the others
         keep = batch["attention_mask"].bool()
         got, expected = got[keep], expected[keep]
-    return (got - expected).abs().max().item()
+    return (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
 
 
 def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
@@ -199,7 +200,8 @@ FRESH = textwrap.dedent(
             else:
                 if got.dim() == 3:
                     got, expected = got[mask], expected[mask]
-                results[job["model_type"]] = {"diff": (got - expected).abs().max().item()}
+                scale = max(1.0, expected.abs().max().item())
+                results[job["model_type"]] = {"diff": (got - expected).abs().max().item() / scale}
         except BaseException as error:
             text = (str(error).strip().splitlines() or [""])[0][:200]
             results[job["model_type"]] = {"error": f"{type(error).__name__}: {text}"}

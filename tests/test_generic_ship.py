@@ -218,3 +218,50 @@ def test_push_to_hub_of_an_inferred_layout(tmp_path, monkeypatch):
         reloaded = reload_in_fresh_process("testuser/xlmr", "cls", batch(), tmp_path, env=env)
     assert not reloaded["hf_hesso_imported"] and reloaded["cls"] == "HessoXLMRobertaForSequenceClassification"
     torch.testing.assert_close(reloaded["logits"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model_type", "exact", "mlp_module"),
+    [
+        ("olmoe", ["expert_channel", "mlp_sublayer"], "mlp"),  # routed experts in fused 3-D tensors
+        ("codegen", ["mlp_channel", "head", "mlp_sublayer"], "mlp"),  # `fc_in`/`fc_out`, `rotary_dim` capped
+        ("ctrl", ["mlp_channel", "head", "mlp_sublayer"], "ffn"),  # `Wq`/`Wk`/`Wv`, `nn.Sequential` MLP
+        ("marian", ["mlp_channel", "head", "mlp_sublayer"], ""),  # the decoder of an encoder-decoder family
+    ],
+)
+def test_inference_reads_more_conventions(model_type, exact, mlp_module):
+    from hf_hesso import check_architecture
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    report = check_architecture(tiny_config(transformers.AutoConfig.for_model(model_type)))
+    assert report.error is None
+    assert [k for k in report.exact_kinds if k != "attention_sublayer"] == exact
+    assert report.layout.mlps[0].module == mlp_module
+
+
+def test_parameters_owned_by_the_attention_module_itself_are_named():
+    # GraniteSWA's attention holds per-head `sinks` directly (no submodule): the check excludes the head kinds and
+    # names that parameter instead of crashing.
+    from hf_hesso import check_architecture
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    report = check_architecture(tiny_config(transformers.AutoConfig.for_model("granite_swa")))
+    kinds = {k.kind: k for k in report.kinds}
+    assert kinds["mlp_channel"].exact and not kinds["kv_group"].exact
+    assert "`self_attn.sinks` (4,)" in kinds["query_slot"].reason
+
+
+def test_a_check_that_cannot_run_refuses_the_model_type_with_the_reason(monkeypatch):
+    from hf_hesso.slim import selfcheck
+
+    def broken(model, **kwargs):
+        raise RuntimeError("shape mismatch in the tiny model")
+
+    monkeypatch.setattr(selfcheck, "check_architecture", broken)
+    model = make("opt")
+    monkeypatch.delitem(selfcheck._CHECKED, type(model), raising=False)
+    with pytest.raises(ValueError, match=r"cannot prune `model_type` 'opt' \(OPTForCausalLM\): the check failed "
+                       r"\(RuntimeError: shape mismatch in the tiny model\)"):  # fmt: skip
+        build_groups(model)
+    monkeypatch.delitem(selfcheck._CHECKED, type(model))

@@ -6,7 +6,8 @@ files (relative imports), never `hf_hesso`.
 
 Each config subclasses the stock config of its family and adds one field, `hesso_layer_shapes`: a list with one
 dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and `shared_intermediate_size` where there is
-a shared expert). The stock fields keep the
+a shared expert), and, for a model type outside the layout table, `hesso_layout`: the layout that was inferred and
+checked (`architectures.layout_to_dict`), from which `modeling_hesso.py` builds the model. The stock fields keep the
 sizes of the model *before* pruning, so the stock validation (e.g. `hidden_size % num_attention_heads == 0`) and
 every derived quantity (head size, rotary size) stay exactly as they were; the model classes in
 `modeling_hesso.py` read the per-layer sizes from the new field.

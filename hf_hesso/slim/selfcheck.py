@@ -33,6 +33,7 @@ from ..modeling.architectures import (
     LAYOUT_KEY,
     ArchLayout,
     base_model_type,
+    get_submodule,
     normalize_config,
 )
 from ..modeling.modeling_hesso import layer_modules, layer_sublayers, register_layout, space_sizes
@@ -55,6 +56,14 @@ TINY_FIELDS = {
     "num_local_experts": 4,
     "num_experts": 4,
     "num_experts_per_tok": 2,
+    "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
+    # Encoder-decoder families (their causal LM is the decoder): `num_hidden_layers` maps to the encoder's count.
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 96,
+    "decoder_ffn_dim": 96,
 }
 
 
@@ -195,16 +204,20 @@ def _uncovered(model: nn.Module, layout: ArchLayout, kind: str, groups) -> list[
     sizes = space_sizes(layer, layout)
     partition = kind_partitions(sizes, hd, sizes["q"] == sizes["kv"], layer_sublayers(layer, layout)[1].experts)
     spaces = next((p for k, p in partition.items() if k == kind), {})
-    widths = {sizes[s] for s in spaces}
+    widths = {sizes[s] for s in spaces} | {sizes[s] // hd for s in spaces if s in ("q", "kv")}  # rows, or heads
     attention, mlp = layer_sublayers(layer, layout)
     sublayer = attention if set(spaces) & {"q", "kv"} else mlp
     grouped = {s.param.split(".")[-2] for b in groups.blocks for s in b.slices}
+    # The layout's own projections are accounted for (another index space, or another kind): not suspects.
+    prefix = f"{sublayer.module}." if sublayer.module else ""
+    projected = {p.path.removeprefix(prefix) for sub in layer_sublayers(layer, layout) for p in sub.projections}
     found = []
-    for name, p in layer.get_submodule(sublayer.module).named_parameters():
-        if name.split(".")[-2] in grouped:
+    for name, p in get_submodule(layer, sublayer.module).named_parameters():
+        owner = name.rpartition(".")[0]  # "" for a parameter of the sublayer module itself (attention sinks)
+        if name in projected or owner in projected or owner.rpartition(".")[2] in grouped:
             continue
         if any(d in widths for d in p.shape):
-            found.append(f"`{sublayer.module}.{name}` {tuple(p.shape)}")
+            found.append(f"`{prefix}{name}` {tuple(p.shape)}")
     return found
 
 
@@ -254,8 +267,9 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
     For a `model_type` in the layout table the table's layout is checked. For any other, a layout is inferred from
     the module tree (`hf_hesso.groups.infer.infer_layouts`), every candidate is checked, and the best one is
     registered in this process with the failing kinds excluded (their reasons kept in `layout.excluded`), so that
-    `build_groups`, HESSO and `slim_model` then work on such models. Slim models of an inferred layout save and load
-    in this process (`import hf_hesso` and the registration); to ship them, add the layout to the table.
+    `build_groups`, HESSO and `slim_model` then work on such models (`build_groups` calls this by itself, through
+    `ensure_layout`). Slim models of an inferred layout record the layout in their config and ship the code that
+    reads it: they load anywhere with `trust_remote_code=True`.
 
     Args:
         model_or_config (`PreTrainedModel` or `PretrainedConfig`): the model (its class is used) or its config
@@ -340,6 +354,13 @@ def ensure_layout(model: nn.Module) -> ArchLayout:
         transformers.utils.logging.disable_progress_bar()  # the check saves and loads tiny models, several times
         try:
             report = check_architecture(model)
+        except Exception as error:  # noqa: BLE001 - a check that cannot run refuses the model type, naming why
+            report = ArchitectureReport(
+                base_model_type(model.config.model_type),
+                False,
+                None,
+                error=f"the check failed ({type(error).__name__}: {error})",
+            )
         finally:
             if bars:
                 transformers.utils.logging.enable_progress_bar()
