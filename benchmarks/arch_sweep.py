@@ -303,7 +303,7 @@ def render(results: list[dict], seconds: float) -> tuple[str, str]:
             f"{', '.join(f'`{k}`' for k in r.get('exact', [])) or '-'} | {excluded or '-'} | {fresh} | {coverage} |"
         )
     readme = (
-        f"A sweep over every model type of transformers {transformers.__version__} with a causal-LM, masked-LM or "
+        f"Coverage: a sweep over every model type of transformers {transformers.__version__} with a causal-LM, masked-LM or "
         f"sequence-classification head ({len(results)} types; `benchmarks/arch_sweep.py`, table in "
         f"[docs/architectures.md](docs/architectures.md#sweep-over-transformers-model-types)) found "
         f"{counts['fully']} fully covered, {counts['partly']} partly and {counts['not covered']} not at all; of the "
@@ -314,11 +314,15 @@ def render(results: list[dict], seconds: float) -> tuple[str, str]:
 
 
 def _replace_between(path: Path, start: str, end: str, text: str) -> None:
+    """Put `text` between the markers: on lines of its own, or on the markers' line when they share one."""
     content = path.read_text()
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if not pattern.search(content):
+    pattern = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
+    found = pattern.search(content)
+    if not found:
         raise SystemExit(f"{path} has no {start!r} ... {end!r} markers")
-    path.write_text(pattern.sub(lambda _: f"{start}\n{text}{end}", content))
+    inline = "\n" not in found.group(1)
+    body = text.strip() if inline else "\n" + text
+    path.write_text(pattern.sub(lambda _: f"{start}{body}{end}", content))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reload-timeout", type=int, default=120, help="seconds per fresh-process reload")
     parser.add_argument("--keep", action="store_true", help="keep the saved models and logs (path printed)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs and README alone")
+    parser.add_argument("--render", action="store_true", help=f"only write the docs and README from {RESULTS.name}")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(RESULTS.read_text())
+        table, readme = render(results, sum(r.get("seconds", 0) for r in results))
+        _replace_between(DOC, SWEEP_START, SWEEP_END, table)
+        _replace_between(README, COVERAGE_START, COVERAGE_END, readme)
+        return 0
 
     import transformers
 

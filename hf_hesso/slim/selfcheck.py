@@ -383,6 +383,26 @@ def ensure_layout(model: nn.Module) -> ArchLayout:
     return found
 
 
+def require_prunable(config) -> None:
+    """Raise before any weights are loaded when hf_hesso cannot prune models of `config` (a model type outside the
+    table whose layout cannot be inferred, or none of whose group kinds passes the check on a tiny instance).
+
+    Raises:
+        `ValueError`: with the check's report (what was not found, or each kind and why it was excluded).
+    """
+    if base_model_type(config.model_type) in ARCHITECTURES:
+        return
+    try:
+        report = check_architecture(config)
+    except Exception as error:  # noqa: BLE001 - a check that cannot run refuses the model type, naming why
+        raise ValueError(
+            f"hf_hesso cannot prune `model_type` {config.model_type!r}: the check failed ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+    if report.error is not None or not report.exact_kinds:
+        raise ValueError(f"hf_hesso cannot prune `model_type` {config.model_type!r}:\n{report}")
+
+
 def _kinds_text(report: ArchitectureReport) -> str:
     exact = ", ".join(report.exact_kinds) or "none"
     excluded = "; ".join(f"{k.kind} ({k.reason})" for k in report.kinds if not k.exact) or "none"
