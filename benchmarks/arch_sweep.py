@@ -33,6 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +262,25 @@ def _reason(r: dict) -> str:
     return ""
 
 
+def _reason_class(text: str) -> str:
+    """A reason without its specifics (names, sizes), so that alike reasons count together."""
+    text = re.sub(r"'[A-Za-z0-9_]+Config'", "the config", text)
+    text = re.sub(r"\(\('q_proj'.*|\(\('gate_proj'.*", "...", text)
+    text = re.sub(r"[0-9][0-9.e+-]*", "N", text)
+    return text[:110]
+
+
+def _common_reasons(results: list[dict], top: int = 8) -> list[str]:
+    uncovered = Counter(_reason_class(_reason(r)) for r in results if status(r) == "not covered")
+    excluded = Counter(
+        f"`{kind}`: {_reason_class(why)}" for r in results if status(r) != "not covered" for kind, why in
+        r.get("excluded", {}).items()
+    )  # fmt: skip
+    lines = [f"- not covered, {n} types: {_cell(why)}" for why, n in uncovered.most_common(top)]
+    lines += [f"- excluded, {n} types: {_cell(why)}" for why, n in excluded.most_common(4)]
+    return lines
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")
 
@@ -285,6 +305,10 @@ def render(results: list[dict], seconds: float) -> tuple[str, str]:
         "Fully: every group kind the model has passed the check, and the pruned slim model reloaded exactly in a "
         "fresh process. Partly: the same, with some kinds excluded (the reason is given). Not covered: no layout, no "
         "exact kind, or the slim model or its reload failed (the reason is given).",
+        "",
+        "The most common reasons, for the types not covered and for the kinds excluded elsewhere:",
+        "",
+        *_common_reasons(results),
         "",
         "| model_type | head | layout | exact kinds | excluded kinds (reason) | fresh reload | coverage |",
         "|---|---|---|---|---|---|---|",
