@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.modeling.architectures import get_layout
+from hf_hesso.slim.selfcheck import require_prunable
 
 
 @dataclass
@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOCon
 def load_model(script: ScriptArguments, num_labels: int, **labels):
     """The encoder (with a new classification head of `num_labels`) and its tokenizer."""
     if script.model_name_or_path:
-        # Fail before loading any weights when the architecture is not supported.
-        get_layout(AutoConfig.from_pretrained(script.model_name_or_path).model_type)
+        # Fail before loading any weights when hf_hesso cannot prune the architecture.
+        require_prunable(AutoConfig.from_pretrained(script.model_name_or_path))
         model = AutoModelForSequenceClassification.from_pretrained(
             script.model_name_or_path, num_labels=num_labels, **labels
         )

@@ -46,8 +46,8 @@ from script_args import parse_script_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer
-from hf_hesso.modeling.architectures import get_layout
 from hf_hesso.optim.presets import DEFAULT_SALIENCY_STEPS
+from hf_hesso.slim.selfcheck import require_prunable
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -141,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, HESSOCon
 def load_model(script: ScriptArguments):
     """The causal LM and its tokenizer."""
     if script.model_name_or_path:
-        # Fail before loading any weights when the architecture is not supported.
-        get_layout(AutoConfig.from_pretrained(script.model_name_or_path).model_type)
+        # Fail before loading any weights when hf_hesso cannot prune the architecture.
+        require_prunable(AutoConfig.from_pretrained(script.model_name_or_path))
         tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -4,6 +4,7 @@ check; an inexact kind is excluded with the reason; an unknown structure gets an
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from hf_hesso import build_groups, check_architecture, slim_model
 from hf_hesso.check import main as check_main
 from hf_hesso.groups import HEAD, MLP_CHANNEL
 from hf_hesso.modeling.architectures import ARCHITECTURES
+from hf_hesso.slim import selfcheck
 
 
 class ToyConfig(PretrainedConfig):
@@ -130,8 +132,10 @@ transformers.AutoModelForCausalLM.register(ToyConfig, ToyForCausalLM, exist_ok=T
 
 @pytest.fixture(autouse=True)
 def _forget_inferred_layout():
+    selfcheck._CHECKED.pop(ToyForCausalLM, None)
     yield
     ARCHITECTURES.pop("toyformer", None)
+    selfcheck._CHECKED.pop(ToyForCausalLM, None)
 
 
 def batch():
@@ -141,11 +145,32 @@ def batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def test_unlisted_model_type_is_grouped_without_a_second_call(caplog):
+    model = ToyForCausalLM(ToyConfig()).eval()
+    with caplog.at_level(logging.WARNING, logger="hf_hesso"):
+        groups = build_groups(model)
+    assert {b.kind for b in groups.blocks} == {HEAD, MLP_CHANNEL}
+    assert "'toyformer' is not in hf_hesso's layout table" in caplog.text
+    assert "Exact kinds: mlp_channel, head, attention_sublayer, mlp_sublayer. Excluded kinds: none." in caplog.text
+    assert "architectures.py" not in caplog.text
+    # Checked once per model class in the process: a second model of the class is grouped without a check or log.
+    caplog.clear()
+    ARCHITECTURES.pop("toyformer")
+    with caplog.at_level(logging.INFO, logger="hf_hesso"):
+        assert len(build_groups(ToyForCausalLM(ToyConfig()))) == len(groups)
+    assert caplog.text == ""
+
+
+def test_excluded_kinds_are_logged_with_the_reason(caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_hesso"):
+        groups = build_groups(ToyForCausalLM(ToyConfig(norm_over_heads=True)))
+    assert {b.kind for b in groups.blocks} == {MLP_CHANNEL}
+    assert re.search(r"Excluded kinds: head \(.*sized by these groups but not part of them: `attn.q_norm.weight` "
+                     r"\(64,\)", caplog.text)  # fmt: skip
+
+
 def test_unlisted_model_type_is_inferred_checked_and_prunable(tmp_path):
     model = ToyForCausalLM(ToyConfig()).eval()
-    with pytest.raises(ValueError, match=r"'toyformer' is not in hf_hesso's layout table.*check_architecture"):
-        build_groups(model)
-
     report = check_architecture(model)
 
     assert not report.in_table and report.error is None
@@ -193,8 +218,13 @@ def test_unknown_structure_names_what_is_missing():
     assert report.error is not None and not report.kinds
     assert "not recognised: MLP projections" in report.error
     assert "mlp.ffn_in (64, 96)" in report.error
-    assert "Add a layout to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py`" in report.error
+    assert "register_layout(model_type, layout" in report.error
+    assert "architectures.py" not in report.error  # never asks to edit the installed library
     assert "not supported" in str(report)
+    ARCHITECTURES.pop("toyformer", None)
+    with pytest.raises(ValueError, match=r"cannot prune `model_type` 'toyformer' \(ToyForCausalLM\).*not recognised: "
+                       r"MLP projections"):  # fmt: skip
+        build_groups(ToyForCausalLM(ToyConfig(mlp_names=("ffn_in", "ffn_out"))))
 
 
 def test_table_family_check_and_command(capsys):

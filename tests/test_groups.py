@@ -6,6 +6,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    MambaConfig,
     Olmo2Config,
 )
 
@@ -137,11 +138,13 @@ def test_bad_inputs():
     olmo2 = Olmo2Config(
         num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32, vocab_size=64
     )
+    # Outside the table: the layout is inferred and checked; OLMo-2's q/k norms span all heads, so only MLP channels.
+    assert {b.kind for b in build_groups(AutoModel.from_config(olmo2)).blocks} == {MLP_CHANNEL}
+    mamba = MambaConfig(num_hidden_layers=1, hidden_size=32, vocab_size=64)
     with pytest.raises(
-        ValueError,
-        match=r"`model_type` 'olmo2' is not in hf_hesso's layout table.*Supported model types: bert, deberta",
+        ValueError, match=r"hf_hesso cannot prune `model_type` 'mamba' \(MambaModel\): the check failed"
     ):
-        build_groups(AutoModel.from_config(olmo2))
+        build_groups(AutoModel.from_config(mamba))
     model = AutoModel.from_config(tiny_config("bert"))
     with pytest.raises(ValueError, match=r"`kinds` contains unknown kinds \['heads'\]"):
         build_groups(model, kinds=["heads"])

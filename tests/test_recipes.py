@@ -251,8 +251,9 @@ def test_model_name_or_path_takes_any_supported_family(tmp_path, name, config, h
         assert type(model).__name__ == "ModernBertForSequenceClassification" and model.config.num_labels == 3
     assert len(build_groups(model)) > 0
 
-    olmo = transformers.Olmo2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
-    olmo.save_pretrained(tmp_path / "olmo2")
-    script, _ = recipe.parse_args(["--model_name_or_path", str(tmp_path / "olmo2")])
-    with pytest.raises(ValueError, match=r"`model_type` 'olmo2' is not in hf_hesso's layout table"):
+    # A model type hf_hesso cannot prune is refused before any weights load, with the check's reason.
+    mamba = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64)
+    mamba.save_pretrained(tmp_path / "mamba")
+    script, _ = recipe.parse_args(["--model_name_or_path", str(tmp_path / "mamba")])
+    with pytest.raises(ValueError, match=r"hf_hesso cannot prune `model_type` 'mamba': the check failed"):
         recipe.load_model(script) if name == "llama_prune" else recipe.load_model(script, num_labels=3)

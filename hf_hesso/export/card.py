@@ -36,6 +36,9 @@ class PruningReport:
             `check_evaluation`): the card shows each with its ratio to the unpruned model.
         hidden_size (`tuple[int, int]`, *optional*): the residual-stream width before and after, where
             `hidden_channel` groups were removed.
+        inferred_layout (`dict`, *optional*): for a model type outside hf_hesso's layout table, the layout's checked
+            group kinds: `{"kinds": [...offered], "excluded": {kind: reason}}`; the card then says the layout was
+            inferred and checked.
     """
 
     base_model: str
@@ -50,6 +53,7 @@ class PruningReport:
     model_type: str = ""
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     hidden_size: tuple[int, int] | None = None
+    inferred_layout: dict[str, Any] | None = None
 
 
 EVALUATION_KEYS = ("text", "metric", "tokens", "before", "after")
@@ -78,12 +82,13 @@ def _is_hub_id(name: str) -> bool:
     return bool(name) and not os.path.isabs(name) and not os.path.exists(name) and name.count("/") <= 1
 
 
-def _runtimes(model_type: str) -> list[str]:
+def _runtimes(model_type: str, inferred: bool = False) -> list[str]:
     """Card lines: which runtime loads the model, and the commands (GGUF only for the llama family)."""
+    remote = "`trust_remote_code=True` (the model code ships with the weights)"
     lines = [
         "| Runtime | How |",
         "|---|---|",
-        "| transformers | `trust_remote_code=True` (the model code ships with the weights), or `import hf_hesso` first |",
+        f"| transformers | {remote}{'' if inferred else ', or `import hf_hesso` first'} |",
         "| transformers, stock classes | when every layer kept the same shape: `hf_hesso.to_stock(model)` then "
         "`save_pretrained` |",
     ]
@@ -98,6 +103,29 @@ def _runtimes(model_type: str) -> list[str]:
             "llama-cli -m model.gguf -cnv                          # chat, with the model's chat template",
             "```",
         ]
+    return [*lines, ""]
+
+
+def _inferred_layout(report: PruningReport) -> list[str]:
+    """Card lines for a model type outside hf_hesso's layout table: how its layout was found and checked."""
+    if report.inferred_layout is None:
+        return []
+    kinds = ", ".join(f"`{k}`" for k in report.inferred_layout.get("kinds", [])) or "none"
+    excluded = report.inferred_layout.get("excluded", {})
+    lines = [
+        "## Architecture",
+        "",
+        f"`{base_model_type(report.model_type)}` is not in hf_hesso's layout table: the layout of its layers (which "
+        "projections hold which heads and channels) was inferred from the module tree and checked numerically: on a "
+        "tiny random instance of the same class, removing groups of each kind gave the same outputs as zeroing "
+        "them, before and after a save and reload. The layout is recorded in `config.json` (`hesso_layout`), from "
+        "which the shipped code builds this model.",
+        "",
+        f"Group kinds offered: {kinds}.",
+    ]
+    if excluded:
+        lines += ["", "| Excluded kind | Reason |", "|---|---|"]
+        lines += [f"| `{k}` | {reason.replace('|', '/')} |" for k, reason in excluded.items()]
     return [*lines, ""]
 
 
@@ -126,6 +154,8 @@ def render_model_card(report: PruningReport) -> str:
         meta["hesso"]["evaluation"] = report.evaluation
     if report.hidden_size is not None:
         meta["hesso"]["hidden_size"] = int(report.hidden_size[1])
+    if report.inferred_layout is not None:
+        meta["hesso"]["layout"] = {"source": "inferred and checked", **report.inferred_layout}
 
     before, after = report.params_before, report.params_after
     kept = after / before if before else 1.0
@@ -140,8 +170,8 @@ def render_model_card(report: PruningReport) -> str:
         f"`{report.base_model or 'an unnamed model'}`. Pruned attention heads, key/value groups and MLP channels "
         "were physically removed, so the model is smaller and faster, not just sparse.",
         "",
-        "Load it (and its tokenizer) with `trust_remote_code=True` (layers may differ in size), or `import hf_hesso` "
-        "first:",
+        "Load it (and its tokenizer) with `trust_remote_code=True` (layers may differ in size)"
+        + (":" if report.inferred_layout else ", or `import hf_hesso` first:"),
         "",
         "```python",
         "from transformers import AutoModel, AutoTokenizer",
@@ -150,7 +180,8 @@ def render_model_card(report: PruningReport) -> str:
         'tokenizer = AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)',
         "```",
         "",
-        *_runtimes(report.model_type),
+        *_runtimes(report.model_type, inferred=report.inferred_layout is not None),
+        *_inferred_layout(report),
         "## Size",
         "",
         "| | Parameters |",

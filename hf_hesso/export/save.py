@@ -15,6 +15,7 @@ from torch import nn
 
 from ..groups import GroupSet, build_groups
 from ..groups.peft import is_peft_model
+from ..modeling.architectures import ARCHITECTURES, base_model_type
 from ..modeling.journal import MANIFEST_NAME
 from ..optim import HESSO
 from ..slim import SlimSummary, merge_and_slim, slim_copy, slim_with_adapters, to_stock
@@ -62,6 +63,10 @@ def build_report(
     config = getattr(model, "config", None)
     if config is None and is_peft_model(model):
         config = model.get_base_model().config
+    layout = ARCHITECTURES.get(base_model_type(getattr(config, "model_type", "") or ""))
+    inferred = None
+    if layout is not None and layout.inferred:
+        inferred = {"kinds": list(layout.exact), "excluded": dict(layout.excluded)}
     return PruningReport(
         base_model=getattr(config, "_name_or_path", "") or "",
         model_name=model_name,
@@ -74,6 +79,7 @@ def build_report(
         metadata=dict(metadata or {}),
         model_type=getattr(config, "model_type", "") or "",
         evaluation=check_evaluation(evaluation),
+        inferred_layout=inferred,
         hidden_size=None if summary.hidden_size is None else (summary.hidden_size_before, summary.hidden_size),
     )
 

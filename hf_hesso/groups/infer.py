@@ -15,19 +15,40 @@ group is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
-from ..modeling.architectures import KV, MLP, ArchLayout, Proj, Q, Sublayer
+from ..modeling.architectures import (
+    ARCHITECTURES,
+    KV,
+    LAYOUT_KEY,
+    MLP,
+    ArchLayout,
+    Proj,
+    Q,
+    Sublayer,
+    base_model_type,
+    layout_of,
+    unsupported_message,
+)
 from ..modeling.compat import Conv1D
+from .peft import unwrap_peft
 
-ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "q")
-ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "k")
-ATTENTION_V = ("v_proj", "value", "value_proj", "wv", "v")
+ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "Wq", "q")
+ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "Wk", "k")
+ATTENTION_V = ("v_proj", "value", "value_proj", "wv", "Wv", "v")
 ATTENTION_FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv")
 ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo", "wo", "o", "output.dense")
 MLP_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 MLP_FUSED_GATED = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
-MLP_PLAIN = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"))
+MLP_PLAIN = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"),
+             ("fc_in", "fc_out"), ("0", "2"))  # fmt: skip  # ("0", "2"): `nn.Sequential(Linear, act, Linear)`
+# Routed experts in fused 3-D parameters (transformers 5): `experts.gate_up_proj` (experts, 2 x width, hidden) and
+# `experts.down_proj` (experts, hidden, width).
+EXPERTS = ("experts", "gate_up_proj", "down_proj")
+# Expert-module attributes that hold the width of every expert.
+EXPERT_WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim")
 # BERT keeps the MLP output in a sibling of the MLP input module.
 MLP_SPLIT = (("intermediate.dense", "output.dense"),)
 # Attributes that attention/MLP code commonly reads at run time, and the quantity each follows.
@@ -112,7 +133,38 @@ def _attention(layer: nn.Module, hidden: int, q_width: int, kv_width: int) -> li
     return []
 
 
+def _experts(layer: nn.Module, hidden: int) -> list[Sublayer]:
+    """Routed experts in fused 3-D parameters, as an MLP sublayer of kind `expert_channel` (the router, and a shared
+    expert if there is one, are left as they are)."""
+    name, gate_up, down = EXPERTS
+    for path, module in layer.named_modules():
+        if path.rpartition(".")[2] != name:
+            continue
+        a, b = getattr(module, gate_up, None), getattr(module, down, None)
+        if not (isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter) and a.dim() == b.dim() == 3):
+            continue
+        experts, width = b.shape[0], b.shape[2]
+        if tuple(a.shape) != (experts, 2 * width, hidden) or tuple(b.shape) != (experts, hidden, width):
+            continue  # another orientation (GPT-OSS stores (experts, hidden, 2 x width), interleaved)
+        parent = path.rpartition(".")[0]
+        attributes = tuple(
+            (f"{path}.{attr}", "mlp") for attr in EXPERT_WIDTH_ATTRIBUTES if getattr(module, attr, None) == width
+        )
+        return [
+            Sublayer(
+                module=parent,
+                projections=(Proj(f"{path}.{gate_up}", rows=(MLP, MLP)), Proj(f"{path}.{down}", cols=MLP)),
+                attributes=attributes,
+                experts=True,
+            )
+        ]
+    return []
+
+
 def _mlp(layer: nn.Module, hidden: int) -> list[Sublayer]:
+    experts = _experts(layer, hidden)
+    if experts:
+        return experts
     modules = dict(layer.named_modules())
     projections = {path: _shape(m) for path, m in modules.items() if _shape(m) is not None}
 
@@ -163,6 +215,21 @@ WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
 WIDTH_FIELD = "intermediate_size"
 
 
+# Config fields that commonly hold the width of every routed expert.
+EXPERT_WIDTH_FIELDS = ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
+
+
+def _expert_width_field(config, layers: nn.ModuleList, sub: Sublayer) -> str:
+    """The config field equal to the experts' width (`to_stock` sets it)."""
+    for layer in layers:
+        try:
+            width = layer.get_submodule(sub.projections[1].path.rpartition(".")[0]).down_proj.shape[2]
+        except AttributeError:
+            continue
+        return next((f for f in EXPERT_WIDTH_FIELDS if getattr(config, f, None) == width), EXPERT_WIDTH_FIELDS[0])
+    return EXPERT_WIDTH_FIELDS[0]
+
+
 def infer_layouts(model: nn.Module) -> list[ArchLayout]:
     """Candidate layouts of `model`, most likely first (fused QKV: `[q; k; v]`, then interleaved per head).
 
@@ -176,9 +243,17 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
         hidden, q_width, kv_width, _ = _config_sizes(config)
     except (AttributeError, UnrecognisedArchitecture) as error:
         raise UnrecognisedArchitecture(_unrecognised(config, str(error))) from None
-    layer = base.get_submodule(layers_path)[0]
+    layer_list = base.get_submodule(layers_path)
+    layer = layer_list[0]
     attentions = _attention(layer, hidden, q_width, kv_width)
-    mlps = _mlp(layer, hidden)
+    # MLP variants: some families mix dense and mixture-of-experts layers; routed experts are listed first.
+    found = {}
+    for each in layer_list:
+        for variant in _mlp(each, hidden) or [None]:
+            found.setdefault(None if variant is None else (variant.module, variant.projections), variant)
+    mlps = sorted((v for v in found.values() if v is not None), key=lambda v: not v.experts)
+    if None in found:
+        mlps = []  # a layer whose MLP follows no known convention
     missing = []
     if not attentions:
         missing.append(
@@ -193,7 +268,8 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
     if missing:
         raise UnrecognisedArchitecture(_unrecognised(config, "; ".join(missing), layer))
     width_field = next((f for f in WIDTH_FIELDS if getattr(config, f, None)), WIDTH_FIELD)
-    mlps = [Sublayer(**{**m.__dict__, "width_field": width_field}) for m in mlps]
+    mlps = [Sublayer(**{**m.__dict__, "width_field": _expert_width_field(config, layer_list, m) if m.experts
+                        else width_field}) for m in mlps]  # fmt: skip
     layouts = []
     for module, projections in attentions:
         attention_module = layer.get_submodule(module)
@@ -234,8 +310,38 @@ def _unrecognised(config, what: str, layer: nn.Module | None = None) -> str:
         names = [f"{p} {tuple(_shape(m))}" for p, m in layer.named_modules() if _shape(m) is not None]
         found = f" The layer's projections (in, out): {', '.join(names) or 'none'}."
     return (
-        f"hf_hesso cannot infer a layout for `model_type` {config.model_type!r}: not recognised: {what}.{found} Add a "
-        "layout to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py` (an `ArchLayout` naming the layer list, "
-        "and for each projection the index spaces of its rows and columns; see the entries there), plus a tiny "
-        "config in `tests/test_architectures.py`."
+        f"hf_hesso cannot infer a layout for `model_type` {config.model_type!r}: not recognised: {what}.{found} "
+        "Describe the layer yourself: an `hf_hesso.modeling.architectures.ArchLayout` naming the layer list and, for "
+        "each projection, the index spaces of its rows and columns (docs/architectures.md shows the known ones), "
+        "registered in your script with `hf_hesso.modeling.modeling_hesso.register_layout(model_type, layout, "
+        "[(model_class, auto_class_name)])` before `build_groups`."
     )
+
+
+# The numerical check of an inferred layout. It slims, so it lives in a higher layer (`hf_hesso.slim.selfcheck`),
+# which installs it here when the package is imported; `resolve_layout` calls it for model types outside the table.
+_layout_check: Callable[[nn.Module], ArchLayout] | None = None
+
+
+def set_layout_check(check: Callable[[nn.Module], ArchLayout]) -> None:
+    """Install the function that infers and checks the layout of a model outside the table (`hf_hesso.slim.selfcheck`
+    does, on import)."""
+    global _layout_check
+    _layout_check = check
+
+
+def resolve_layout(model: nn.Module) -> ArchLayout:
+    """The layout of `model`: the table's; the one its config records (a slim model of an inferred layout); one
+    registered in this process; else one inferred from its module tree and checked numerically (once per model
+    class), which is registered.
+
+    Raises:
+        `ValueError`: no layout can be inferred, or none of its group kinds passed the check (naming why).
+    """
+    config = model.config
+    model_type = base_model_type(config.model_type)
+    if model_type in ARCHITECTURES or getattr(config, LAYOUT_KEY, None):
+        return layout_of(config)
+    if _layout_check is None:
+        raise ValueError(unsupported_message(model_type))
+    return _layout_check(unwrap_peft(model))

@@ -52,7 +52,6 @@ from ..modeling.architectures import (
     ArchLayout,
     Proj,
     Q,
-    get_layout,
     get_submodule,
     normalize_config,
 )
@@ -65,6 +64,7 @@ from ..modeling.modeling_hesso import (
     stream_tensors,
 )
 from .group import Block, GroupSet, Slice, exclude_frozen
+from .infer import resolve_layout
 from .peft import LoraAdapter, is_lora_layer, is_lora_linear, lora_adapters, unwrap_peft
 
 # The kinds `build_groups` offers by default: everything but whole sublayers and hidden channels.
@@ -157,8 +157,11 @@ def build_groups(
     """Build the zero-invariant groups of a supported model from its config, without tracing.
 
     Args:
-        model (`nn.Module`): a transformers model of a supported `model_type` (bare, `*ForCausalLM`,
-            `*ForSequenceClassification`, `*ForMaskedLM`), on any device including `meta`, stock or slim.
+        model (`nn.Module`): a transformers model (bare, `*ForCausalLM`, `*ForSequenceClassification`,
+            `*ForMaskedLM`), on any device including `meta`, stock or slim. A `model_type` outside the layout table
+            gets a layout inferred from its module tree, each group kind numerically checked on a tiny instance of
+            its class (once per class in a process; see `hf_hesso.check_architecture`): the kinds that failed are
+            not offered, and a log message names them with the reason.
         kinds (`Iterable[str]`, *optional*): restrict to these kinds (`"mlp_channel"`, `"head"`, `"kv_group"`,
             `"query_slot"`, `"expert_channel"`, `"shared_expert_channel"`, and the whole-sublayer kinds
             `"attention_sublayer"`, `"mlp_sublayer"`, and `"hidden_channel"`). Default: every width kind the
@@ -167,7 +170,8 @@ def build_groups(
             docs/hidden.md).
         layers (`Iterable[int]`, *optional*): restrict to these layer indices. Default: every layer. The
             `hidden_channel` block spans the whole model whatever `layers` says.
-        layout (`ArchLayout`, *optional*): the layout to read; default the table entry of `config.model_type`.
+        layout (`ArchLayout`, *optional*): the layout to read; default the table entry of `config.model_type` (or
+            the inferred and checked one).
         prune_frozen (`bool`, *optional*, defaults to `False`): keep the groups that slice parameters with
             `requires_grad=False`. By default a block (one kind in one layer) that touches a frozen parameter is
             left out, with a warning that names it, so that HESSO never changes what the user froze. A LoRA model's
@@ -194,7 +198,7 @@ def build_groups(
             "supported `model_type` (`python -m hf_hesso.check <model_type>` lists what each supports), or a peft "
             "`PeftModel` around one."
         )
-    layout = layout or get_layout(config.model_type)
+    layout = layout or resolve_layout(model)
     norm = normalize_config(config, layout)
     wanted = set(WIDTH_KINDS if kinds is None else kinds)
     unknown = wanted - set(KINDS)

@@ -21,7 +21,8 @@ modules are laid out like a known family is one line in ``ARCHITECTURES``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
 
 # Group kinds (re-exported by `hf_hesso.groups`; defined here so that the layout data can name them).
 MLP_CHANNEL = "mlp_channel"
@@ -176,6 +177,7 @@ class ArchLayout:
         inferred (`bool`): inferred from a module tree (`check_architecture`), not written in this table.
         stream (`Stream`, *optional*): the residual stream's norms and extra readers, for `hidden_channel` groups;
             None where exact hidden-size pruning is impossible (LayerNorm families, see `NO_STREAM_REASON`).
+        exact (`tuple[str, ...]`): for an inferred layout, the group kinds the numerical check found exact.
     """
 
     name: str
@@ -192,6 +194,7 @@ class ArchLayout:
     excluded: tuple[tuple[str, str], ...] = ()
     inferred: bool = False
     stream: Stream | None = None
+    exact: tuple[str, ...] = ()
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
@@ -579,6 +582,9 @@ LAYER_SHAPES_KEY = "hesso_layer_shapes"
 # The config key under which a slim model records its hidden size, when `hidden_channel` groups were removed (the
 # stock `hidden_size` keeps the size before pruning, like every stock field of a slim config).
 HIDDEN_SIZE_KEY = "hesso_hidden_size"
+# The config key under which a slim model of a model type outside the table records its layout (inferred from the
+# module tree and checked numerically), so that this file can build the slim model anywhere.
+LAYOUT_KEY = "hesso_layout"
 # Prefix of the model_type of a slim model whose layers differ (`hesso_llama`, `hesso_bert`, ...).
 HESSO_PREFIX = "hesso_"
 
@@ -680,11 +686,10 @@ def supported_model_types() -> list[str]:
 
 def unsupported_message(model_type: str) -> str:
     return (
-        f"`model_type` {model_type!r} is not in hf_hesso's layout table. Supported model types: "
-        f"{', '.join(supported_model_types())}. If its modules are laid out like a known family, add one line "
-        f"(e.g. `'{model_type}': LLAMA_LAYOUT`) to `ARCHITECTURES` in `hf_hesso/modeling/architectures.py`, plus a "
-        "tiny config in `tests/test_architectures.py`; `hf_hesso.check_architecture(model)` infers a layout from the "
-        "module tree and says which group kinds it can offer."
+        f"No layout is known for `model_type` {model_type!r} in this process (the layout table has "
+        f"{', '.join(supported_model_types())}). `build_groups(model)` infers one from the module tree and checks it "
+        "numerically (and HESSO and HESSOTrainer call it); call it on this model first, or pass the groups it "
+        "returned."
     )
 
 
@@ -700,6 +705,58 @@ def current_hidden_size(config) -> int:
     return int(getattr(config, HIDDEN_SIZE_KEY, None) or config.hidden_size)
 
 
+def layout_to_dict(layout: ArchLayout) -> dict:
+    """`layout` as plain JSON data (what a slim model of an inferred layout records in `config.hesso_layout`)."""
+    return json.loads(json.dumps(asdict(layout)))
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def layout_from_dict(data: dict) -> ArchLayout:
+    """The `ArchLayout` that `layout_to_dict` wrote."""
+
+    def build(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(
+                f"`{LAYOUT_KEY}` has fields {sorted(unknown)} that this version of the model code does not know; "
+                "load the model with the hf_hesso version that saved it."
+            )
+        return cls(**{key: _tuples(value) for key, value in values.items()})
+
+    def sublayer(values: dict) -> Sublayer:
+        return build(Sublayer, {**values, "projections": [build(Proj, p) for p in values["projections"]]})
+
+    stream = data.get("stream")
+    return build(
+        ArchLayout,
+        {
+            **data,
+            "attention": sublayer(data["attention"]),
+            "mlps": [sublayer(m) for m in data["mlps"]],
+            "stream": None if stream is None else build(Stream, stream),
+        },
+    )
+
+
+def layout_of(config) -> ArchLayout:
+    """The layout of a model with this config: the one it records (`config.hesso_layout`, a slim model of an
+    inferred layout), else the table's (or one registered in this process).
+
+    A recorded layout is also registered for its model type in this process when none is, so that code that looks
+    layouts up by `model_type` finds it.
+    """
+    recorded = getattr(config, LAYOUT_KEY, None)
+    if not recorded:
+        return get_layout(config.model_type)
+    layout = layout_from_dict(recorded)
+    ARCHITECTURES.setdefault(base_model_type(config.model_type), layout)
+    return layout
+
+
 def mlp_width(config, width_field: str | None) -> int:
     # GPT-2's `n_inner` is None for the default 4 x hidden.
     value = getattr(config, width_field, None) if width_field else None
@@ -709,7 +766,7 @@ def mlp_width(config, width_field: str | None) -> int:
 def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConfig:
     """Read heads, key/value heads, head size and MLP width of any supported config."""
     model_type = base_model_type(config.model_type)
-    layout = layout or get_layout(model_type)
+    layout = layout or layout_of(config)
     heads = config.num_attention_heads
     kv_heads = (getattr(config, layout.kv_heads_field, None) if layout.kv_heads_field else None) or heads
     head_dim = getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None

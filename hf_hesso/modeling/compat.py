@@ -24,6 +24,8 @@ Touchpoints:
   and load (fused experts <-> per-expert tensors), which a slim class switches off.
 - `PretrainedConfig.__post_init__`: transformers' configs are dataclasses, and subclasses validate there.
 - `_BaseAutoModelClass._model_mapping` (`auto_mapping`): the config class -> model class table of an Auto factory.
+- `transformers.models.auto.modeling_auto.MODEL_*_MAPPING_NAMES` (`auto_model_names`): the model type -> class name
+  tables of the Auto factories, read without importing any family.
 - `PreTrainedModel._auto_class` (`auto_class_of`): the Auto class name `register_for_auto_class` recorded.
 - Trainer internals used by `HESSOTrainer`: the checkpoint file names (`transformers.trainer`), the console
   callbacks (`transformers.trainer_callback`), `get_last_checkpoint` (`transformers.trainer_utils`), the private
@@ -109,6 +111,24 @@ def auto_mapping(auto: str):
     """The config class -> model class table of the Auto factory named `auto` (`"AutoModelForCausalLM"`), read by
     key (`config_class in mapping`, `mapping[config_class]`) without importing every family."""
     return getattr(transformers, auto)._model_mapping
+
+
+# The Auto classes whose name tables `auto_model_names` reads, with the table's name in
+# `transformers.models.auto.modeling_auto`.
+AUTO_MAPPING_NAMES = {
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModel": "MODEL_MAPPING_NAMES",
+}
+
+
+def auto_model_names(auto: str, model_type: str | None) -> list[str]:
+    """The class names the Auto factory `auto` (a key of `AUTO_MAPPING_NAMES`) maps `model_type` to."""
+    from transformers.models.auto import modeling_auto
+
+    value = getattr(modeling_auto, AUTO_MAPPING_NAMES[auto], {}).get(model_type)
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def auto_class_of(model_class: type) -> str | None:

@@ -4,13 +4,14 @@
 This file travels with every saved slim model, so it must only import `torch`, `transformers` and its sibling
 files (relative imports), never `hf_hesso`.
 
-Each config subclasses the stock config of its family and adds two fields: `hesso_layer_shapes`, a list with one
+Each config subclasses the stock config of its family and adds the fields: `hesso_layer_shapes`, a list with one
 dict per layer (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and `shared_intermediate_size` where
-there is a shared expert), and `hesso_hidden_size`, the width of the residual stream where hidden channels were
-pruned (None otherwise). The stock fields keep the sizes of the model *before* pruning, so the stock validation (e.g.
-`hidden_size % num_attention_heads == 0`) and every derived quantity (head size, rotary size, Gemma's embedding
-scale `sqrt(hidden_size)`) stay exactly as they were; the model classes in `modeling_hesso.py` read the per-layer
-sizes and the hidden size from the new fields.
+there is a shared expert); `hesso_hidden_size`, the width of the residual stream where hidden channels were pruned
+(None otherwise); and, for a model type outside the layout table, `hesso_layout`: the layout that was inferred and
+checked (`architectures.layout_to_dict`), from which `modeling_hesso.py` builds the model. The stock fields keep the
+sizes of the model *before* pruning, so the stock validation (e.g. `hidden_size % num_attention_heads == 0`) and every
+derived quantity (head size, rotary size, Gemma's embedding scale `sqrt(hidden_size)`) stay exactly as they were; the
+model classes in `modeling_hesso.py` read the per-layer sizes and the hidden size from the new fields.
 """
 
 from __future__ import annotations
@@ -92,6 +93,30 @@ def make_config_class(model_type: str, stock: type) -> type:
 
 # stock model_type -> slim config class.
 HESSO_CONFIGS: dict[str, type] = {}
+
+
+def hesso_config_class(model_type: str, stock: type) -> type:
+    """The slim config class of `model_type`, made once and kept as a module attribute (so that `auto_map` in a
+    saved config resolves it by name) and registered for `AutoConfig` (`save_pretrained` writes `auto_map`)."""
+    cls = HESSO_CONFIGS.get(model_type)
+    if cls is None or stock not in cls.__mro__:
+        cls = make_config_class(model_type, stock)
+        cls.register_for_auto_class("AutoConfig")
+        globals()[cls.__name__] = cls
+        HESSO_CONFIGS[model_type] = cls
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    # The slim config of a model type outside the layout table (`HessoPhi3Config`), named by `auto_map` in the
+    # config of a slim model that records its layout: made from the stock transformers config on first use.
+    stock = getattr(transformers, name.removeprefix("Hesso"), None) if name.startswith("Hesso") else None
+    model_type = getattr(stock, "model_type", None)
+    if not (isinstance(stock, type) and issubclass(stock, transformers.PretrainedConfig) and model_type):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return hesso_config_class(model_type, stock)
+
+
 for _model_type, _layout in ARCHITECTURES.items():
     # Shipped beside every slim model: skip a family the installed transformers version does not have.
     _stock = getattr(transformers, _layout.config_class, None)

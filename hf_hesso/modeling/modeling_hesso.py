@@ -35,13 +35,22 @@ from .architectures import (
     Q,
     Sublayer,
     current_hidden_size,
-    get_layout,
     get_submodule,
     layer_shapes_from_config,
+    layout_of,
     normalize_config,
 )
-from .compat import LOADING_CHECK_HOOK, WEIGHT_CONVERSIONS, Conv1D, find_cache, loading_report, record_tokens
-from .configuration_hesso import HESSO_CONFIGS, make_config_class
+from .compat import (
+    AUTO_MAPPING_NAMES,
+    LOADING_CHECK_HOOK,
+    WEIGHT_CONVERSIONS,
+    Conv1D,
+    auto_model_names,
+    find_cache,
+    loading_report,
+    record_tokens,
+)
+from .configuration_hesso import HESSO_CONFIGS, hesso_config_class
 from .journal import recover_for_loading
 
 
@@ -417,13 +426,13 @@ def skip_layer(layers: nn.ModuleList, index: int, layout: ArchLayout, shape: Lay
 
 def layer_modules(model: nn.Module) -> nn.ModuleList:
     """The `nn.ModuleList` of transformer layers of a supported model (bare or with a head)."""
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     return get_submodule(model.base_model, layout.layers)
 
 
 def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
     """Give every layer of `model` the sizes `shapes[i]` (keeping the first rows), in place."""
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     layers = layer_modules(model)
     if len(shapes) != len(layers):
         raise ValueError(
@@ -467,7 +476,7 @@ def stream_tensors(model: nn.Module, layout: ArchLayout | None = None) -> list[S
         `ValueError`: the family has no `Stream` (exact hidden-size pruning is impossible there), or a module outside
             the base model is not a linear head reading the stream.
     """
-    layout = layout or get_layout(model.config.model_type)
+    layout = layout or layout_of(model.config)
     if layout.stream is None:
         raise ValueError(f"{layout.name} has no prunable hidden size: {NO_STREAM_REASON}.")
     stream = layout.stream
@@ -603,7 +612,7 @@ class HessoModelMixin:
                 f"{where}: tensor `{key}` has shape {tuple(ckpt_shape)} in the checkpoint but {tuple(model_shape)} "
                 f"in the model built from config.json{expected}"
             )
-        layout = get_layout(self.config.model_type)
+        layout = layout_of(self.config)
         prunable = {f".{p.path}." for sub in layout.sublayers for p in sub.projections}
         for key in sorted(loading_info.missing_keys):
             match = _LAYER_INDEX.search("." + key)
@@ -653,12 +662,37 @@ def _make_class(model_type: str, stock: type, auto_class: str | None) -> type:
     return cls
 
 
-def register_layout(model_type: str, layout: ArchLayout, model_classes: list[tuple[type, str]]) -> list[type]:
-    """Add a layout for `model_type` (e.g. one inferred from a module tree) and make its slim classes, in-process.
+def _mapped(auto: str, model_type: str | None) -> list[str]:
+    """The class names the Auto class `auto` maps `model_type` to (transformers' name tables)."""
+    return auto_model_names(auto, model_type)
 
-    The classes are registered with the transformers Auto* factories of this process only: they do not ship their
-    code (the stock classes may not even be importable elsewhere). To ship slim models of a new family, add its
-    layout to `ARCHITECTURES` instead.
+
+def _add_class(model_type: str, stock: type, auto_class: str | None) -> type:
+    """The slim class of `stock`, made once and kept as a module attribute (so that `auto_map` resolves by name),
+    with the slim class of its family's bare model (which the heads of some families build through `AutoModel`)."""
+    name = "Hesso" + stock.__name__
+    cls = globals().get(name)
+    if cls is None or stock not in cls.__mro__:
+        cls = _make_class(model_type, stock, auto_class)
+        globals()[name] = cls
+    HESSO_MODELS[stock.__name__] = cls
+    if cls._hesso_bare_class is None:
+        bare_names = _mapped("AutoModel", stock.config_class.model_type)
+        bare = getattr(transformers, bare_names[0], None) if bare_names else None
+        if bare is stock:
+            cls._hesso_bare_class = cls
+        elif isinstance(bare, type) and issubclass(bare, transformers.PreTrainedModel):
+            cls._hesso_bare_class = _add_class(model_type, bare, "AutoModel")
+    return cls
+
+
+def register_layout(model_type: str, layout: ArchLayout, model_classes: list[tuple[type, str]]) -> list[type]:
+    """Add a layout for `model_type` (e.g. one inferred from a module tree) and make its slim classes.
+
+    The classes are registered with the transformers Auto* factories of this process, and for `save_pretrained`:
+    a slim model of such a layout records the layout in its config (`hesso_layout`) and ships this code, which
+    makes the same classes again by name in a process that has only torch and transformers (see `__getattr__`),
+    provided the stock classes are part of transformers.
 
     Args:
         model_type (`str`): the stock `model_type`.
@@ -667,16 +701,37 @@ def register_layout(model_type: str, layout: ArchLayout, model_classes: list[tup
             (`"AutoModelForCausalLM"`).
     """
     ARCHITECTURES[model_type] = layout
-    config_cls = make_config_class(model_type, model_classes[0][0].config_class)
-    HESSO_CONFIGS[model_type] = config_cls
+    config_cls = hesso_config_class(model_type, model_classes[0][0].config_class)
     transformers.AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     made = []
     for stock, auto in model_classes:
-        cls = _make_class(model_type, stock, None)
-        HESSO_MODELS[stock.__name__] = cls
+        cls = _add_class(model_type, stock, auto)
         getattr(transformers, auto).register(config_cls, cls, exist_ok=True)
         made.append(cls)
     return made
+
+
+def slim_class_of(stock: type) -> type | None:
+    """The slim class of the stock transformers class `stock` (made on first use, with the slim config of its
+    model type); None when `stock` is not a transformers model class."""
+    model_type = getattr(getattr(stock, "config_class", None), "model_type", None)
+    if not (isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel) and model_type):
+        return None
+    if getattr(transformers, stock.__name__, None) is not stock:
+        return None
+    hesso_config_class(model_type, stock.config_class)
+    auto = next((a for a in AUTO_MAPPING_NAMES if stock.__name__ in _mapped(a, model_type)), None)
+    return _add_class(model_type, stock, auto)
+
+
+def __getattr__(name: str) -> type:
+    # A slim class of a model type outside the layout table (`HessoPhi3ForCausalLM`), named by `auto_map` in the
+    # config of a slim model whose layout is recorded there: made from the stock transformers class on first use.
+    stock = getattr(transformers, name.removeprefix("Hesso"), None) if name.startswith("Hesso") else None
+    cls = slim_class_of(stock) if isinstance(stock, type) else None
+    if cls is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return cls
 
 
 for _model_type, _layout in ARCHITECTURES.items():

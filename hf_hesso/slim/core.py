@@ -37,14 +37,16 @@ from ..modeling.architectures import (
     HIDDEN_SIZE_KEY,
     KV,
     LAYER_SHAPES_KEY,
+    LAYOUT_KEY,
     MLP,
     SHARED,
     LayerShape,
     Q,
     base_model_type,
     current_hidden_size,
-    get_layout,
     get_submodule,
+    layout_of,
+    layout_to_dict,
     normalize_config,
 )
 from ..modeling.configuration_hesso import HESSO_CONFIGS
@@ -63,6 +65,7 @@ from ..modeling.modeling_hesso import (
     mlp_variant,
     projection_tensors,
     skip_layer,
+    slim_class_of,
     space_sizes,
     stream_tensors,
 )
@@ -177,7 +180,7 @@ def _num_params(model: nn.Module) -> int:
 
 def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
     """The per-layer sizes of `model`, read from its tensors (stock or slim)."""
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     hd = normalize_config(model.config).head_dim
     shapes = []
     for layer in layer_modules(model):
@@ -198,7 +201,7 @@ def _slim_class(model: nn.Module) -> type | None:
     if model.config.model_type.startswith(HESSO_PREFIX):
         return None
     cls = type(model)
-    slim = HESSO_MODELS.get(cls.__name__)
+    slim = HESSO_MODELS.get(cls.__name__) or slim_class_of(cls)  # another head of the family (`BertLMHeadModel`)
     if slim is None or cls not in slim.__mro__:
         raise ValueError(
             f"`model` is a {cls.__name__}, which `slim_model` cannot convert. Supported classes: "
@@ -225,7 +228,7 @@ def keep_plan(
     for block in groups.blocks:
         keep.setdefault(block.layer, {})[block.kind] = ~zero[block.offset : block.offset + block.n]
 
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     plans = []
     for i, (layer, shape) in enumerate(zip(layer_modules(model), before, strict=True)):
         heads, kv_heads, width = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
@@ -343,7 +346,7 @@ class _SlimPlan:
                 if not bool(keep.all()):
                     hidden_kept = keep.repeat_interleave(b.slices[0].inner).nonzero().squeeze(1)
         return cls(
-            layout=get_layout(model.config.model_type),
+            layout=layout_of(model.config),
             head_dim=normalize_config(model.config).head_dim,
             slim_cls=_slim_class(model),
             plans=plans,
@@ -472,6 +475,10 @@ def _finish(model, slim_cls, plans, before, params_before: int, removed: int,
     setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in after])
     if hidden is not None:
         setattr(config, HIDDEN_SIZE_KEY, hidden[1] if hidden[1] != config.hidden_size else None)
+    layout = layout_of(config)
+    if layout.inferred:
+        # Outside the table: the checked layout travels in config.json, where the shipped code reads it.
+        setattr(config, LAYOUT_KEY, layout_to_dict(layout))
     return SlimSummary(
         params_before=params_before,
         params_after=_num_params(model),
@@ -545,7 +552,7 @@ def stock_rule(layout) -> str:
 def stock_updates(config, shape: LayerShape, layer_mlp) -> dict:
     """The stock config fields that give every layer `shape` (the head size is kept where the config stores it, and
     the hidden size is the slim one)."""
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     norm = normalize_config(config)
     updates = {"num_attention_heads": shape.num_attention_heads}
     if norm.hidden_size != config.hidden_size:
@@ -578,7 +585,7 @@ def _per_layer_updates(config, kept: list[int]) -> dict:
 
 def _renamed(model: nn.Module, kept: list[int]) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of `model` under the names they get once the dropped layers are gone."""
-    layout = get_layout(model.config.model_type)
+    layout = layout_of(model.config)
     new_index = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(r"(^|\.)" + re.escape(layout.layers) + r"\.(\d+)\.")
 
@@ -596,7 +603,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
     and the shapes of all its parameters are compared with the slim model's.
     """
     config = model.config
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     layers = layer_modules(model)
     kept = list(range(len(layers))) if kept is None else kept
     variants = {mlp_variant(layers[i], layout) for i in kept}
@@ -608,7 +615,7 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
             return updates, "its config lists `mlp_only_layers` by index, which dropping layers would renumber"
         updates.update(_per_layer_updates(config, kept))
     trial = config.to_dict()
-    for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
+    for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, LAYOUT_KEY, "auto_map", "model_type", "transformers_version"):
         trial.pop(key, None)
     trial.update(updates)
     stock_config_cls = _stock_base(type(config))
@@ -677,7 +684,7 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
     meta device (MLP widths and dropped layers never trouble a stock config of the families in the table).
     """
     config = model.config
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     kinds = {b.kind for b in groups.blocks}
     shape = current_layer_shapes(model)[0]
     heads, kv = shape.num_attention_heads, shape.num_key_value_heads
@@ -696,7 +703,14 @@ def uniform_stock_problem(model: nn.Module, groups: GroupSet, group_divisible: i
             if (h, k) == (heads, kv):
                 continue
             trial = config.to_dict()
-            for key in (LAYER_SHAPES_KEY, HIDDEN_SIZE_KEY, "auto_map", "model_type", "transformers_version"):
+            for key in (
+                LAYER_SHAPES_KEY,
+                HIDDEN_SIZE_KEY,
+                LAYOUT_KEY,
+                "auto_map",
+                "model_type",
+                "transformers_version",
+            ):
                 trial.pop(key, None)
             trial.update(stock_updates(config, LayerShape(h, k, shape.intermediate_size, shape.shared_intermediate_size),
                                        mlp_variant(layer_modules(model)[0], layout)))  # fmt: skip
@@ -741,7 +755,7 @@ def _uniform_hidden_problem(
     if block is None:
         return None
     config = model.config
-    layout = get_layout(config.model_type)
+    layout = layout_of(config)
     width, unit = current_hidden_size(config), block.slices[0].inner
     shape = current_layer_shapes(model)[0]
     variant = mlp_variant(layer_modules(model)[0], layout)
@@ -831,7 +845,7 @@ def to_stock(model: nn.Module) -> nn.Module:
     layers = layer_modules(model)
     if len(kept) != len(layers):
         # Drop the skipped layers for good and renumber the others (their cache slots and attention types follow).
-        layout = get_layout(config.model_type)
+        layout = layout_of(config)
         parent_path, _, name = layout.layers.rpartition(".")
         remaining = nn.ModuleList([layers[i] for i in kept])
         for new, layer in enumerate(remaining):
@@ -840,11 +854,12 @@ def to_stock(model: nn.Module) -> nn.Module:
                     module.layer_idx = new
         setattr(get_submodule(model.base_model, parent_path), name, remaining)
     if "hidden_size" in updates:
-        _stock_embed_scale(model, get_layout(config.model_type), config.hidden_size, updates["hidden_size"])
+        _stock_embed_scale(model, layout_of(config), config.hidden_size, updates["hidden_size"])
     config.__class__ = _stock_base(type(config))
     config.__dict__.pop("model_type", None)
     config.__dict__.pop(LAYER_SHAPES_KEY, None)
     config.__dict__.pop(HIDDEN_SIZE_KEY, None)
+    config.__dict__.pop(LAYOUT_KEY, None)
     config.__dict__.pop("auto_map", None)
     for key, value in updates.items():
         setattr(config, key, value)

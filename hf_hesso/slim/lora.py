@@ -19,7 +19,7 @@ from torch import nn
 
 from ..groups import Block, GroupSet, build_groups
 from ..groups.peft import is_lora_linear, unwrap_peft
-from ..modeling.architectures import get_layout, get_submodule, normalize_config
+from ..modeling.architectures import get_submodule, layout_of, normalize_config
 from ..modeling.modeling_hesso import layer_modules, layer_sublayers, rows_to_keep, space_sizes
 from .core import cpu_copy_memo, keep_plan, slim_model
 
@@ -74,7 +74,7 @@ def slim_with_adapters(peft_model: nn.Module, groups=None):
     _, plans = keep_plan(unwrap_peft(work), groups, zero=groups.zero_mask(work).cpu())
     # Slice the adapters with the plan decided on the whole groups (base + adapter slices all zero).
     base_model = unwrap_peft(work)
-    layout = get_layout(base_model.config.model_type)
+    layout = layout_of(base_model.config)
     hd = normalize_config(base_model.config).head_dim
     for layer, (_, kept) in zip(layer_modules(base_model), plans, strict=True):
         sizes = space_sizes(layer, layout)

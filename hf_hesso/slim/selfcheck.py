@@ -13,6 +13,7 @@ It lives beside `slim_model` (not in `hf_hesso.groups`) because it slims.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import transformers
 from torch import nn
 
 from ..groups import build_groups
-from ..groups.infer import infer_layouts
+from ..groups.infer import infer_layouts, set_layout_check
 from ..groups.rules import InexpressibleKind, kind_partitions
 from ..modeling.architectures import (
     ARCHITECTURES,
@@ -30,13 +31,17 @@ from ..modeling.architectures import (
     HIDDEN_CHANNEL,
     KINDS,
     LAYER_SHAPES_KEY,
+    LAYOUT_KEY,
     ArchLayout,
     base_model_type,
+    get_submodule,
     normalize_config,
 )
 from ..modeling.compat import auto_mapping
 from ..modeling.modeling_hesso import layer_modules, layer_sublayers, register_layout, space_sizes
 from .core import can_stock, slim_model
+
+logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 # Config fields set for the tiny instance, where the config has them.
@@ -53,6 +58,14 @@ TINY_FIELDS = {
     "num_local_experts": 4,
     "num_experts": 4,
     "num_experts_per_tok": 2,
+    "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
+    # Encoder-decoder families (their causal LM is the decoder): `num_hidden_layers` maps to the encoder's count.
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 96,
+    "decoder_ffn_dim": 96,
 }
 
 
@@ -108,6 +121,8 @@ def tiny_config(config):
     if getattr(config, "num_key_value_heads", None):
         fields["num_key_value_heads"] = 2 if gqa else 4
     for key, value in fields.items():
+        if isinstance(getattr(type(config), key, None), property):
+            continue  # derived from other fields (Falcon's `head_dim`)
         if getattr(config, key, None) is not None:
             setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
@@ -191,16 +206,20 @@ def _uncovered(model: nn.Module, layout: ArchLayout, kind: str, groups) -> list[
     sizes = space_sizes(layer, layout)
     partition = kind_partitions(sizes, hd, sizes["q"] == sizes["kv"], layer_sublayers(layer, layout)[1].experts)
     spaces = next((p for k, p in partition.items() if k == kind), {})
-    widths = {sizes[s] for s in spaces}
+    widths = {sizes[s] for s in spaces} | {sizes[s] // hd for s in spaces if s in ("q", "kv")}  # rows, or heads
     attention, mlp = layer_sublayers(layer, layout)
     sublayer = attention if set(spaces) & {"q", "kv"} else mlp
     grouped = {s.param.split(".")[-2] for b in groups.blocks for s in b.slices}
+    # The layout's own projections are accounted for (another index space, or another kind): not suspects.
+    prefix = f"{sublayer.module}." if sublayer.module else ""
+    projected = {p.path.removeprefix(prefix) for sub in layer_sublayers(layer, layout) for p in sub.projections}
     found = []
-    for name, p in layer.get_submodule(sublayer.module).named_parameters():
-        if name.split(".")[-2] in grouped:
+    for name, p in get_submodule(layer, sublayer.module).named_parameters():
+        owner = name.rpartition(".")[0]  # "" for a parameter of the sublayer module itself (attention sinks)
+        if name in projected or owner in projected or owner.rpartition(".")[2] in grouped:
             continue
         if any(d in widths for d in p.shape):
-            found.append(f"`{sublayer.module}.{name}` {tuple(p.shape)}")
+            found.append(f"`{prefix}{name}` {tuple(p.shape)}")
     return found
 
 
@@ -250,8 +269,9 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
     For a `model_type` in the layout table the table's layout is checked. For any other, a layout is inferred from
     the module tree (`hf_hesso.groups.infer.infer_layouts`), every candidate is checked, and the best one is
     registered in this process with the failing kinds excluded (their reasons kept in `layout.excluded`), so that
-    `build_groups`, HESSO and `slim_model` then work on such models. Slim models of an inferred layout save and load
-    in this process (`import hf_hesso` and the registration); to ship them, add the layout to the table.
+    `build_groups`, HESSO and `slim_model` then work on such models (`build_groups` calls this by itself, through
+    `ensure_layout`). Slim models of an inferred layout record the layout in their config and ship the code that
+    reads it: they load anywhere with `trust_remote_code=True`.
 
     Args:
         model_or_config (`PreTrainedModel` or `PretrainedConfig`): the model (its class is used) or its config
@@ -272,7 +292,7 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
     if config.model_type.startswith(HESSO_PREFIX):
         # A slim checkpoint: check its stock family.
         stock = config.to_dict()
-        for key in (LAYER_SHAPES_KEY, "auto_map", "model_type", "transformers_version"):
+        for key in (LAYER_SHAPES_KEY, LAYOUT_KEY, "auto_map", "model_type", "transformers_version"):
             stock.pop(key, None)
         config = next(c for c in type(config).__mro__ if not c.__name__.startswith(("Hesso", "_Hesso"))).from_dict(
             stock
@@ -310,9 +330,87 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
             break
     if not in_table:
         excluded = tuple((k.kind, k.reason) for k in best.kinds if not k.exact)
-        best.layout = ArchLayout(**{**best.layout.__dict__, "excluded": excluded})
+        best.layout = ArchLayout(**{**best.layout.__dict__, "excluded": excluded, "exact": tuple(best.exact_kinds)})
         if register:
             register_layout(model_type, best.layout, classes)
         elif previous is None:
             ARCHITECTURES.pop(model_type, None)
     return best
+
+
+# Model class -> the layout `ensure_layout` registered for it, or the reason there is none.
+_CHECKED: dict[type, ArchLayout | str] = {}
+
+
+def ensure_layout(model: nn.Module) -> ArchLayout:
+    """The layout of a model outside the table, inferred and checked by `check_architecture` once per model class
+    in this process and registered; logs the kinds that passed and those excluded, with the reason.
+
+    `hf_hesso.build_groups` (and so HESSO and HESSOTrainer) calls this for any `model_type` the table lacks.
+
+    Raises:
+        `ValueError`: no layout could be inferred, or no group kind passed the check; the message says why.
+    """
+    cls = type(model)
+    found = _CHECKED.get(cls)
+    if found is None:
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # the check saves and loads tiny models, several times
+        try:
+            report = check_architecture(model)
+        except Exception as error:  # noqa: BLE001 - a check that cannot run refuses the model type, naming why
+            report = ArchitectureReport(
+                base_model_type(model.config.model_type),
+                False,
+                None,
+                error=f"the check failed ({type(error).__name__}: {error})",
+            )
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+        if report.error is not None or not report.exact_kinds:
+            found = f"hf_hesso cannot prune `model_type` {report.model_type!r} ({cls.__name__}): " + (
+                report.error or "no group kind passed the numerical check: " + _kinds_text(report)
+            )
+        else:
+            found = report.layout
+            logger.warning(
+                f"`model_type` {report.model_type!r} is not in hf_hesso's layout table: its layout was inferred from "
+                f"the module tree of {cls.__name__} and checked numerically on a tiny instance. " + _kinds_text(report)
+            )
+        _CHECKED[cls] = found
+    if isinstance(found, str):
+        raise ValueError(found)
+    model_type = base_model_type(model.config.model_type)
+    if ARCHITECTURES.get(model_type) is not found:
+        register_layout(model_type, found, [(cls, _auto_of(cls))])
+    return found
+
+
+def require_prunable(config) -> None:
+    """Raise before any weights are loaded when hf_hesso cannot prune models of `config` (a model type outside the
+    table whose layout cannot be inferred, or none of whose group kinds passes the check on a tiny instance).
+
+    Raises:
+        `ValueError`: with the check's report (what was not found, or each kind and why it was excluded).
+    """
+    if base_model_type(config.model_type) in ARCHITECTURES:
+        return
+    try:
+        report = check_architecture(config)
+    except Exception as error:  # noqa: BLE001 - a check that cannot run refuses the model type, naming why
+        raise ValueError(
+            f"hf_hesso cannot prune `model_type` {config.model_type!r}: the check failed ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+    if report.error is not None or not report.exact_kinds:
+        raise ValueError(f"hf_hesso cannot prune `model_type` {config.model_type!r}:\n{report}")
+
+
+def _kinds_text(report: ArchitectureReport) -> str:
+    exact = ", ".join(report.exact_kinds) or "none"
+    excluded = "; ".join(f"{k.kind} ({k.reason})" for k in report.kinds if not k.exact) or "none"
+    return f"Exact kinds: {exact}. Excluded kinds: {excluded}."
+
+
+set_layout_check(ensure_layout)
