@@ -213,6 +213,23 @@ def test_auto_mapping_reads_by_config_class():
     assert mapping[transformers.LlamaConfig] is transformers.LlamaForCausalLM
 
 
+def test_auto_model_names_reads_the_name_tables_of_every_auto_factory():
+    assert set(compat.AUTO_MAPPING_NAMES) == {
+        "AutoModel",
+        "AutoModelForCausalLM",
+        "AutoModelForMaskedLM",
+        "AutoModelForSequenceClassification",
+    }
+    assert compat.auto_model_names("AutoModelForCausalLM", "llama") == ["LlamaForCausalLM"]
+    assert compat.auto_model_names("AutoModelForMaskedLM", "bert") == ["BertForMaskedLM"]
+    assert compat.auto_model_names("AutoModelForSequenceClassification", "gpt2") == ["GPT2ForSequenceClassification"]
+    assert compat.auto_model_names("AutoModel", "qwen2") == ["Qwen2Model"]
+    assert compat.auto_model_names("AutoModelForCausalLM", "bert-no-such-type") == []
+    for auto in compat.AUTO_MAPPING_NAMES:  # every name a table gives is a transformers class
+        for name in compat.auto_model_names(auto, "llama"):
+            assert isinstance(getattr(transformers, name), type)
+
+
 def test_auto_class_of_reads_register_for_auto_class():
     class Registered(transformers.LlamaForCausalLM):
         pass

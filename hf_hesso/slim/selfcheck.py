@@ -354,8 +354,8 @@ def ensure_layout(model: nn.Module) -> ArchLayout:
     cls = type(model)
     found = _CHECKED.get(cls)
     if found is None:
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()  # the check saves and loads tiny models, several times
+        bars = transformers.logging.is_progress_bar_enabled()
+        transformers.logging.disable_progress_bar()  # the check saves and loads tiny models, several times
         try:
             report = check_architecture(model)
         except Exception as error:  # noqa: BLE001 - a check that cannot run refuses the model type, naming why
@@ -367,7 +367,7 @@ def ensure_layout(model: nn.Module) -> ArchLayout:
             )
         finally:
             if bars:
-                transformers.utils.logging.enable_progress_bar()
+                transformers.logging.enable_progress_bar()
         if report.error is not None or not report.exact_kinds:
             found = f"hf_hesso cannot prune `model_type` {report.model_type!r} ({cls.__name__}): " + (
                 report.error or "no group kind passed the numerical check: " + _kinds_text(report)
