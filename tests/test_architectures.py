@@ -74,6 +74,7 @@ def slimmed(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.slow
 def test_slim_matches_masked_dense(slimmed, name):
     e = slimmed[1][name]
     model, summary = e["model"], e["summary"]
@@ -158,6 +159,7 @@ def test_to_stock_refuses_removed_heads(name):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt2"])
+@pytest.mark.slow
 def test_hesso_steps_then_slim(name):
     """A few real HESSO steps (not hand-zeroed groups) on a MoE and a Conv1D model, then an exact slim."""
     model = make(name).train()
@@ -194,6 +196,7 @@ def test_moe_router_is_untouched():
     assert model.config.hesso_layer_shapes[0]["shared_intermediate_size"] == 79
 
 
+@pytest.mark.slow
 def test_random_seeds_stay_exact():
     # Uneven random zeroing with several seeds on the fused/interleaved families.
     for name in ("gpt_neox", "gpt2", "modernbert"):

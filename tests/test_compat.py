@@ -49,6 +49,7 @@ def test_no_transformers_internals_outside_compat():
     assert not found, "transformers internals used outside hf_hesso/modeling/compat.py:\n" + "\n".join(found)
 
 
+@pytest.mark.slow
 def test_shipped_compat_imports_no_trainer_stack():
     """compat.py ships beside every slim model: importing it (as remote code does, without hf_hesso) must not import
     transformers' Trainer modules (accelerate, datasets), which it reaches only when a Trainer name is asked for."""

@@ -26,6 +26,7 @@ class Recorder(TrainerCallback):
 
 
 @pytest.mark.parametrize("disable_tqdm", [True, False])
+@pytest.mark.slow
 def test_console_prints_one_summary_and_reporters_get_every_metric(tmp_path, capsys, disable_tqdm):
     recorder = Recorder()
     args = hesso_args(str(tmp_path), disable_tqdm=disable_tqdm, max_steps=12)

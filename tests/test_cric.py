@@ -69,6 +69,7 @@ def test_observe_loss_required():
         opt.step()
 
 
+@pytest.mark.slow
 def test_probes_restore_weights_exactly_on_every_block_kind():
     # Probes zero heads, key/value groups and query slots through the Block/Slice views, then restore them.
     model, groups, opt = make(start_pruning_step=0)
@@ -188,6 +189,7 @@ def test_cric_keeps_indispensable_channel_that_hesso_removes():
     )
 
 
+@pytest.mark.slow
 def test_resume_mid_cycle_matches_uninterrupted(tmp_path):
     model, groups, opt = make(max_cycles=3)
     total = opt.pruning_end_step + 2
@@ -234,6 +236,7 @@ def test_cric_direct_errors():
         CRIC(base, build_groups(model), target_group_sparsity=0.3, sampling_steps=1)
 
 
+@pytest.mark.slow
 def test_trainer_schedule_must_fit_worst_case(tmp_path):
     from hf_hesso.trainer import HESSOTrainer
 
@@ -286,6 +289,7 @@ def test_trainer_end_to_end_gqa(tmp_path, caplog):
     assert "| `cric` | `True` |" in card and "| `cric_trial_ratios` | `[0.5]` |" in card
 
 
+@pytest.mark.slow
 def test_probes_read_the_task_loss_under_distillation(tmp_path, monkeypatch):
     """With a teacher, CRIC's reference and probe losses are the task term of the loss, not the mixed loss."""
     from hf_hesso.trainer import HESSOTrainer

@@ -112,6 +112,7 @@ def batch_for(name: str):
 
 
 @pytest.mark.parametrize("name", BASIC + MORE)
+@pytest.mark.slow
 def test_removed_sublayers_match_masked_model(name, tmp_path):
     model = build(name)
     layout = get_layout(model.config.model_type)
@@ -153,6 +154,7 @@ def test_removed_sublayers_match_masked_model(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+@pytest.mark.slow
 def test_removed_first_attention_counts_tokens_in_every_cache(name):
     """Layer 0 without attention: transformers reads the cache length from layer 0, so its slot must still count.
 
@@ -204,6 +206,7 @@ def test_attention_emptied_by_heads_keeps_its_bias():
     assert torch.equal(greedy(copy, batch), ref_gen)
 
 
+@pytest.mark.slow
 def test_hesso_chooses_sublayers_under_a_param_budget_and_keeps_one():
     """With only sublayer kinds and a budget near everything, HESSO removes sublayers but never every one."""
     model = build("llama", layers=4)
@@ -259,6 +262,7 @@ def run_uniform_hesso(model, kinds, target: float, batch, steps: int = 4, divisi
 
 
 @pytest.mark.parametrize("name", ["mistral", "llama", "qwen3"])
+@pytest.mark.slow
 def test_uniform_run_exports_stock_and_reloads_without_hf_hesso(name, tmp_path):
     model = build(name, layers=4)
     with torch.no_grad():  # make layer 1 the least salient, so that HESSO drops it whole
@@ -287,6 +291,7 @@ def test_uniform_run_exports_stock_and_reloads_without_hf_hesso(name, tmp_path):
     assert torch.equal(out["generate_sdpa"], ref_gen)
 
 
+@pytest.mark.slow
 def test_uniform_mode_keeps_widths_tied_without_sublayer_kinds():
     model = build("qwen2", layers=3)
     groups = run_uniform_hesso(model, [KV_GROUP, MLP_CHANNEL], 0.3, batch_for("qwen2"))

@@ -160,6 +160,7 @@ def test_training_loss_is_the_hand_computed_formula(name, tmp_path):
     torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_alpha_zero_trains_exactly_like_no_distillation(tmp_path):
     runs = []
     for extra in ({}, dict(distill=True, distill_alpha=0.0)):
@@ -177,6 +178,7 @@ def test_alpha_zero_trains_exactly_like_no_distillation(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.slow
 def test_teacher_is_frozen_unchanged_and_apart_from_the_student(name, tmp_path):
     model = tiny_model(name)
     start = _state(model)

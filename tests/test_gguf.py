@@ -232,6 +232,7 @@ def test_output_path_never_overwrites_a_file_it_did_not_write(tmp_path):
     assert {k: v for k, v in _tree(ckpt).items() if k != "model.gguf"} == checkpoint
 
 
+@pytest.mark.slow
 def test_imports_without_gguf_and_names_the_extra():
     code = (
         "import sys; sys.modules['gguf'] = None\n"
@@ -245,6 +246,7 @@ def test_imports_without_gguf_and_names_the_extra():
     assert "ERR" in out.stdout and "pip install hf_hesso[gguf]" in out.stdout
 
 
+@pytest.mark.slow
 def test_command_line_exports_a_saved_slim_folder(tmp_path):
     model = gguf_model("llama", UNEVEN)
     model.save_pretrained(tmp_path / "slim")

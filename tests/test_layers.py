@@ -191,7 +191,7 @@ def test_checker_finds_a_cycle():
 
 
 PUBLIC = {
-    "hf_hesso.export": {"GgufExport", "SavedSlim", "export_gguf", "save_slim"},
+    "hf_hesso.export": {"ConcurrentSaveError", "GgufExport", "SavedSlim", "export_gguf", "save_slim"},
     "hf_hesso.modeling": {"register_auto_classes"},
     "hf_hesso.optim": {"CRIC", "CRITERIA", "HESSO", "Schedule"},
     "hf_hesso.slim": {

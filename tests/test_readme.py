@@ -53,7 +53,7 @@ def test_two_commands_are_the_recipe_and_the_ci_command():
     for command in (run, test):
         subprocess.run(["bash", "-n", "-c", command], check=True)  # parses as shell
         # Every extra they install is declared, every file they name exists.
-        extras = re.search(r'-e "\.\[([\w,]+)\]"', command).group(1).split(",")
+        extras = re.search(r'-e "\.\[([\w,-]+)\]"', command).group(1).split(",")
         assert set(extras) <= EXTRAS, extras
         assert (ROOT / "requirements-data.txt").is_file()
     # The recipe accepts the flag the first command passes.

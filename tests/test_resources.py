@@ -143,6 +143,7 @@ def test_smollm2_knows_paris(smollm2):
 
 @pytest.mark.real_model
 @needs_data
+@pytest.mark.slow
 def test_smollm2_perplexity_on_bbc(smollm2, bbc):
     model, tokenizer = smollm2
     blocks = resources.lm_blocks(bbc["validation"], tokenizer, seq_len=128, max_blocks=8)

@@ -638,7 +638,7 @@ CONCURRENT_SAVER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from hf_hesso.export import atomic_save
+    from hf_hesso.export.atomic import atomic_save
     out, ready, go = sys.argv[1:4]
     with atomic_save(out) as staging:
         (Path(staging) / "config.json").write_text("from the other process")
@@ -668,6 +668,7 @@ def _start_other_save(tmp_path, out, tag):
     return proc, go
 
 
+@pytest.mark.slow
 def test_a_second_save_into_a_folder_while_another_process_saves_there_is_refused(tmp_path):
     out = tmp_path / "out"
     model = tiny_model("llama")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import transformers
 
-from .compat import auto_class_of
+from .compat import auto_class_of as _auto_class_of
 from .configuration_hesso import HESSO_CONFIGS
 from .modeling_hesso import HESSO_MODELS
 
@@ -27,7 +27,7 @@ def register_auto_classes() -> None:
         transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     for cls in HESSO_MODELS.values():
         # `register_for_auto_class` stored the Auto* class name each slim class belongs to.
-        getattr(transformers, auto_class_of(cls)).register(cls.config_class, cls, exist_ok=True)
+        getattr(transformers, _auto_class_of(cls)).register(cls.config_class, cls, exist_ok=True)
     _registered = True
 
 
