@@ -37,7 +37,9 @@ register_auto_classes()
 
 
 def test_every_family_is_covered():
-    assert set(FAMILIES) | {"bert", "llama", "mistral", "qwen2", "qwen3", "roberta"} == set(ARCHITECTURES)
+    # Layouts inferred for other model types (registered by `build_groups` in this process) are tested elsewhere.
+    table = {name for name, layout in ARCHITECTURES.items() if not layout.inferred}
+    assert set(FAMILIES) | {"bert", "llama", "mistral", "qwen2", "qwen3", "roberta"} == table
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
