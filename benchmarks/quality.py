@@ -56,7 +56,7 @@ import time
 
 import torch
 from common import machine, removed_fraction, select_budget
-from resources import lm_blocks, load_bbc_news, load_shakespeare, load_smollm2
+from resources import lm_blocks, load_bbc_news, load_shakespeare, load_smollm2, spread_blocks
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from hf_hesso import HESSOConfig, HESSOTrainer, build_groups
@@ -134,15 +134,6 @@ def git_commit() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Data and evaluation
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def spread_windows(dataset, tokenizer, count: int):
-    """`count` windows of 512 tokens that do not overlap, spread evenly over the whole text (first to last)."""
-    blocks = lm_blocks(dataset, tokenizer, EVAL_LEN)
-    if len(blocks) < count:
-        raise ValueError(f"The text holds {len(blocks)} windows of {EVAL_LEN} tokens, fewer than {count}.")
-    picks = [round(i * (len(blocks) - 1) / max(count - 1, 1)) for i in range(count)]
-    return blocks.select(picks)
 
 
 @torch.no_grad()
@@ -589,8 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     bbc = load_bbc_news(seed=0)
     data = {
         "train": lm_blocks(bbc["train"], tokenizer, opts.seq_len),
-        "bbc": spread_windows(bbc["test"], tokenizer, opts.eval_windows),
-        "general": spread_windows(load_shakespeare(), tokenizer, opts.eval_windows),
+        "bbc": spread_blocks(bbc["test"], tokenizer, EVAL_LEN, opts.eval_windows),
+        "general": spread_blocks(load_shakespeare(), tokenizer, EVAL_LEN, opts.eval_windows),
     }
     for n, spec in enumerate(pending):
         if opts.max_runs is not None and n >= opts.max_runs:
