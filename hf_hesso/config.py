@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -448,6 +449,58 @@ class HESSOConfig(TrainingArguments):
         """The saliency weights of every criterion (the `saliency` preset's without LoRA, or the `importance_*`)."""
         _, weights, _ = resolve_saliency(self.saliency, self.explicit_importance, self.saliency_direction, lora=False)
         return {name: float(weights.get(name, 0.0)) for name in IMPORTANCE_CRITERIA}
+
+    def check_direction(self, lora: bool) -> None:
+        """`check_update_direction` of the saliency as resolved with (or without) LoRA: `__post_init__` checks it
+        without; with LoRA 'taylor' reads the update direction too, so `HESSOTrainer` checks again."""
+        preset, weights, direction = resolve_saliency(
+            self.saliency, self.explicit_importance, self.saliency_direction, lora=lora
+        )
+        check_update_direction(preset, weights, direction, self.learning_rate, lora=lora)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the optimizer this configuration asks for: `CRIC` with `cric=True`, else `HESSO`
+        (`HESSOTrainer` builds it as `cls(base_optimizer, groups, **args.optimizer_kwargs())`)."""
+        kwargs: dict[str, Any] = dict(
+            target_group_sparsity=self.target_group_sparsity,
+            target_param_sparsity=self.target_param_sparsity,
+            pruning_steps=self.pruning_steps,
+            saliency=self.saliency,
+            importance_criteria=self.explicit_importance,
+            group_divisible=self.group_divisible,
+            saliency_direction=self.saliency_direction,
+        )
+        if self.cric:
+            kwargs.update(
+                start_pruning_step=self.resolved_cric_start_step,
+                sampling_steps=self.cric_sampling_steps,
+                max_cycles=self.cric_max_cycles,
+                tolerance=self.cric_tolerance,
+                trial_ratios=self.cric_trial_ratios,
+                loss_weight=self.cric_loss_weight,
+            )
+        else:
+            kwargs.update(
+                start_pruning_step=self.start_pruning_step,
+                pruning_periods=self.pruning_periods,
+                saliency_steps=self.saliency_steps,
+                layer_shapes=self.layer_shapes,
+            )
+        return kwargs
+
+    def check_cric_fits(self, planned_steps: int, end_step: int, num_blocks: int) -> None:
+        """Raise a `ValueError` when CRIC's pruning may end (`end_step`, all `cric_max_cycles` cycles run) after
+        `planned_steps` optimizer steps; `num_blocks` blocks are probed."""
+        if end_step <= planned_steps:
+            return
+        raise ValueError(
+            f"With `cric=True` pruning may end as late as optimizer step {end_step} (CRIC from step "
+            f"{self.resolved_cric_start_step}, {num_blocks} blocks x {len(self.cric_trial_ratios)} probe steps, up "
+            f"to `cric_max_cycles` ({self.cric_max_cycles}) x `cric_sampling_steps` ({self.cric_sampling_steps}), "
+            f"then `pruning_steps` ({self.pruning_steps})), after the planned {planned_steps} optimizer steps. Train "
+            "longer, or lower `cric_max_cycles`, `cric_sampling_steps`, `pruning_steps` or the number of "
+            "`cric_trial_ratios`."
+        )
 
     def check_schedule_fits(self, planned_steps: int) -> None:
         """Raise a `ValueError` when pruning does not end by `planned_steps`, the number of optimizer steps."""

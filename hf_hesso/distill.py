@@ -156,6 +156,29 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def pick_teacher(
+    model: nn.Module | None, teacher_model: nn.Module | str | os.PathLike | None, distill: bool
+) -> nn.Module | str | os.PathLike | None:
+    """The teacher a trainer distils from, picked before it adds adapters to `model`: `None` without `distill`,
+    `teacher_model` when given (a model, or a path that `setup_distillation` loads with the student's class), else a
+    frozen copy of `model` as it is now (`frozen_copy`)."""
+    if not distill:
+        if teacher_model is not None:
+            raise ValueError(
+                "`teacher_model` was given but `args.distill` is False, so it would be ignored. Set `distill=True` in "
+                "the `HESSOConfig`, or drop `teacher_model`."
+            )
+        return None
+    if teacher_model is not None:
+        return teacher_model
+    if model is None:
+        raise ValueError(
+            "`distill=True` with `model_init` has no model to copy as the teacher. Pass `teacher_model=` (a model or "
+            "a path)."
+        )
+    return frozen_copy(model)
+
+
 def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> nn.Module:
     """The teacher the user passed, as a frozen module: a module as is, a path loaded with the student's class."""
     if isinstance(teacher, (str, os.PathLike)):
@@ -213,6 +236,15 @@ class Distiller:
         self._steps_logged = 0
         # The task term of the last micro-batch, as scaled for `backward` (what CRIC's probes read).
         self.last_task: torch.Tensor | None = None
+
+    def settings(self) -> dict:
+        """The distillation settings, as the model card records them (beside `HESSO.settings()`)."""
+        return {
+            "distill": True,
+            "distill_alpha": self.alpha,
+            "distill_temperature": self.temperature,
+            "distill_top_k": self.top_k,
+        }
 
     @torch.no_grad()
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
@@ -299,9 +331,11 @@ class DistillationMixin:
     distiller: Distiller | None = None
 
     def setup_distillation(
-        self, teacher: nn.Module, alpha: float, temperature: float = 1.0, top_k: int | None = None
+        self, teacher: nn.Module | str | os.PathLike, alpha: float, temperature: float = 1.0, top_k: int | None = None
     ) -> None:
-        """Distil from the frozen `teacher` (moved to the training device) with these settings."""
+        """Distil from `teacher` (a model, frozen here, or a path loaded with the student's class; moved to the
+        training device) with these settings."""
+        teacher = load_teacher(teacher, self.model)
         teacher.to(self.args.device)
         self.distiller = Distiller(freeze(teacher), alpha=alpha, temperature=temperature, top_k=top_k)
         self.add_callback(DistillCallback(self.distiller))

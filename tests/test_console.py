@@ -10,9 +10,10 @@ import torch
 from fixtures import hesso_args, lm_dataset, tiny_model
 from transformers import TrainerCallback
 
+from hf_hesso.callbacks import CONSOLE_MAX_LEN, console_summary
 from hf_hesso.config import HESSOConfig
 from hf_hesso.groups import KINDS
-from hf_hesso.trainer import CONSOLE_MAX_LEN, HESSOTrainer, console_summary
+from hf_hesso.trainer import HESSOTrainer
 
 
 class Recorder(TrainerCallback):

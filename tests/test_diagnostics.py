@@ -10,7 +10,7 @@ from hf_hesso import HESSOTrainer
 
 
 def test_every_selection_is_logged_with_the_loss_before_and_after(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="hf_hesso.diagnostics")
+    caplog.set_level(logging.INFO, logger="hf_hesso.callbacks")
     # 2 warm-up steps, 2 periods of 4 steps (selections at steps 3 and 7, zero at the ends of steps 6 and 10).
     trainer = HESSOTrainer(model=tiny_model("llama"), args=hesso_args(str(tmp_path)), train_dataset=lm_dataset())
     trainer.train()

@@ -1,7 +1,7 @@
 """The package reads bottom-up: each layer imports only the layers below it, with no import hidden in a function.
 
 Layers (`RANKS` below): `modeling` (shipped beside the weights: torch, transformers, stdlib only) <- `groups`
-<- `optim`, `slim` <- `export`, `distill`, `diagnostics` <- `config` <- `trainer`, `check` <- the package's
+<- `optim`, `slim` <- `export`, `distill`, `callbacks`, `resume` <- `config` <- `trainer`, `check` <- the package's
 `__init__`.
 """
 
@@ -23,7 +23,8 @@ RANKS = {
     "slim": 2,
     "export": 3,
     "distill": 3,  # the teacher and the distillation loss, used by HESSOConfig and the Trainer
-    "diagnostics": 3,  # the per-selection log callback, used by the Trainer
+    "callbacks": 3,  # the Trainer's callbacks (progress, selection diagnostics, console)
+    "resume": 3,  # the checkpoint checks of a resumed Trainer run, and its frozen LoRA slices
     "config": 4,
     "trainer": 5,
     "check": 5,

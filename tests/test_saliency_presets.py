@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from fixtures import hesso_args, lm_dataset, tiny_model
 
 from hf_hesso import HESSO, HESSOTrainer, build_groups
@@ -102,9 +103,10 @@ def test_activation_preset_trains_and_the_card_records_the_saliency(tmp_path):
     trainer = HESSOTrainer(model=tiny_model("llama"), args=args, train_dataset=lm_dataset())
     trainer.train()
     assert len(trainer.hesso_optimizer.pruned_groups) > 0
-    settings = trainer._card_settings(len(trainer.groups))
+    trainer.save_model()
+    settings = yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---")[1])["hesso"]["settings"]
     assert settings["saliency"] == "activation" and settings["importance_criteria"] == {"activation": 1.0}
     default = HESSOTrainer(model=tiny_model("llama"), args=hesso_args(str(tmp_path / "d")), train_dataset=lm_dataset())
-    settings = default._card_settings(1)
+    settings = default.create_optimizer().settings()  # the card's settings come from the optimizer
     assert settings["saliency"] == "taylor" and settings["saliency_direction"] == "gradient"
     assert settings["saliency_steps"] == 3  # min(4, start_pruning_step + 1 = 3, period length 4)

@@ -23,12 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.modeling_utils
+import yaml
 from fixtures import hesso_args, lm_dataset, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_hesso import save_slim, slim_copy, slim_model
 from hf_hesso.export import ConcurrentSaveError
 from hf_hesso.export.atomic import atomic_save
+from hf_hesso.modeling import journal
 from hf_hesso.modeling.journal import MANIFEST_NAME
 from hf_hesso.trainer import HESSOTrainer
 
@@ -536,6 +538,56 @@ def test_save_slim_takes_the_optimizer_a_trainer_user_holds(tmp_path):
     with pytest.raises(TypeError, match=r"`optimizer` must be the `HESSO` \(or `CRIC`\).*got SGD.*hesso_optimizer"):
         save_slim(trainer.model, tmp_path / "never", optimizer=plain)
     assert not (tmp_path / "never").exists()
+
+    # One source of the card's settings: the Trainer's card holds the optimizer's `settings()` as `save_slim` does,
+    # plus what the optimizer does not know (the group kinds).
+    trainer.save_model()
+    settings = trainer.hesso_optimizer.settings()
+    card = yaml.safe_load((tmp_path / "run" / "README.md").read_text().split("---")[1])["hesso"]["settings"]
+    assert {k: card[k] for k in settings if settings[k] is not None} == {
+        k: v for k, v in settings.items() if v is not None
+    }
+    assert {k: direct.report.settings[k] for k in card if k != "prune_kinds"} == {
+        k: v for k, v in card.items() if k != "prune_kinds"
+    }
+    assert card["prune_kinds"] == "all" and "prune_kinds" not in direct.report.settings
+
+
+def _counting(monkeypatch, name: str) -> list:
+    """Replace the function `name` of `hf_hesso.modeling.journal` wherever the package holds it (every module that
+    imported it) by a wrapper that records each call; returns the list of calls."""
+    real = getattr(journal, name)
+    calls: list = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    for module in [m for n, m in sys.modules.items() if n == "hf_hesso" or n.startswith("hf_hesso.")]:
+        if getattr(module, name, None) is real:
+            monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_one_save_recovers_once_and_reads_the_manifest_once(tmp_path, monkeypatch):
+    """Following `output_dir` from `save_model()` (or `save_slim()`) to the files on disk: one atomic save, which
+    finishes interrupted saves once and reads the previous manifest once (the README check included)."""
+    out = tmp_path / "out"
+    trainer = make_trainer(str(out))
+    save_quietly(trainer)  # a first save: the next ones find a manifest and a card of ours
+    recovered = _counting(monkeypatch, "recover")
+    manifests = _counting(monkeypatch, "read_manifest")
+    for save in (lambda: save_quietly(trainer), lambda: save_slim(trainer.model, out, tokenizer=tiny_tokenizer())):
+        recovered.clear()
+        manifests.clear()
+        save()
+        assert len(recovered) == 1 and len(manifests) == 1, (recovered, manifests)
+    assert {"README.md", "model.safetensors", "config.json"} <= manifest_files(out)
+    recovered.clear()
+    manifests.clear()
+    trainer.create_model_card(license="mit")
+    assert len(recovered) == 1 and len(manifests) == 1, (recovered, manifests)
+    assert "license: mit" in (out / "README.md").read_text()
 
 
 def _tamper_manifest(out: Path, entry: str, size: int) -> None:

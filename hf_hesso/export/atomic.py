@@ -3,10 +3,10 @@
 A save never renames, replaces or deletes the output directory itself, and never touches a file it did not write:
 
 0. the save takes the folder's lock `output_dir/.hf_hesso-save.lock` (created with `O_EXCL`; a second save into the
-   same folder at the same time is refused with `ConcurrentSaveError`), and checks the manifest of the previous
-   save (every entry a path inside `output_dir`);
+   same folder at the same time is refused with `ConcurrentSaveError`);
 1. `recover(output_dir, remove_uncommitted=True)` finishes an earlier save that crashed after its commit point and
-   removes the staging folders of saves that crashed before it;
+   removes the staging folders of saves that crashed before it; then the manifest of the previous save is read,
+   once, and checked (every entry a path inside `output_dir`): the save decides what it owns from that reading;
 2. the caller writes the new model into a staging folder `output_dir/.hf_hesso-save-<id>/` (inside `output_dir`:
    the same filesystem as the files it replaces, whether `output_dir` is the working directory, a mount point or a
    symlink to another filesystem), and every file is flushed to disk;
@@ -118,14 +118,6 @@ def _unchanged(path: Path, entry) -> bool:
     return "sha256" not in entry or _sha256(path) == entry["sha256"]
 
 
-def owned_by_last_save(output_dir: str | os.PathLike, relative: str) -> bool:
-    """Whether `output_dir/relative` is absent, or is a file the last save of ours wrote and nobody changed since."""
-    path = Path(output_dir) / relative
-    if not path.exists() and not path.is_symlink():
-        return True
-    return _unchanged(path, read_manifest(output_dir)["files"].get(relative))
-
-
 def _check_shadowing(output_dir: Path, written: set[str], previous: dict) -> None:
     for index, single in _SHADOWING.items():
         if index in written and single not in written and (output_dir / single).exists() and single not in previous:
@@ -230,7 +222,7 @@ def save_lock(output_dir: str | os.PathLike) -> Iterator[Path]:
 
     The lock file is created with `O_EXCL` (atomically: of two saves, one creates it), holds the process id and
     host, and is removed when the block ends. A lock whose process is gone from this machine (a killed save) is
-    taken over. Re-entrant within one thread (`save_slim` holds it around `atomic_save`, which takes it too).
+    taken over. Re-entrant within one thread.
 
     Raises:
         `ConcurrentSaveError`: another thread or process is saving into `output_dir`.
@@ -286,14 +278,14 @@ def _escapes(output_dir: Path, relative: str) -> str | None:
     return None
 
 
-def check_manifest(output_dir: str | os.PathLike) -> None:
+def check_manifest(output_dir: Path, files: dict) -> None:
     """Refuse a manifest that names a file outside `output_dir`, before a save moves or removes anything.
 
-    The manifest lists the files a save may replace or remove; an entry outside the folder (an absolute path,
-    `..`, a path through a symlink that leads out) could only come from an edit or another program.
+    `files` are the manifest's entries (`read_manifest(output_dir)["files"]`). The manifest lists the files a save
+    may replace or remove; an entry outside the folder (an absolute path, `..`, a path through a symlink that leads
+    out) could only come from an edit or another program.
     """
-    output_dir = Path(output_dir)
-    bad = [(r, why) for r in read_manifest(output_dir)["files"] if (why := _escapes(output_dir, r)) is not None]
+    bad = [(r, why) for r in files if (why := _escapes(output_dir, r)) is not None]
     if bad:
         listed = "; ".join(f"{r!r}: {why}" for r, why in bad)
         raise ValueError(
@@ -341,44 +333,71 @@ def _identical(target: Path, staged: Path) -> bool:
     return _sha256(target) == _sha256(staged)
 
 
-def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create `output_dir` if needed (following a symlink, as `os.makedirs` does), finish or clean earlier saves and
-    check the manifest (`check_manifest`). Call it holding `save_lock(output_dir)`."""
-    output_dir = _make_output_dir(output_dir)
-    recover(output_dir, remove_uncommitted=True)
-    check_manifest(output_dir)
-    return output_dir
+class AtomicSave:
+    """One save into `output_dir`, as `atomic_save` opened it: the staging folder to write into, and what the
+    previous save there owns (its manifest, read once when the save opened, after recovery).
+
+    It is `os.PathLike` (the staging folder), so `Path(save)` and `os.path.join(save, name)` work.
+
+    Attributes:
+        directory (`Path`): the output directory.
+        staging (`str`): the staging folder inside it, where the caller writes the files of the save.
+        previous (`dict`): the manifest entries of the previous save (`{relative path: {"size", "sha256"?}}`).
+        files (`list[str]`): after the save committed, the files its manifest lists (relative paths, sorted).
+    """
+
+    def __init__(self, directory: Path, staging: Path, previous: dict):
+        self.directory = directory
+        self.staging = str(staging)
+        self.previous = previous
+        self.files: list[str] = []
+
+    def __fspath__(self) -> str:
+        return self.staging
+
+    def owns(self, relative: str) -> bool:
+        """Whether the save may write `relative`: it is absent from `output_dir`, or it is a file the previous save
+        wrote and nobody changed since."""
+        path = self.directory / relative
+        if not path.exists() and not path.is_symlink():
+            return True
+        return _unchanged(path, self.previous.get(relative))
 
 
 @contextmanager
-def atomic_save(output_dir: str | os.PathLike, *, update: bool = False) -> Iterator[str]:
-    """Write files into `output_dir` atomically; yields the staging folder to write them into.
+def atomic_save(output_dir: str | os.PathLike, *, update: bool = False) -> Iterator[AtomicSave]:
+    """Write files into `output_dir` atomically; yields the `AtomicSave` whose staging folder they go into.
 
-    On a normal exit the staged files replace theirs in `output_dir` (see the module docstring). On an exception
-    before that, the staging folder is removed, `output_dir` is left as it was, and the exception propagates.
+    Opening the save takes the folder's lock, creates `output_dir` if needed (following a symlink, as `os.makedirs`
+    does), finishes or cleans earlier saves (`recover`, once) and reads and checks the manifest (once). On a normal
+    exit the staged files replace theirs in `output_dir` (see the module docstring). On an exception before that,
+    the staging folder is removed, `output_dir` is left as it was, and the exception propagates.
 
     Args:
         output_dir (`str` or `os.PathLike`): the directory to save into; created if needed. Other files in it (the
             user's scripts, data, `checkpoint-*` folders) are never touched.
         update (`bool`, *optional*, defaults to `False`): `False`: a new save, whose files replace those of the
             previous save of ours (files of the previous save that this one does not write are removed). `True`:
-            add or replace only the staged files and keep the rest of the previous save (e.g. a new model card).
+            add or replace only the staged files and keep the rest of the previous save (e.g. a new model card); an
+            update that stages nothing changes nothing.
 
     Yields:
-        `str`: the staging folder, inside `output_dir`.
+        `AtomicSave`: the save; write its files into `save.staging` (inside `output_dir`).
     """
     with save_lock(output_dir) as output_dir:
-        output_dir = prepare_output_dir(output_dir)
+        recover(output_dir, remove_uncommitted=True)
+        previous = read_manifest(output_dir)["files"]
+        check_manifest(output_dir, previous)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
+        save = AtomicSave(output_dir, staging, previous)
         try:
-            yield str(staging)
+            yield save
             files = _staged_files(staging)
             if JOURNAL_NAME in files or MANIFEST_NAME in files or LOCK_NAME in files:
                 raise ValueError(
                     f"A save may not write a file named {JOURNAL_NAME!r}, {MANIFEST_NAME!r} or {LOCK_NAME!r} at its "
                     "top level."
                 )
-            previous = read_manifest(output_dir)["files"]
             _check_shadowing(output_dir, set(files), previous)
             _check_destinations(output_dir, staging, files, previous)
             manifest_files = dict(previous) if update else {}
@@ -404,6 +423,10 @@ def atomic_save(output_dir: str | os.PathLike, *, update: bool = False) -> Itera
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        save.files = sorted(manifest_files)
+        if update and not files:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         # The commit point: from here on the new save wins, and a crash is finished by the next save or load.
         write_json_atomic(staging / JOURNAL_NAME, journal)
         roll_forward(output_dir, staging, journal)
@@ -417,9 +440,8 @@ def adopt_files(output_dir: str | os.PathLike, relatives: list[str]) -> None:
     and removes those it does not write again. Only regular files inside `output_dir` are recorded.
     """
     with save_lock(output_dir) as output_dir:
-        check_manifest(output_dir)
-        manifest = read_manifest(output_dir)
-        files = dict(manifest["files"])
+        files = dict(read_manifest(output_dir)["files"])
+        check_manifest(output_dir, files)
         for relative in relatives:
             path = output_dir / relative
             if _escapes(output_dir, relative) is None and path.is_file() and not path.is_symlink():
@@ -429,6 +451,36 @@ def adopt_files(output_dir: str | os.PathLike, relatives: list[str]) -> None:
         )
 
 
+def _top_level_files(directory: str | os.PathLike) -> dict[str, tuple[int, int, int]]:
+    """Name -> (size, mtime in ns, inode) of the regular files directly in `directory`."""
+    out = {}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return out
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            out[entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+@contextmanager
+def adopting_new_files(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Record the top-level files that the block writes into `output_dir` (new or changed) as owned by the last save
+    (`adopt_files`), e.g. what transformers' Trainer copies from a checkpoint when it pushes during training. Nothing
+    is recorded when the block raises."""
+    before = _top_level_files(output_dir)
+    yield
+    if not os.path.isdir(output_dir):
+        return
+    after = _top_level_files(output_dir)
+    written = sorted(name for name, stat in after.items() if before.get(name) != stat)
+    if written:
+        adopt_files(output_dir, written)
+
+
 def owned_files(output_dir: str | os.PathLike) -> list[str]:
-    """The files of the last completed save in `output_dir` (relative paths), from its manifest."""
+    """The files of the last completed save in `output_dir` (relative paths), from its manifest (for a folder saved
+    earlier; a save in progress knows them as `AtomicSave.files`)."""
     return sorted(read_manifest(output_dir)["files"])

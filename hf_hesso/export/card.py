@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import yaml
 
 from ..modeling.architectures import LayerShape, base_model_type
+from .atomic import AtomicSave
 from .gguf import GGUF_MODEL_TYPES
 
 # The file name of the model card beside a saved model (what the Hub shows).
@@ -75,6 +77,41 @@ def check_evaluation(evaluation: Sequence[dict[str, Any]] | None) -> list[dict[s
                 raise ValueError(f"`evaluation[{i}][{key!r}]` must be a positive number, got {entry[key]!r}.")
         out.append({**entry, "before": float(entry["before"]), "after": float(entry["after"])})
     return out
+
+
+def training_facts(args, state, train_dataset=None) -> dict[str, Any]:
+    """The card's *Training* table of a `transformers.Trainer` run: its dataset, steps, batch size and optimizer,
+    from its `TrainingArguments` (`args`), its `TrainerState` (`state`) and its `train_dataset`."""
+    training: dict[str, Any] = {}
+    info = getattr(train_dataset, "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    if name:
+        training["Dataset"] = name
+    if train_dataset is not None and hasattr(train_dataset, "__len__"):
+        training["Training examples"] = len(train_dataset)
+    training["Optimizer steps"] = state.global_step
+    if state.epoch is not None:
+        training["Epochs"] = round(float(state.epoch), 4)
+    training["Total batch size"] = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    )
+    training["Learning rate"] = args.learning_rate
+    training["Optimizer"] = str(getattr(args.optim, "value", args.optim))
+    training["Mixed precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    return training
+
+
+def card_metadata(language=None, license=None, tags=None, tasks=None, dataset_tags=None, dataset=None) -> dict:
+    """The card's metadata from the arguments of `transformers.Trainer.create_model_card` (each a string or a list
+    of strings; `tasks` becomes the `pipeline_tag` when it is one string)."""
+    datasets = [d for d in (dataset, dataset_tags) if d is not None]
+    return {
+        "language": language,
+        "license": license,
+        "tags": tags,
+        "pipeline_tag": tasks if isinstance(tasks, str) else None,
+        "datasets": [x for d in datasets for x in ([d] if isinstance(d, str) else d)] or None,
+    }
 
 
 def _is_hub_id(name: str) -> bool:
@@ -226,3 +263,24 @@ def render_model_card(report: PruningReport) -> str:
     lines += [f"| {k} | {v} |" for k, v in report.training.items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def write_model_card(save: AtomicSave, report: PruningReport) -> bool:
+    """Stage the card of `report` as `README.md` into `save` (an open `atomic_save`); returns whether it did.
+
+    The one card writer of `save_slim` and `HESSOTrainer.create_model_card`. A `README.md` that hf_hesso did not
+    write (or that was edited since) is the user's: it is kept, the card is not written, and a `UserWarning` says
+    so.
+    """
+    if not save.owns(MODEL_CARD_NAME):
+        warnings.warn(
+            f"{os.path.join(save.directory, MODEL_CARD_NAME)!r} was not written by hf_hesso (or was edited since): it "
+            "is kept, and the pruning model card is not written. Delete or rename that file and save again to get "
+            "the card (the same figures are in `SavedSlim.report`).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    with open(os.path.join(save.staging, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+        f.write(render_model_card(report))
+    return True

@@ -1,10 +1,14 @@
-"""`save_slim`: one entry point that writes a slim model, from a hand-written loop or from `HESSOTrainer`."""
+"""`save_slim`: THE route that writes a slim model to disk, from a hand-written loop or from `HESSOTrainer`.
+
+`HESSOTrainer.save_model()` and `push_to_hub()` call it with the Trainer's settings. It passes once through each
+layer below it: the slim copy (`hf_hesso.slim`), then one `atomic_save` (`export/atomic.py`), which recovers an
+interrupted earlier save and reads the previous manifest once, and commits through `hf_hesso.modeling.journal`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +25,8 @@ from ..optim import HESSO
 from ..slim import SlimSummary, merge_and_slim, slim_copy, slim_with_adapters, to_stock
 from ..slim.core import check_materialized
 from ..slim.lora import ADAPTER_SUBDIR
-from .atomic import atomic_save, owned_by_last_save, owned_files, prepare_output_dir, save_lock
-from .card import MODEL_CARD_NAME, PruningReport, check_evaluation, render_model_card
+from .atomic import atomic_save, owned_files
+from .card import MODEL_CARD_NAME, PruningReport, check_evaluation, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -228,36 +232,25 @@ def save_slim(
         model, summary, settings=card_settings, training=training, model_name=name, evaluation=evaluation
     )
 
-    # One save into `output_dir` at a time (`ConcurrentSaveError` otherwise). Finish or clean up an interrupted
-    # earlier save first, so that the ownership of README.md is decided on the directory as its last save left it.
-    with save_lock(output_dir):
-        prepare_output_dir(output_dir)
-        write_card = owned_by_last_save(output_dir, MODEL_CARD_NAME)
-        if not write_card:
-            warnings.warn(
-                f"{os.path.join(os.fspath(output_dir), MODEL_CARD_NAME)!r} was not written by hf_hesso (or was "
-                "edited since): it is kept, and the pruning model card is not written. Delete or rename that file "
-                "and save again to get the card (the same figures are in `SavedSlim.report`).",
-                UserWarning,
-                stacklevel=2,
-            )
-        with atomic_save(output_dir) as tmp:
-            slim.save_pretrained(tmp)
-            if adapters is not None:
-                adapters.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if write_extra is not None:
-                write_extra(tmp)
-            if write_card:
-                with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-                    f.write(render_model_card(report))
+    # One save into `output_dir` at a time (`ConcurrentSaveError` otherwise). Opening it finishes or cleans up an
+    # interrupted earlier save, so that the ownership of README.md is decided on the directory as its last save left it.
+    with atomic_save(output_dir) as save:
+        slim.save_pretrained(save.staging)
+        if adapters is not None:
+            adapters.save_pretrained(os.path.join(save.staging, ADAPTER_SUBDIR))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save.staging)
+        if write_extra is not None:
+            write_extra(save.staging)
+        card_written = write_model_card(save, report)
     logger.info(
         f"Saved the slim model ({summary.params_after:,} of {summary.params_before:,} parameters) to {output_dir}"
     )
-    saved = SavedSlim(os.fspath(output_dir), summary, report, files=owned_files(output_dir), card_written=write_card)
+    saved = SavedSlim(os.fspath(output_dir), summary, report, files=save.files, card_written=card_written)
     if push_to_hub:
-        commit = upload_folder(output_dir, hub_model_id, token=hub_token, private=private, message=commit_message)
+        commit = upload_folder(
+            output_dir, hub_model_id, token=hub_token, private=private, message=commit_message, files=save.files
+        )
         saved.url = commit.commit_url
     return saved
 
@@ -270,13 +263,15 @@ def upload_folder(
     private: bool | None = None,
     message: str = "Upload slim model (hf_hesso)",
     revision: str | None = None,
+    files: list[str] | None = None,
 ) -> CommitInfo:
     """Create `repo_id` if needed and upload the files of the last hf_hesso save in `folder`; returns the commit.
 
-    Only the files the save owns (its manifest) and `README.md` go up: the user's other files in `folder` (scripts,
-    data, `checkpoint-*` folders) stay local.
+    Only the files the save owns and `README.md` go up: the user's other files in `folder` (scripts, data,
+    `checkpoint-*` folders) stay local. `files` are those of the save just made (`SavedSlim.files`); by default they
+    are read from the manifest of `folder`.
     """
-    files = owned_files(folder)
+    files = list(owned_files(folder) if files is None else files)
     if not files:
         raise ValueError(
             f"{os.fspath(folder)!r} holds no model saved by hf_hesso (no {MANIFEST_NAME}): save it first with "

@@ -429,6 +429,21 @@ class CRIC(HESSO):
         # HESSO's single period starts at the next step.
         self.begin_projection(n)
 
+    def settings(self) -> dict[str, Any]:
+        """HESSO's settings with CRIC's own, as the model card records them: `start_pruning_step` is the step CRIC
+        starts at (this constructor's argument), and `cric=True` with the `cric_*` settings, named as in
+        `HESSOConfig`."""
+        return {
+            **super().settings(),
+            "start_pruning_step": self.cric_start_step,
+            "cric": True,
+            "cric_sampling_steps": self.sampling_steps,
+            "cric_max_cycles": self.max_cycles,
+            "cric_tolerance": self.tolerance,
+            "cric_trial_ratios": list(self.trial_ratios),
+            "cric_loss_weight": self.loss_weight,
+        }
+
     def selection_scores(self, period: int, n: int) -> torch.Tensor:
         """The projection period's first step: base step, then CRIC's final scores (HESSO selects their bottom-K)."""
         self.base_step()

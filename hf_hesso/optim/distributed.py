@@ -38,6 +38,25 @@ _FSDP1_OR_ZERO3 = (
 )
 
 
+def check_backend(deepspeed: bool, fsdp_version: int | None) -> None:
+    """Refuse the training backends that flatten parameters (the groups are rows and columns of whole weight
+    matrices): DeepSpeed, and FSDP other than version 2 (`fsdp_version=None`: no FSDP)."""
+    if deepspeed:
+        raise ValueError(
+            "HESSOTrainer does not support DeepSpeed: its ZeRO optimizers flatten and partition the parameters, "
+            "which hides the rows and columns HESSO prunes. Use FSDP2 instead (`--fsdp full_shard` with "
+            "`--fsdp_config '{\"version\": 2}'`, or `accelerate launch --config_file "
+            "recipes/accelerate_configs/fsdp2.yaml`), or DDP."
+        )
+    if fsdp_version is not None and fsdp_version != 2:
+        raise ValueError(
+            f"HESSOTrainer does not support FSDP version {fsdp_version}: FSDP1 flattens the "
+            "parameters of each wrapped module into one flat parameter, which hides the rows and columns HESSO "
+            "prunes. Use FSDP2 instead: `fsdp_version: 2` in the Accelerate config "
+            "(recipes/accelerate_configs/fsdp2.yaml) or `--fsdp_config '{\"version\": 2}'`."
+        )
+
+
 def is_dtensor(t: torch.Tensor | None) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 

@@ -601,7 +601,12 @@ class HESSO(WrappedOptimizer):
         return per_param / torch.where(means > 0, means, torch.ones_like(means))
 
     def settings(self) -> dict[str, Any]:
-        """The target, schedule and saliency settings, as the model card records them."""
+        """The target, schedule and saliency settings, as resolved here (preset weights, default saliency steps).
+
+        The one source of the *HESSO settings* of a model card: `save_slim(..., optimizer=)` and
+        `HESSOTrainer.save_model()` both record this dict (with the settings the optimizer does not know: the group
+        kinds, the distillation). `CRIC` adds its own.
+        """
         return {
             "target_group_sparsity": self.target_group_sparsity,
             "target_param_sparsity": self.target_param_sparsity,
