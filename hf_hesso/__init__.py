@@ -1,7 +1,10 @@
 """hf_hesso: train and structurally prune Hugging Face transformers in one run (HESSO / CRIC).
 
-Layers, each importing only those below it: `modeling` <- `groups` <- `optim`, `slim` <- `export` <- `config`,
-`trainer`.
+Layers, each importing only those below it: `modeling` <- `groups` <- `optim`, `slim` <- `export`, `distill`,
+`callbacks`, `resume` <- `config` <- `trainer`.
+
+One route per task: `HESSOTrainer.save_model()` / `save_slim` write a slim model, `slim_model` slims one in memory,
+`to_stock` turns it into the stock class (`docs/saving.md`).
 """
 
 from .config import HESSOConfig

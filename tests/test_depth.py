@@ -36,7 +36,7 @@ from hf_hesso.groups import (
 )
 from hf_hesso.modeling.architectures import LAYER_SHAPES_KEY, LayerShape, get_layout
 from hf_hesso.modeling.modeling_hesso import RemovedSublayer, SkippedLayer, layer_modules
-from hf_hesso.slim import slim_copy, slim_model
+from hf_hesso.slim import slim_copy, slim_model, to_stock
 from hf_hesso.slim.core import uniform_stock_problem
 
 _PREFIX = {
@@ -272,7 +272,8 @@ def test_uniform_run_exports_stock_and_reloads_without_hf_hesso(name, tmp_path):
     batch = batch_for(name)
     groups = run_uniform_hesso(model, UNIFORM_KINDS, 0.6, batch)
     ref, ref_gen = logits(model, batch), greedy(model, batch)
-    summary = slim_model(model, groups, stock=True)
+    summary = slim_model(model, groups)
+    to_stock(model)
     kept = [s for s in summary.layers if not s.empty]
     assert summary.removed_sublayers()["layers"] == [1]
     assert len(set(kept)) == 1 and kept[0] != summary.layers_before[0]  # narrower, and the same everywhere

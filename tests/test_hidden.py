@@ -291,7 +291,8 @@ def test_stock_reload_without_custom_code(tmp_path):
         groups.zero_(model, chosen)
         b = batch()
         refs[name] = (run(model, b), generate(model, b), model.config._attn_implementation)
-        slim_model(model, groups, stock=True)
+        slim_model(model, groups)
+        to_stock(model)
         assert model.config.model_type == name and model.config.hidden_size == (56 if name in MOE else 60)
         assert "hesso_hidden_size" not in model.config.to_dict()
         directory = tmp_path / name
@@ -550,7 +551,8 @@ def test_real_smollm2_hidden_channels_slim_exactly_and_load_stock(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     before = model.num_parameters()
-    slim_model(model, groups, stock=True)
+    slim_model(model, groups)
+    to_stock(model)
     assert model.config.hidden_size == 513 and type(model) is transformers.LlamaForCausalLM
     assert before - model.num_parameters() == counter.count(mask)
     model.float().save_pretrained(tmp_path)

@@ -110,7 +110,8 @@ def test_fresh_process_without_hf_hesso(saved, tmp_path):
         groups = uniform_prune(model, **kw)
         batch = tiny_batch(name)
         ref = outputs(model, batch)
-        slim_model(model, groups, stock=True)
+        slim_model(model, groups)
+        to_stock(model)
         d = tmp_path / f"stock-{name}"
         model.save_pretrained(d)
         assert not any(f.endswith(".py") for f in os.listdir(d))
@@ -260,9 +261,30 @@ def test_stock_export_uneven_layers_error():
     groups = build_groups(model)
     mlp = next(b for b in groups.blocks if b.kind == MLP_CHANNEL and b.layer == 1)
     groups.zero_(model, [mlp.offset])
+    slim_model(model, groups)
     with pytest.raises(ValueError, match=r"its layers have 2 different shapes .* a stock config holds one size"):
-        slim_model(model, groups, stock=True)
+        to_stock(model)
     assert model.config.model_type == "hesso_mistral"  # slimmed, but kept as a slim model
+
+
+def test_slim_model_stock_is_deprecated_for_to_stock():
+    """`slim_model(..., stock=True)` is `slim_model` then `to_stock`: it still works, with a FutureWarning naming the
+    route."""
+    results = []
+    for deprecated in (False, True):
+        model = tiny_model("mistral", "ForCausalLM", perturb=0.1, eval_mode=True)
+        groups = uniform_prune(model, slots=[0], mlp=[5])
+        if deprecated:
+            with pytest.warns(FutureWarning, match=r"stock=True\)` is deprecated.*`to_stock\(model\)` after"):
+                slim_model(model, groups, stock=True)
+        else:
+            slim_model(model, groups)
+            to_stock(model)
+        results.append(model)
+    assert type(results[0]) is type(results[1]) and results[1].config.model_type == "mistral"
+    assert results[0].config.to_dict() == results[1].config.to_dict()
+    batch = tiny_batch("mistral")
+    torch.testing.assert_close(outputs(results[0], batch), outputs(results[1], batch), rtol=0, atol=0)
 
 
 def _edit_config(directory: Path, fn) -> None:

@@ -126,8 +126,10 @@ def save_slim(
 ) -> SavedSlim:
     """Write the slim version of `model` to `output_dir`: weights, config, shipped code, tokenizer, model card.
 
-    The slim model is a copy built in CPU memory layer by layer (`hf_hesso.slim.slim_copy`): the live `model`
-    keeps training unchanged, and the training device holds nothing extra.
+    The route to a slim model on disk from a hand-written loop (with `HESSOTrainer`, `trainer.save_model()` calls it;
+    see `docs/saving.md`, *One route per task*). The slim model is a copy built in CPU memory layer by layer (its
+    lower level, `hf_hesso.slim.slim_copy`): the live `model` keeps training unchanged, and the training device holds
+    nothing extra.
 
     The save writes only the files it owns and never touches anything else in `output_dir` (your scripts, data,
     `checkpoint-*` folders): the weights (sharded or not, with their index), `config.json`, `generation_config.json`,
@@ -164,7 +166,8 @@ def save_slim(
             is written.
         stock (`bool`, *optional*, defaults to `False`): save as the stock class and config (`to_stock`), loadable
             with nothing imported and no remote code; every kept layer must have one shape the stock config can
-            express (what `layer_shapes="uniform"` gives). Raises otherwise.
+            express (what `layer_shapes="uniform"` gives). Raises otherwise. The lower level of a
+            `layer_shapes="uniform"` run, whose `HESSOTrainer.save_model()` sets it.
         merge_adapters (`bool`, *optional*, defaults to `True`): LoRA models only. `True`: one merged slim model;
             `False`: the slim base model plus the adapters sliced alike in `output_dir/adapter` (load with
             `PeftModel.from_pretrained(base, output_dir + "/adapter")`).

@@ -1,5 +1,8 @@
 """Physical slicing of zeroed groups: `slim_model`, `slim_copy`, `to_stock`, the LoRA exports and the FSDP2 gather.
 
+The routes: `slim_model` (a slim model in memory, in place) and `to_stock` (then the stock class and config);
+`slim_copy` is the lower level that `hf_hesso.save_slim` writes from.
+
 The plumbing stays in its modules (`core.keep_plan`, `core.check_materialized`, `core.uniform_stock_problem`,
 `lora.merged_groups`, `lora.ADAPTER_SUBDIR`)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -408,7 +409,8 @@ def rescale_stream(model: nn.Module, layout, s: float) -> None:
 
 
 def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool = False) -> SlimSummary:
-    """Physically remove every group whose slices are all exactly zero, in place.
+    """Physically remove every group whose slices are all exactly zero, in place: the route to a slim model in
+    memory (to write one, `save_slim` or `HESSOTrainer.save_model()`; for the stock class, `to_stock` afterwards).
 
     Groups that are only partly zero are kept. With grouped-query attention a layer may have zeroed `kv_group`
     and `query_slot` groups at once: the kept query heads are those of kept key/value heads *and* kept slots, so
@@ -429,8 +431,8 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
             `*ForMaskedLM`), stock or already slim.
         groups (`GroupSet`, *optional*): the groups to consider; default `build_groups(model)`. They must describe
             the model's current shapes (build them again after a previous slimming).
-        stock (`bool`, *optional*, defaults to `False`): afterwards convert to the stock class and config with
-            `to_stock` (every layer must have ended with the same shape that the stock config can express).
+        stock (`bool`, *optional*, defaults to `False`): deprecated, call `to_stock(model)` afterwards instead
+            (which this does, with a `FutureWarning`; removed in the next release).
 
     Returns:
         `SlimSummary`: parameter counts before/after and the kept sizes of every layer.
@@ -456,6 +458,12 @@ def slim_model(model: nn.Module, groups: GroupSet | None = None, *, stock: bool 
         skip_layer(layers, i, plan.layout, new_shape)
     summary = plan.finish(model, plan.slim_hidden(model))
     if stock:
+        warnings.warn(
+            "`slim_model(..., stock=True)` is deprecated and will be removed in the next release: call "
+            "`to_stock(model)` after `slim_model(model, groups)`, which is what it does.",
+            FutureWarning,
+            stacklevel=2,
+        )
         to_stock(model)
     return summary
 
@@ -506,6 +514,9 @@ def cpu_copy_memo(module: nn.Module, skip: set[int] | frozenset[int] = frozenset
 @torch.no_grad()
 def slim_copy(model: nn.Module, groups: GroupSet | None = None) -> tuple[nn.Module, SlimSummary]:
     """A slim copy of `model` in CPU memory, built layer by layer; `model` itself is not changed.
+
+    The lower level `save_slim` writes from: to write a slim model, call `save_slim` (or `HESSOTrainer.save_model()`);
+    for a slim model in memory, `slim_model`.
 
     Nothing is allocated on `model`'s device but the zero test of the groups (O(groups)): every tensor outside the
     layers is copied to the CPU once, and each layer is copied to the CPU and sliced before the next one is copied,
@@ -805,7 +816,8 @@ def _uniform_hidden_problem(
 
 
 def to_stock(model: nn.Module) -> nn.Module:
-    """Turn a slim model whose layers all have the same shape into the stock class and config, in place.
+    """Turn a slim model whose layers all have the same shape into the stock class and config, in place: the route
+    to a stock model (on disk, a `layer_shapes="uniform"` run's `HESSOTrainer.save_model()` applies it).
 
     Then `save_pretrained` writes a stock `model_type` that loads with nothing imported and no remote code
     (serving engines too). Possible when every layer has the same shape and the stock config can express it, which
