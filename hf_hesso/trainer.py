@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -39,8 +38,6 @@ from .resume import (
 )
 from .slim import gather_full_model
 from .slim.core import uniform_stock_problem
-
-logger = get_logger(__name__)
 
 
 class HESSOTrainer(DistillationMixin, Trainer):

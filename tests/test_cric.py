@@ -351,3 +351,25 @@ def test_start_pruning_step_is_hesso_s_name_and_the_old_one_warns_for_one_releas
         CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, start_step=2, start_pruning_step=2, **base)
     with pytest.raises(ValueError, match=r"`start_pruning_step` must be an integer >= 0"):
         CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, start_pruning_step=-1, **base)
+
+
+def test_settings_record_cric_s_own_as_the_card_shows_them(tmp_path):
+    """`CRIC.settings()`, the card's one source: HESSO's settings with CRIC's start and its `cric_*` settings, so that
+    `save_slim(model, dir, optimizer=cric)` records the same as the Trainer's card of a `cric=True` run."""
+    from hf_hesso import save_slim
+
+    model, groups, opt = make(max_cycles=3, tolerance=1, trial_ratios=(0.5,), loss_weight=0.5)
+    settings = opt.settings()
+    assert settings["start_pruning_step"] == 2  # CRIC's start, not the worst-case start of its HESSO period
+    assert {k: settings[k] for k in settings if k.startswith("cric")} == {
+        "cric": True,
+        "cric_sampling_steps": 3,
+        "cric_max_cycles": 3,
+        "cric_tolerance": 1,
+        "cric_trial_ratios": [0.5],
+        "cric_loss_weight": 0.5,
+    }
+    assert settings["target_group_sparsity"] == 0.4 and settings["pruning_periods"] == 1
+    card = save_slim(model, tmp_path / "out", optimizer=opt).report.settings
+    recorded = {k: v for k, v in settings.items() if v is not None}  # the card leaves out unset values
+    assert {k: card[k] for k in recorded} == recorded

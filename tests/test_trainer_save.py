@@ -163,6 +163,18 @@ def test_stale_files_of_our_previous_save_go_and_nothing_else(tmp_path):
     assert manifest_files(out) == {"config.json"}
 
 
+def test_an_update_that_stages_nothing_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    with atomic_save(out) as save:
+        (Path(save) / "config.json").write_text("v1")
+    before = (out / MANIFEST_NAME).stat()
+    with atomic_save(out, update=True) as save:
+        assert save.owns("config.json") and save.owns("README.md") and save.files == []
+    assert save.files == ["config.json"]  # the files of the save, unchanged
+    after = (out / MANIFEST_NAME).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns) and leftovers(out) == []
+
+
 def test_error_while_writing_leaves_everything_as_it_was(tmp_path):
     out = tmp_path / "out"
     with atomic_save(out) as staging:
@@ -476,9 +488,13 @@ def test_create_model_card_joins_the_save_and_respects_a_user_readme(tmp_path):
     assert "license: apache-2.0" in (out / "README.md").read_text()
     assert "README.md" in manifest_files(out) and "model.safetensors" in manifest_files(out)
     (out / "README.md").write_text("# Mine\n")
+    manifest = (out / MANIFEST_NAME).stat()
     with pytest.warns(UserWarning, match="README.md"):
         trainer.create_model_card(license="mit")
     assert (out / "README.md").read_text() == "# Mine\n" and leftovers(out) == []
+    # With nothing to write, the update commits nothing: the manifest is not rewritten.
+    assert (out / MANIFEST_NAME).stat().st_mtime_ns == manifest.st_mtime_ns
+    assert (out / MANIFEST_NAME).stat().st_ino == manifest.st_ino
 
 
 TOKENIZER_LOAD = textwrap.dedent(
