@@ -246,6 +246,22 @@ def test_trainer_schedule_must_fit_worst_case(tmp_path):
         trainer.train()
 
 
+# A CRIC run of the Trainer on the tiny LLaMA: 6 blocks x 1 ratio = 6 probe steps; the worst case ends at
+# 1 + 1 + 6 + 2 x 2 + 4 = 16 <= 20 steps.
+CRIC_RUN = dict(
+    max_steps=20,
+    cric=True,
+    pruning_periods=1,
+    pruning_steps=4,
+    start_pruning_step=1,
+    cric_sampling_steps=2,
+    cric_max_cycles=2,
+    cric_trial_ratios=[0.5],
+    gradient_accumulation_steps=2,
+    per_device_train_batch_size=4,
+)
+
+
 @pytest.mark.slow
 def test_trainer_end_to_end_gqa(tmp_path, caplog):
     from helpers import check_pruned, reference_logits, reload_in_fresh_process
@@ -253,19 +269,9 @@ def test_trainer_end_to_end_gqa(tmp_path, caplog):
     from hf_hesso.trainer import HESSOTrainer
 
     caplog.set_level(logging.INFO, logger="hf_hesso.optim.cric")
-    # 6 blocks x 1 ratio = 6 probe steps; worst case ends at 1 + 1 + 6 + 2 x 2 + 4 = 16 <= 20.
     args = hesso_args(
         str(tmp_path / "out"),
-        max_steps=20,
-        cric=True,
-        pruning_periods=1,
-        pruning_steps=4,
-        start_pruning_step=1,
-        cric_sampling_steps=2,
-        cric_max_cycles=2,
-        cric_trial_ratios=[0.5],
-        gradient_accumulation_steps=2,
-        per_device_train_batch_size=4,
+        **CRIC_RUN,
     )
     trainer = HESSOTrainer(
         model=tiny_model("llama"), args=args, train_dataset=lm_dataset(), processing_class=tiny_tokenizer()
@@ -305,16 +311,7 @@ def test_probes_read_the_task_loss_under_distillation(tmp_path, monkeypatch):
     monkeypatch.setattr(CRIC, "observe_loss", observe)
     args = hesso_args(
         str(tmp_path / "out"),
-        max_steps=20,
-        cric=True,
-        pruning_periods=1,
-        pruning_steps=4,
-        start_pruning_step=1,
-        cric_sampling_steps=2,
-        cric_max_cycles=2,
-        cric_trial_ratios=[0.5],
-        gradient_accumulation_steps=2,
-        per_device_train_batch_size=4,
+        **CRIC_RUN,
         distill=True,
         distill_alpha=0.5,
     )

@@ -233,16 +233,22 @@ def test_resumed_run_distils_from_the_same_teacher(tmp_path):
         torch.testing.assert_close(value, _state(full.distiller.teacher)[key], rtol=0, atol=0)
 
 
+def _accumulation_args(tmp_path, batch: int, accumulation: int, **extra):
+    """Distillation at alpha 0.5 with `batch` examples per micro-batch and `accumulation` micro-batches per step."""
+    return hesso_args(
+        str(tmp_path / f"ga{accumulation}"),
+        distill=True,
+        distill_alpha=0.5,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        **extra,
+    )
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     runs = []
     for batch, accumulation in ((8, 1), (4, 2)):
-        args = hesso_args(
-            str(tmp_path / f"ga{accumulation}"),
-            distill=True,
-            distill_alpha=0.5,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-        )
+        args = _accumulation_args(tmp_path, batch, accumulation)
         trainer = HESSOTrainer(model=tiny_model("llama"), args=args, train_dataset=lm_dataset())
         trainer.train()
         runs.append(trainer)
@@ -293,14 +299,7 @@ def test_gradient_accumulation_keeps_the_distillation_mix(name, tmp_path):
     """
     runs = []
     for batch, accumulation in ((4, 1), (2, 2)):
-        args = hesso_args(
-            str(tmp_path / f"ga{accumulation}"),
-            distill=True,
-            distill_alpha=0.5,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            max_grad_norm=0.0,
-        )
+        args = _accumulation_args(tmp_path, batch, accumulation, max_grad_norm=0.0)
         spy = _FirstStepGradients()
         teacher = _no_dropout(tiny_model(name, seed=3))
         if name == "bert":
