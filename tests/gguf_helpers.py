@@ -69,6 +69,110 @@ def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     return tok
 
 
+SPM_VOCAB = 384  # spm_tokenizer()'s
+SPM_SPACE = "\u2581"  # "▁"
+# SentencePiece-style pieces, each the join of two earlier ones, in priority order (the first joins first).
+SPM_JOINS = [
+    ("▁", "t"),
+    ("h", "e"),
+    ("▁t", "he"),
+    ("i", "n"),
+    ("▁", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    ("▁", "s"),
+    ("a", "t"),
+    ("e", "n"),
+    ("a", "n"),
+    ("▁", "c"),
+    ("▁c", "a"),
+    ("f", "é"),
+    ("▁ca", "fé"),
+    ("▁", "ü"),
+    ("b", "e"),
+    ("be", "r"),
+    ("▁ü", "ber"),
+    ("▁", "▁"),
+    ("▁▁", "▁▁"),
+    ("i", "s"),
+    ("▁", "is"),
+    ("▁t", "h"),
+    ("u", "n"),
+    ("▁s", "un"),
+    ("▁s", "u"),
+    ("▁a", "n"),
+    ("▁an", "d"),
+    ("ß", "e"),
+    ("▁", "—"),
+    ("T", "H"),
+    ("▁", "TH"),
+]
+
+
+def spm_tokenizer(kind: str = "llama", vocab_size: int = SPM_VOCAB, legacy: bool = False):
+    """A SentencePiece-style tokenizer (BPE with byte fallback) built as transformers converts Llama 2's and Gemma's.
+
+    Specials first (Llama: `<unk> <s> </s>`; Gemma: `<pad> <eos> <bos> <unk> <mask>` and two chat markers), the 256 byte
+    tokens `<0x00>`..`<0xFF>`, single characters (a few non-ASCII ones; others such as "ñ", "中" or emoji fall back
+    to bytes), then pieces joined from two earlier ones, filled up to `vocab_size`. The merges are every split of a
+    piece into two vocabulary pieces, ordered by the piece (what transformers' SentencePiece converter writes).
+
+    `kind="llama"`: transformers' `LlamaTokenizer` (a `Metaspace` pre-tokenizer that prepends "▁"), or with
+    `legacy=True` Llama 2's original tokenizer.json form (normalizer `Prepend("▁")` + `Replace(" ", "▁")`) wrapped in
+    a `PreTrainedTokenizerFast`. `kind="gemma"`: transformers' `GemmaTokenizer` (`Replace(" ", "▁")`, no prefix).
+    Both add BOS.
+    """
+    from tokenizers import normalizers  # noqa: PLC0415 - only these tests build SentencePiece-style tokenizers
+    from transformers import GemmaTokenizer, LlamaTokenizer  # noqa: PLC0415
+
+    if kind == "gemma":
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    else:
+        specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in ["▁", *"abcdefghijklmnopqrstuvwxyz", *"THS,.!?'", "é", "ü", "ß", "—"]:
+        vocab.setdefault(c, len(vocab))
+    for left, right in SPM_JOINS:
+        assert left in vocab and right in vocab, (left, right)
+        vocab.setdefault(left + right, len(vocab))
+    letters = "etaoinsrhdlcu"
+    for a in ["▁", *letters]:
+        for b in letters:
+            if len(vocab) < vocab_size:
+                vocab.setdefault(a + b, len(vocab))
+    assert len(vocab) == vocab_size, len(vocab)
+    merges = []
+    for piece in sorted(vocab, key=vocab.get):
+        if piece in specials or piece.startswith("<0x"):
+            continue
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+        merges += sorted(
+            ((a, b) for a, b in splits if a in vocab and b in vocab), key=lambda m: (vocab[m[0]], vocab[m[1]])
+        )
+    if kind == "gemma":
+        tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        tok.chat_template = (
+            "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        )
+        return tok
+    if not legacy:
+        tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    else:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tk.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+        )
+    tok.chat_template = "{% for m in messages %}<s>[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return tok
+
+
 def gguf_model(name: str, shapes: list[dict] | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
     """The tiny causal LM of family `name` with sharpened weights; with `shapes`, a slim one with those sizes."""
     model = tiny_model(name, "ForCausalLM", seed, eval_mode=True, **overrides)

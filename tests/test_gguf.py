@@ -187,9 +187,9 @@ def test_refusals_name_the_reason(tmp_path):
     bert = transformers.BertForMaskedLM(tiny_config("bert"))
     with pytest.raises(ValueError, match="supports the model types"):
         export_gguf(bert, tmp_path / "a.gguf", tokenizer=tok)
-    # A SentencePiece-style (byte fallback) vocabulary is not written.
+    # A byte-fallback (SentencePiece-style) vocabulary without the 256 byte tokens llama.cpp needs.
     spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
-    with pytest.raises(ValueError, match="byte fallback"):
+    with pytest.raises(ValueError, match="has 0 of the 256 byte tokens"):
         export_gguf(gguf_model("llama"), tmp_path / "a.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
     with pytest.raises(ValueError, match="no known llama.cpp name"):
         odd = tiny_tokenizer()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -280,8 +281,125 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
     return None
 
 
+_SPM_SPACE = "\u2581"  # "▁", SentencePiece's whitespace symbol
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _steps(node: dict | None, key: str) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer (`Sequence` unrolled; none -> [])."""
+    if node is None:
+        return []
+    return list(node[key]) if node.get("type") == "Sequence" else [node]
+
+
+def _sentencepiece_prefix(spec: dict, tokens: list[str]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends "▁" to the text (llama.cpp's `add_space_prefix`).
+
+    llama.cpp's SentencePiece tokenizer replaces every space by "▁" and, with `add_space_prefix`, puts one "▁"
+    before the text (and after every special token). The tokenizer.json forms that do exactly this are accepted:
+    Llama 2's normalizer `Prepend("▁")` + `Replace(" ", "▁")`, a `Metaspace` pre-tokenizer (transformers'
+    `LlamaTokenizer`), and Gemma's `Replace(" ", "▁")` without a prefix (its pre-tokenizer `Split(" ")` then finds no
+    space left). Anything else (Unicode normalization, lower-casing, other splits) is refused: llama.cpp would not
+    apply it.
+    """
+    normalizers = _steps(spec.get("normalizer"), "normalizers")
+    pres = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": _SPM_SPACE}
+    prepend = {"type": "Prepend", "prepend": _SPM_SPACE}
+    found = f"normalizer {json.dumps(spec.get('normalizer'))}, pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))}"
+    why = (
+        f"The SentencePiece-style tokenizer's text processing ({found[:400]}) is not one llama.cpp reproduces: its "
+        "SentencePiece tokenizer only replaces spaces by '▁' and optionally prepends one '▁' (Llama 2's "
+        "`Prepend('▁')` + `Replace(' ', '▁')`, a `Metaspace` pre-tokenizer, or Gemma's `Replace(' ', '▁')`). "
+        "Export a tokenizer of one of these forms."
+    )
+    if normalizers and all(step in (replace, prepend) for step in normalizers) and replace in normalizers:
+        if len(normalizers) != len({json.dumps(s, sort_keys=True) for s in normalizers}):
+            raise ValueError(why)
+        # After the Replace there is no space left: a Split on " " is a no-op (Gemma's tokenizer.json).
+        no_op_split = [{"type": "Split", "pattern": {"String": " "}}]
+        if pres and [{k: s.get(k) for k in ("type", "pattern")} for s in pres] != no_op_split:
+            raise ValueError(why)
+        return prepend in normalizers
+    if not normalizers and len(pres) == 1 and pres[0].get("type") == "Metaspace":
+        meta = pres[0]
+        if meta.get("replacement", _SPM_SPACE) != _SPM_SPACE:
+            raise ValueError(why)
+        scheme = meta.get("prepend_scheme") or ("always" if meta.get("add_prefix_space", True) else "never")
+        if meta.get("split", True):
+            # Splitting at every "▁" only matters for tokens that hold a "▁" after their first character.
+            inner = [t for t in tokens if _SPM_SPACE in t[1:]]
+            if inner:
+                raise ValueError(
+                    f"The tokenizer's Metaspace pre-tokenizer splits the text at every '▁', but {len(inner)} tokens "
+                    f"hold a '▁' inside (e.g. {inner[:3]}): llama.cpp's SentencePiece tokenizer does not split, so "
+                    "it would form these tokens where transformers cannot. Set `split` to false in tokenizer.json "
+                    "(as transformers' LlamaTokenizer does) if that is what the model was trained with."
+                )
+        return scheme in ("always", "first")
+    raise ValueError(why)
+
+
+def _metaspace_note(spec: dict) -> list[str]:
+    """What llama.cpp tokenizes differently from a `Metaspace` pre-tokenizer that prepends "▁" (notes)."""
+    pres = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    if not pres or pres[0].get("type") != "Metaspace":
+        return []
+    meta = pres[0]
+    scheme = meta.get("prepend_scheme") or ("always" if meta.get("add_prefix_space", True) else "never")
+    if scheme == "never":
+        return []
+    after = " or follows a special token" if scheme == "first" else ""
+    return [
+        f"tokenizer: transformers' Metaspace (prepend_scheme {scheme!r}) adds no '▁' to a text that begins with a "
+        f"space{after}, llama.cpp's SentencePiece tokenizer does: such texts start with one more '▁' in llama.cpp"
+    ]
+
+
+def _sentencepiece_scores(tokens: list[str], merges: list[tuple[str, str]], whole: set[int]) -> list[float]:
+    """Token scores under which llama.cpp's SentencePiece merging reproduces the BPE merges of tokenizer.json.
+
+    llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm` in src/llama-vocab.cpp) starts from single characters
+    and repeatedly joins the adjacent pair whose concatenation is the vocabulary token of highest score (leftmost
+    on ties); transformers joins the adjacent pair of lowest merge rank. A token's score is minus the rank of the
+    first merge that makes it, which orders the joins alike, provided every way to write a token as two pieces
+    that llama.cpp could join is a merge, as in tokenizers converted from SentencePiece (Llama 2, Mistral, Gemma).
+    A vocabulary where that does not hold is refused: llama.cpp would form tokens that transformers does not.
+    `whole` holds the ids matched as whole strings before merging (added tokens), which are not checked.
+    """
+    pairs = set(merges)
+    first_rank: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        first_rank.setdefault(left + right, rank)
+    known = set(tokens)
+    missing = []
+    for i, text in enumerate(tokens):
+        if i in whole:
+            continue
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if (
+                (left in known or len(left) == 1)
+                and (right in known or len(right) == 1)
+                and (left, right) not in pairs
+            ):
+                missing.append((left, right))
+    if missing:
+        raise ValueError(
+            f"The byte-fallback BPE tokenizer lacks {len(missing)} merges that llama.cpp's SentencePiece tokenizer "
+            f"would apply (e.g. {missing[:3]}): llama.cpp joins any two adjacent pieces whose concatenation is a "
+            "token, so its tokens would differ from transformers'. Tokenizers converted from SentencePiece list "
+            "every such pair; this one was trained otherwise and cannot be written as a llama.cpp vocabulary."
+        )
+    return [-float(first_rank[text]) if text in first_rank else 0.0 for text in tokens]
+
+
 def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
-    """Everything `tokenizer.ggml.*` holds, read from a byte-level BPE `tokenizers` tokenizer."""
+    """Everything `tokenizer.ggml.*` holds, read from the `tokenizers` tokenizer (tokenizer.json).
+
+    Byte-level BPE is written as llama.cpp's `gpt2` tokenizer (tokens, merges, pre-tokenizer name); BPE with byte
+    fallback (SentencePiece style) as its `llama` tokenizer (tokens, scores, byte tokens, `add_space_prefix`).
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(
@@ -290,23 +408,31 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
         )
     spec = json.loads(backend.to_str())
     bpe = spec.get("model") or {}
+    sentencepiece = bpe.get("type") == "BPE" and bool(bpe.get("byte_fallback", False))
     # Byte-level BPE: GPT-2's byte -> unicode alphabet, shown by a ByteLevel pre-tokenizer or decoder.
-    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
-    byte_level = byte_level and not bpe.get("byte_fallback", False)
-    if bpe.get("type") != "BPE" or not byte_level:
+    byte_level = not sentencepiece and "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if bpe.get("type") != "BPE" or not (byte_level or sentencepiece):
         raise ValueError(
-            f"The tokenizer is a {bpe.get('type')} model{' with byte fallback' if bpe.get('byte_fallback') else ''}; "
-            "this exporter writes byte-level BPE vocabularies (llama.cpp's `gpt2` tokenizer: SmolLM2, Llama 3, "
-            "Qwen2/3). SentencePiece-style vocabularies (Llama 2, Mistral v0.1) are not written yet."
+            f"The tokenizer is a {bpe.get('type')} model; this exporter writes BPE vocabularies, byte-level (llama.cpp's "
+            "`gpt2` tokenizer: SmolLM2, Llama 3, Qwen2/3) or with byte fallback (its SentencePiece-style `llama` "
+            "tokenizer: Llama 2, Mistral v0.1, TinyLlama, Gemma). Unigram and WordPiece vocabularies are not written."
         )
-    pre = pre_tokenizer or _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    if pre is None:
-        raise ValueError(
-            "The tokenizer's pre-tokenizer "
-            f"{json.dumps(spec.get('pre_tokenizer'))[:300]} has no known llama.cpp name. Pass the name llama.cpp "
-            "uses for it (see `tokenizer_pre` in llama.cpp's src/llama-vocab.cpp), e.g. "
-            "`export_gguf(..., pre_tokenizer='llama-bpe')` or `--pre-tokenizer llama-bpe`."
-        )
+    if sentencepiece:
+        odd = {k: bpe.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if bpe.get(k)}
+        if odd:
+            raise ValueError(
+                f"The byte-fallback BPE model sets {odd}, which llama.cpp's SentencePiece tokenizer lacks."
+            )
+        pre = None
+    else:
+        pre = pre_tokenizer or _pre_tokenizer_name(spec.get("pre_tokenizer"))
+        if pre is None:
+            raise ValueError(
+                "The tokenizer's pre-tokenizer "
+                f"{json.dumps(spec.get('pre_tokenizer'))[:300]} has no known llama.cpp name. Pass the name llama.cpp "
+                "uses for it (see `tokenizer_pre` in llama.cpp's src/llama-vocab.cpp), e.g. "
+                "`export_gguf(..., pre_tokenizer='llama-bpe')` or `--pre-tokenizer llama-bpe`."
+            )
 
     vocab: dict[str, int] = dict(bpe["vocab"])
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
@@ -322,7 +448,7 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
         if text is None:
             tokens[i] = f"[PAD{i}]"
             types[i] = int(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in bpe.get("merges", [])]
 
     def special(name: str) -> int | None:
         value = getattr(tokenizer, f"{name}_token_id", None)
@@ -333,6 +459,29 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
         return None if value is None else int(value)
 
     ids = {name: special(name) for name in ("bos", "eos", "unk", "pad")}
+    fields = {"model": "gpt2", "pre": pre, "merges": [" ".join(m) for m in merges], "scores": None}
+    if sentencepiece:
+        # llama.cpp writes an unknown character as its UTF-8 bytes, the tokens "<0x00>" .. "<0xFF>" (all needed).
+        byte_ids = [i for i, text in enumerate(tokens) if _BYTE_TOKEN.fullmatch(text) and i not in added]
+        if len(byte_ids) != 256:
+            raise ValueError(
+                f"The byte-fallback tokenizer has {len(byte_ids)} of the 256 byte tokens <0x00>..<0xFF>; llama.cpp's "
+                "SentencePiece tokenizer needs all of them to write characters outside the vocabulary."
+            )
+        for i in byte_ids:
+            types[i] = int(gguf.TokenType.BYTE)
+        unk = ids["unk"] if ids["unk"] is not None else vocab.get(bpe.get("unk_token") or "")
+        if unk is not None:
+            ids["unk"] = unk
+            types[unk] = int(gguf.TokenType.UNKNOWN)
+        fields = {
+            "model": "llama",
+            "pre": None,
+            "merges": None,
+            "scores": _sentencepiece_scores(tokens, merges, set(added)),
+            "add_space_prefix": _sentencepiece_prefix(spec, tokens),
+            "notes": _metaspace_note(spec),
+        }
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     add_bos = len(with_special) > len(without) and with_special[0] == ids["bos"] and ids["bos"] is not None
@@ -341,10 +490,9 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()), None)
     return {
-        "pre": pre,
+        **fields,
         "tokens": tokens,
         "types": types,
-        "merges": merges,
         "ids": ids,
         "add_bos": add_bos,
         "add_eos": add_eos,
@@ -577,6 +725,7 @@ def export_gguf(
     if rope_factors is not None and arch not in ("llama", "deci"):
         raise ValueError(f"RoPE scaling is only exported for the llama/deci graphs, not {arch!r}.")
     vocab = _tokenizer_fields(tokenizer, config, pre_tokenizer)
+    notes += vocab.get("notes", [])
     if len(vocab["tokens"]) != model.get_input_embeddings().weight.shape[0]:
         raise ValueError(
             f"The tokenizer has {len(vocab['tokens'])} tokens but the embedding has "
@@ -632,11 +781,17 @@ def export_gguf(
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(len(vocab["tokens"]))
 
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_tokenizer_model(vocab["model"])
+        if vocab["pre"] is not None:
+            writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(vocab["tokens"])
+        if vocab["scores"] is not None:
+            writer.add_token_scores(vocab["scores"])
         writer.add_token_types(vocab["types"])
-        writer.add_token_merges(vocab["merges"])
+        if vocab["merges"] is not None:
+            writer.add_token_merges(vocab["merges"])
+        if "add_space_prefix" in vocab:
+            writer.add_add_space_prefix(vocab["add_space_prefix"])
         ids = vocab["ids"]
         for key, add in (
             ("bos", writer.add_bos_token_id),
