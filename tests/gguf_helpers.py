@@ -173,9 +173,19 @@ def spm_tokenizer(kind: str = "llama", vocab_size: int = SPM_VOCAB, legacy: bool
     return tok
 
 
-def gguf_model(name: str, shapes: list[dict] | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
-    """The tiny causal LM of family `name` with sharpened weights; with `shapes`, a slim one with those sizes."""
-    model = tiny_model(name, "ForCausalLM", seed, eval_mode=True, **overrides)
+def byte_tokens(tok) -> list[int]:
+    """The ids of a SentencePiece-style tokenizer's byte tokens `<0x00>`..`<0xFF>`."""
+    return sorted(i for t, i in tok.get_vocab().items() if t.startswith("<0x") and len(t) == 6)
+
+
+def gguf_model(
+    name: str, shapes: list[dict] | None = None, seed: int = 0, config=None, **overrides
+) -> torch.nn.Module:
+    """The tiny causal LM of family `name` (or of `config`) with sharpened weights; with `shapes`, a slim one."""
+    if config is not None:
+        model = tiny_model(name, "AutoModelForCausalLM", seed, config=config, eval_mode=True)
+    else:
+        model = tiny_model(name, "ForCausalLM", seed, eval_mode=True, **overrides)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias") or "norm" in pname:
@@ -243,9 +253,15 @@ class LlamaCpp:
         f32_cache: Keep keys and values in float32 (no f16 rounding); `False` keeps llama.cpp's default f16 cache.
         threads: CPU threads for prompt and decode. One: llama.cpp's threads wait for each other at every op, so on
             a busy machine two threads were up to 10x slower than one (SmolLM2, a 19-token prompt: 65 s against 6.6 s).
+        hold_back: Tokens never to sample (the byte tokens of a SentencePiece-style vocabulary): the server reports
+            no log-probabilities for a sampled token that ends inside a UTF-8 character. They are still reported
+            and compared (`n_probs` is computed before the samplers), and `greedy` takes the reported argmax.
     """
 
-    def __init__(self, path, n_ctx: int = 64, f32_cache: bool = True, threads: int = 1):
+    def __init__(
+        self, path, n_ctx: int = 64, f32_cache: bool = True, threads: int = 1, hold_back: list[int] | None = None
+    ):
+        self.hold_back = list(hold_back or [])
         require_llama_cpp()
         import xllamacpp as xlc  # noqa: PLC0415 - optional test dependency, checked above
 
@@ -306,6 +322,8 @@ class LlamaCpp:
         out = np.full((len(ids), n_vocab), np.nan)
         for i in range(len(ids)):
             body = {"prompt": ids[: i + 1], "n_predict": 1, "temperature": 0, "n_probs": top or n_vocab}
+            if self.hold_back:  # never sampled, still reported: n_probs reads the logits before the samplers
+                body["logit_bias"] = [[t, False] for t in self.hold_back]
             step = self.complete({**body, "cache_prompt": False})["choices"][0]["logprobs"]["content"][0]
             for entry in step["top_logprobs"]:
                 out[i, entry["id"]] = entry["logprob"]
@@ -316,8 +334,19 @@ class LlamaCpp:
         return out
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
-        """`n` tokens of llama.cpp's greedy decoding after `ids` (EOS is a token like any other, as in `hf_greedy`)."""
+        """`n` tokens of llama.cpp's greedy decoding after `ids` (EOS is a token like any other, as in `hf_greedy`).
+
+        With `hold_back` tokens, each token is the most likely one that llama.cpp reports for the sequence so far
+        (the argmax of its logits, as the greedy sampler takes), one request per token.
+        """
         out: list[int] = []
+        if self.hold_back:
+            while len(out) < n:
+                body = {"prompt": ids + out, "n_predict": 1, "temperature": 0, "n_probs": 1, "cache_prompt": False}
+                body["logit_bias"] = [[t, False] for t in self.hold_back]
+                step = self.complete(body)["choices"][0]["logprobs"]["content"][0]
+                out.append(step["top_logprobs"][0]["id"])
+            return out
         while len(out) < n:  # the server stops at an end-of-generation token: go on after it
             choice = self.complete({"prompt": ids + out, "n_predict": n - len(out), "temperature": 0, "n_probs": 1})[
                 "choices"
@@ -329,8 +358,8 @@ class LlamaCpp:
         return out
 
 
-def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True) -> LlamaCpp:
-    return LlamaCpp(path, n_ctx=n_ctx, f32_cache=f32_cache)
+def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True, hold_back: list[int] | None = None) -> LlamaCpp:
+    return LlamaCpp(path, n_ctx=n_ctx, f32_cache=f32_cache, hold_back=hold_back)
 
 
 def hf_logprobs(model, ids: list[int]) -> np.ndarray:

@@ -66,7 +66,15 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 __all__ = ["DTYPES", "GGUF_MODEL_TYPES", "GgufExport", "GgufLayer", "export_gguf", "gguf_plan", "main"]
 
 # The transformers model types (stock or `hesso_*`) that `export_gguf` writes.
-GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# transformers model type -> llama.cpp architecture of the Gemma family (uniform layers only).
+_GEMMA_ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
+# llama.cpp's sliding-window period: layer i attends through the window unless (i + 1) % period == 0.
+_GEMMA_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+# The layer counts for which llama.cpp scales queries by 1 / sqrt(n_embd / heads) (its 27B types).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# GELU with the tanh approximation, which llama.cpp's Gemma graphs use.
+_GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
 
 # dtype name -> (GGML type of the 2-D weights, llama.cpp file type).
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -176,6 +184,18 @@ def gguf_plan(model_type: str, layers: list[GgufLayer], hidden_size: int, head_d
                 "query heads to be a positive multiple of the key/value heads."
             )
     uniform = len(set(layers)) == 1 and layers[0].heads > 0 and layers[0].ffn > 0
+    if family in _GEMMA_ARCHS:
+        arch = _GEMMA_ARCHS[family]
+        if not uniform:
+            shapes = sorted({(s.heads, s.kv_heads, s.ffn) for s in layers})
+            raise ValueError(
+                f"This {family} model has layers of different shapes ({len(shapes)} distinct (heads, kv_heads, mlp) "
+                f"shapes, e.g. {shapes[:3]}): llama.cpp's `{arch}` graph builds every layer from layer 0's sizes (it "
+                "reads no per-layer head counts or MLP widths for this architecture) and has no layer without "
+                "attention or MLP. Prune every layer alike (uniform shapes) to export it, or run the slim model with "
+                "transformers."
+            )
+        return arch
     if uniform and family in ("llama", "mistral", "qwen3"):
         return "qwen3" if family == "qwen3" else "llama"
     if uniform and family == "qwen2" and layers[0].heads * head_dim == hidden_size:
@@ -241,6 +261,108 @@ def _rope_freq_factors(model: nn.Module, head_dim: int) -> tuple[float, torch.Te
     if torch.allclose(factors, torch.ones_like(factors), rtol=1e-6, atol=0):
         return theta, None
     return theta, factors
+
+
+@dataclass(frozen=True)
+class _GemmaSettings:
+    """What a Gemma-2/3 file holds beyond the llama keys, and the scales folded into its weights."""
+
+    window: int
+    attn_softcap: float | None
+    final_softcap: float | None
+    theta: float
+    theta_swa: float
+    linear_factor: float | None
+    embed_fold: float  # token_embd is multiplied by it, output_norm divided (tied output)
+    query_fold: float  # gemma2: q_proj rows, gemma3: the q_norm weight, multiplied by it
+
+
+def _gemma_settings(model: nn.Module, arch: str, layers: list[GgufLayer], hidden: int) -> _GemmaSettings:
+    """Check what llama.cpp's `gemma2`/`gemma3` graph (src/models/gemma2*.cpp, gemma3*.cpp) computes; refuse the rest.
+
+    Fixed in llama.cpp: GELU (tanh approximation), no biases, tied output, the sliding window in every layer but
+    each 2nd (gemma2) or 6th (gemma3), the soft-capping (gemma2 always caps attention scores and logits, gemma3
+    never), the embedding scale sqrt(n_embd) and the query scale 1 / sqrt(head_dim) (1 / sqrt(n_embd / heads) for
+    the layer counts of the 27B models). The last two are matched by scaling weights: the embedding (and the final
+    norm, which the tied output multiplies) when hidden channels were pruned, and the queries when
+    `query_pre_attn_scalar` is not the head size.
+    """
+    config = model.config
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act not in _GEMMA_ACTIVATIONS:
+        raise ValueError(
+            f"The MLP activation is {act!r}; llama.cpp's `{arch}` graph uses GELU with the tanh approximation "
+            f"({' / '.join(_GEMMA_ACTIVATIONS)})."
+        )
+    biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    if biased:
+        raise ValueError(f"{biased[0]} has a bias; llama.cpp's `{arch}` graph reads no projection biases.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("`use_bidirectional_attention` is set; llama.cpp's Gemma decoder graphs are causal.")
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() != embed.data_ptr():
+        raise ValueError(
+            f"The LM head is not tied to the embedding; llama.cpp's `{arch}` graph always uses `token_embd` as the "
+            "output (Gemma ties them). Keep `tie_word_embeddings=True`."
+        )
+    period = _GEMMA_SWA_PERIOD[arch]
+    expected = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(len(layers))]
+    layer_types = list(getattr(config, "layer_types", None) or expected)
+    if layer_types != expected:
+        raise ValueError(
+            f"`layer_types` is {layer_types}; llama.cpp's `{arch}` graph fixes them to {expected} (sliding windows "
+            f"with full attention in each last layer of {period}). A model with another pattern cannot be written for it."
+        )
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        raise ValueError(f"`sliding_window` is {window!r}; llama.cpp's `{arch}` graph needs the window size.")
+    attn_cap = getattr(config, "attn_logit_softcapping", None)
+    final_cap = getattr(config, "final_logit_softcapping", None)
+    if arch == "gemma2" and (attn_cap is None or final_cap is None):
+        raise ValueError(
+            f"`attn_logit_softcapping` is {attn_cap} and `final_logit_softcapping` {final_cap}; llama.cpp's gemma2 "
+            "graph always soft-caps both (at 50 and 30 when the file does not say), so both must be set."
+        )
+    if arch == "gemma3" and (attn_cap is not None or final_cap is not None):
+        raise ValueError(
+            f"`attn_logit_softcapping` is {attn_cap} and `final_logit_softcapping` {final_cap}; llama.cpp's gemma3 "
+            "graph soft-caps neither (Gemma 3 has none), so both must be None."
+        )
+
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    full = dict(params.get("full_attention", params))
+    swa = dict(params.get("sliding_attention", params))
+    for name, p in (("sliding", swa), ("full", full)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        allowed = ("default", "linear") if name == "full" and arch == "gemma3" else ("default",)
+        if kind not in allowed:
+            raise ValueError(
+                f"The {name}-attention RoPE type is {kind!r}; llama.cpp's `{arch}` graph reproduces "
+                f"{', '.join(allowed)} there. Run the model with transformers."
+            )
+        if float(p.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(
+                "`partial_rotary_factor` != 1 is not exported: llama.cpp's Gemma graphs rotate whole heads."
+            )
+    theta = float(full.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    theta_swa = float(swa.get("rope_theta", theta))
+    if arch == "gemma2" and theta_swa != theta:
+        raise ValueError(f"Sliding and full attention use RoPE bases {theta_swa} and {theta}; gemma2 has one.")
+    linear = float(full["factor"]) if full.get("rope_type") == "linear" else None
+
+    # The scales llama.cpp applies (in float32), against the model's own.
+    n_layer, heads, head_dim = len(layers), layers[0].heads, normalize_config(config).head_dim
+    big = n_layer == _GEMMA_27B_LAYERS[arch]
+    ours = np.float32(1.0) / np.sqrt(np.float32(hidden // heads if big else head_dim))
+    attention = get_submodule(layer_modules(model)[0], get_layout(config.model_type).attention.module)
+    theirs = float(getattr(attention, "scaling", float(config.query_pre_attn_scalar) ** -0.5))
+    query_fold = 1.0 if np.float32(theirs) == ours else theirs / float(ours)
+    embed_scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+    theirs = float(embed_scale) if embed_scale is not None else float(config.hidden_size) ** 0.5
+    ours = np.sqrt(np.float32(hidden))
+    embed_fold = 1.0 if np.float32(theirs) == ours else theirs / float(ours)
+    return _GemmaSettings(window, attn_cap, final_cap, theta, theta_swa, linear, embed_fold, query_fold)
 
 
 def _arch_check(model: nn.Module, arch: str, notes: list[str]) -> None:
@@ -505,6 +627,62 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _mlp_tensors(p: str, layer: nn.Module, layout, width: int, ffn_multiple: int, t):
+    """`ffn_gate`/`ffn_up`/`ffn_down` (and biases) of one layer, padded with all-zero channels to `ffn_multiple`."""
+    gate, up = (get_submodule(layer, path) for path in layout.mlp_in)
+    down = get_submodule(layer, layout.mlp_out)
+    pad = -width % ffn_multiple
+    for name, lin in (("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)):
+        w = t(lin.weight)
+        b = t(lin.bias) if lin.bias is not None else None
+        if pad and name == "ffn_down":
+            w = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
+        elif pad:
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
+            b = torch.cat([b, b.new_zeros(pad)]) if b is not None else None
+        yield p + name + ".weight", w
+        if b is not None:
+            yield p + name + ".bias", b
+
+
+def _gemma_tensors(model: nn.Module, arch: str, layers: list[GgufLayer], settings: _GemmaSettings, ffn_multiple: int):
+    """Yield `(gguf name, float32 tensor)` of a Gemma-2/3 model in llama.cpp's layout.
+
+    Gemma's RMSNorm multiplies by `1 + weight`; llama.cpp's by the weight, so every norm is written plus one (as
+    llama.cpp's converter does). RoPE rotates halves in both (no permutation). Scales folded: see `_GemmaSettings`.
+    """
+    layout = get_layout(model.config.model_type)
+    base = model.base_model
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device="cpu", dtype=torch.float32)
+
+    def norm(module: nn.Module, factor: float = 1.0) -> torch.Tensor:
+        weight = t(module.weight) + 1.0
+        return weight * factor if factor != 1.0 else weight
+
+    embed = t(model.get_input_embeddings().weight)
+    yield "token_embd.weight", embed * settings.embed_fold if settings.embed_fold != 1.0 else embed
+    for i, (layer, shape) in enumerate(zip(layer_modules(model), layers, strict=True)):
+        p = f"blk.{i}."
+        attention = get_submodule(layer, layout.attention.module)
+        yield p + "attn_norm.weight", norm(layer.input_layernorm)
+        for key, path in (("q", layout.q), ("k", layout.k), ("v", layout.v)):
+            w = t(get_submodule(layer, path).weight)
+            if key == "q" and arch == "gemma2" and settings.query_fold != 1.0:
+                w = w * settings.query_fold
+            yield p + f"attn_{key}.weight", w
+        yield p + "attn_output.weight", t(get_submodule(layer, layout.o).weight)
+        if arch == "gemma3":
+            yield p + "attn_q_norm.weight", norm(attention.q_norm, settings.query_fold)
+            yield p + "attn_k_norm.weight", norm(attention.k_norm)
+        yield p + "post_attention_norm.weight", norm(layer.post_attention_layernorm)
+        yield p + "ffn_norm.weight", norm(layer.pre_feedforward_layernorm)
+        yield from _mlp_tensors(p, layer, layout, shape.ffn, ffn_multiple, t)
+        yield p + "post_ffw_norm.weight", norm(layer.post_feedforward_layernorm)
+    yield "output_norm.weight", norm(base.norm, 1.0 / settings.embed_fold)
+
+
 def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim: int, ffn_multiple: int = 1):
     """Yield `(gguf name, float32 tensor)` in llama.cpp's layout (weights as (out, in), as PyTorch stores them).
 
@@ -547,20 +725,7 @@ def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim
                     yield p + f"attn_{key}_norm.weight", t(norm.weight)
         if shape.ffn:
             yield p + "ffn_norm.weight", t(layer.post_attention_layernorm.weight)
-            gate, up = (get_submodule(layer, path) for path in layout.mlp_in)
-            down = get_submodule(layer, layout.mlp_out)
-            pad = -shape.ffn % ffn_multiple
-            for name, lin in (("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)):
-                w = t(lin.weight)
-                b = t(lin.bias) if lin.bias is not None else None
-                if pad and name == "ffn_down":
-                    w = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
-                elif pad:
-                    w = torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
-                    b = torch.cat([b, b.new_zeros(pad)]) if b is not None else None
-                yield p + name + ".weight", w
-                if b is not None:
-                    yield p + name + ".bias", b
+            yield from _mlp_tensors(p, layer, layout, shape.ffn, ffn_multiple, t)
         elif arch == "deci" and shape.heads:
             # deci skips the residual update of a layer without MLP, dropping its attention output: an MLP of width
             # 1 whose weights are all zero adds exactly nothing and keeps the attention.
@@ -720,10 +885,25 @@ def export_gguf(
     layers = read_layers(model)
     arch = gguf_plan(config.model_type, layers, norm.hidden_size, norm.head_dim)
     notes: list[str] = []
-    _arch_check(model, arch, notes)
-    theta, rope_factors = _rope_freq_factors(model, norm.head_dim)
-    if rope_factors is not None and arch not in ("llama", "deci"):
-        raise ValueError(f"RoPE scaling is only exported for the llama/deci graphs, not {arch!r}.")
+    gemma = _gemma_settings(model, arch, layers, norm.hidden_size) if arch in _GEMMA_ARCHS.values() else None
+    if gemma is None:
+        _arch_check(model, arch, notes)
+        theta, rope_factors = _rope_freq_factors(model, norm.head_dim)
+        if rope_factors is not None and arch not in ("llama", "deci"):
+            raise ValueError(f"RoPE scaling is only exported for the llama/deci graphs, not {arch!r}.")
+    else:
+        theta, rope_factors = gemma.theta, None
+        if gemma.query_fold != 1.0:
+            notes.append(
+                f"query scale: llama.cpp's {arch} graph scales queries by 1/sqrt(head_dim), the model by "
+                f"query_pre_attn_scalar^-0.5; the ratio {gemma.query_fold:.6g} is folded into the "
+                f"{'query weights' if arch == 'gemma2' else 'query norm'}"
+            )
+        if gemma.embed_fold != 1.0:
+            notes.append(
+                f"embedding scale: llama.cpp multiplies by sqrt of the slim width, the model by sqrt of the original; "
+                f"the ratio {gemma.embed_fold:.6g} is folded into token_embd (and its inverse into output_norm)"
+            )
     vocab = _tokenizer_fields(tokenizer, config, pre_tokenizer)
     notes += vocab.get("notes", [])
     if len(vocab["tokens"]) != model.get_input_embeddings().weight.shape[0]:
@@ -779,6 +959,17 @@ def export_gguf(
         writer.add_rope_dimension_count(norm.head_dim)
         writer.add_rope_freq_base(theta)
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        if gemma is not None:
+            writer.add_sliding_window(int(gemma.window))
+            if gemma.attn_softcap is not None:
+                writer.add_attn_logit_softcapping(float(gemma.attn_softcap))
+            if gemma.final_softcap is not None:
+                writer.add_final_logit_softcapping(float(gemma.final_softcap))
+            if arch == "gemma3":
+                writer.add_rope_freq_base_swa(gemma.theta_swa)
+            if gemma.linear_factor is not None:
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(gemma.linear_factor)
         writer.add_vocab_size(len(vocab["tokens"]))
 
         writer.add_tokenizer_model(vocab["model"])
@@ -814,7 +1005,11 @@ def export_gguf(
         if rope_factors is not None:
             add("rope_freqs.weight", rope_factors)
         with torch.no_grad():
-            for tensor_name, tensor in _tensor_names(model, arch, layers, norm.head_dim, ffn_multiple):
+            if gemma is not None:
+                tensors = _gemma_tensors(model, arch, layers, gemma, ffn_multiple)
+            else:
+                tensors = _tensor_names(model, arch, layers, norm.head_dim, ffn_multiple)
+            for tensor_name, tensor in tensors:
                 add(tensor_name, tensor)
 
         writer.write_header_to_file()
