@@ -358,10 +358,14 @@ def test_json_of_result_is_plain(tmp_path):
     assert result.tensor_types["F16"] == 2 * 7 + 1  # 7 projections per layer + token_embd (tied: no output)
 
 
-def test_model_card_shows_the_export_command_for_llama_family_only():
+def test_model_card_shows_the_export_command_for_the_families_it_writes():
     report = PruningReport("base", "m", 10, 8, [LayerShape(4, 2, 8)], [LayerShape(2, 1, 8)], model_type="hesso_llama")
     card = render_model_card(report)
     assert "hf-hesso-gguf <this folder> model.gguf --dtype f16" in card and "llama.cpp" in card
     assert "to_stock" in card
+    assert "`deci`" in card
+    report.model_type = "hesso_gemma2"
+    card = render_model_card(report)
+    assert "hf-hesso-gguf" in card and "every layer must keep the same shape" in card and "`deci`" not in card
     report.model_type = "hesso_bert"
     assert "hf-hesso-gguf" not in render_model_card(report)

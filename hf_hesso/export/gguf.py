@@ -1,10 +1,11 @@
 # Copyright 2026 The hf_hesso authors. Apache-2.0.
-"""GGUF export: a slim (or stock) LLaMA-family model as one file that llama.cpp, Ollama and LM Studio run.
+"""GGUF export: a slim (or stock) LLaMA-family or Gemma model as one file that llama.cpp, Ollama and LM Studio run.
 
     hf-hesso-gguf <model_dir> <out.gguf> --dtype f16
     python -m hf_hesso.export.gguf <model_dir> <out.gguf> --dtype f16
 
-What llama.cpp can express (read in its source, `src/llama-model.cpp`, `src/models/{llama,deci,qwen2,qwen3}.cpp`):
+What llama.cpp can express (read in its source, `src/llama-model.cpp`, `src/models/{llama,deci,qwen2,qwen3}.cpp`,
+`src/models/gemma2*.cpp`, `src/models/gemma3*.cpp`):
 
 - `{arch}.attention.head_count`, `.head_count_kv` and `.feed_forward_length` are read as one number or one number
   per layer; the `llama`, `qwen2` and `qwen3` graphs build every layer from the layer-0 values, so they only run
@@ -25,14 +26,34 @@ So the architecture written is:
 | llama, mistral | `llama` | `deci` |
 | qwen2 | `qwen2` (if heads x head_dim == hidden, else `deci`) | `deci` (q/k/v biases kept) |
 | qwen3 | `qwen3` | refused: `deci` has no q/k norm |
+| gemma2 | `gemma2` | refused: no per-layer sizes |
+| gemma3_text | `gemma3` | refused: no per-layer sizes |
 
 `llama` and `deci` apply RoPE to consecutive pairs of a head's values while transformers rotates the two halves,
 so their query and key rows (and biases) are permuted within each head: row `2 i + c` of a head takes row
-`c * head_dim / 2 + i`. The `qwen2` and `qwen3` graphs rotate halves like transformers and take the rows as they are.
+`c * head_dim / 2 + i`. The `qwen2`, `qwen3`, `gemma2` and `gemma3` graphs rotate halves like transformers and take
+the rows as they are.
 
-The tokenizer must be a byte-level BPE `tokenizers` tokenizer (SmolLM2, Llama 3, Qwen2/3, GPT-2 style), written as
-`tokenizer.ggml.model = "gpt2"` with tokens, token types, merges, the pre-tokenizer type, special tokens, whether
-BOS/EOS are added, and the chat template.
+The Gemma graphs fix what the llama ones read from the file: GELU (tanh approximation), a tied output, the sliding
+window on every layer but each 2nd (gemma2) or 6th (gemma3), soft-capping of attention scores and logits (gemma2
+always, gemma3 never), the embedding scale sqrt(n_embd) and the query scale 1 / sqrt(head_dim) (1 / sqrt(n_embd /
+heads) at the 27B models' layer counts). Gemma's RMSNorm multiplies by `1 + weight`, so norms are written plus one;
+a model whose `query_pre_attn_scalar` is not the head size gets the ratio of the query scales folded into its query
+weights (gemma2) or query norm (gemma3), and one with pruned hidden channels (whose embedding scale stays sqrt of
+the original width) gets the ratio folded into `token_embd` and its inverse into `output_norm` (the tied output
+reads both). What differs otherwise is refused, naming it (`_gemma_settings`).
+
+Tokenizers (`tokenizers`' tokenizer.json):
+
+- byte-level BPE (SmolLM2, Llama 3, Qwen2/3, GPT-2 style): `tokenizer.ggml.model = "gpt2"` with tokens, token
+  types, merges and the pre-tokenizer type;
+- BPE with byte fallback, SentencePiece style (Llama 2, Mistral v0.1, TinyLlama, Gemma): `tokenizer.ggml.model =
+  "llama"` with tokens, scores (minus the rank of the first merge that makes each token: llama.cpp joins the pair
+  whose result scores highest), token types (the 256 byte tokens `<0xNN>`, unknown, control, user-defined) and
+  `add_space_prefix`. Refused when llama.cpp would tokenize otherwise: a missing byte token, a pair of pieces whose
+  concatenation is a token but not a merge, a normalizer other than the "▁" replacement and prefix.
+
+Both carry the special tokens, whether BOS/EOS are added, and the chat template.
 
 The `gguf` package is an optional dependency (`pip install hf_hesso[gguf]`): it is imported at module level inside
 `try`, so `import hf_hesso` works without it, and `export_gguf` raises an `ImportError` naming the extra.
@@ -110,7 +131,7 @@ class GgufExport:
 
     Attributes:
         path (`str`): the GGUF file.
-        architecture (`str`): the llama.cpp architecture (`llama`, `deci`, `qwen2`, `qwen3`).
+        architecture (`str`): the llama.cpp architecture (`llama`, `deci`, `qwen2`, `qwen3`, `gemma2`, `gemma3`).
         dtype (`str`): the requested weight type.
         layers (`list[GgufLayer]`): per-layer sizes as written (an MLP of width 1 stands for a removed MLP in `deci`).
         tensor_types (`dict[str, int]`): GGML type name -> number of tensors of that type.
@@ -165,7 +186,8 @@ def gguf_plan(model_type: str, layers: list[GgufLayer], hidden_size: int, head_d
     """The llama.cpp architecture that runs these layer shapes exactly, or a `ValueError` naming why none does.
 
     Args:
-        model_type (`str`): the transformers model type (`llama`, `hesso_llama`, `mistral`, `qwen2`, `qwen3`, ...).
+        model_type (`str`): the transformers model type (`llama`, `hesso_llama`, `mistral`, `qwen2`, `qwen3`,
+            `gemma2`, `gemma3_text`, ...).
         layers (`list[GgufLayer]`): per-layer sizes (0 heads = no attention, 0 width = no MLP).
         hidden_size (`int`): the model width.
         head_dim (`int`): the size of one head.
@@ -842,12 +864,15 @@ def export_gguf(
     pre_tokenizer: str | None = None,
     name: str | None = None,
 ) -> GgufExport:
-    """Write a LLaMA-family causal LM (stock, or slim with uneven layers) as a GGUF file that llama.cpp runs.
+    """Write a LLaMA-family or Gemma causal LM (stock, or slim) as a GGUF file that llama.cpp runs.
 
-    Every layer alike: the model's own llama.cpp architecture (`llama` for llama/mistral, `qwen2`, `qwen3`); layers
-    of different widths: `deci`, whose graph reads the head counts and MLP widths per layer (see the module
-    docstring for what is refused and why). Tokenizer, chat template, RoPE settings, RMSNorm epsilon and special
-    tokens are carried over; tied embeddings are written once (llama.cpp reuses `token_embd` as the output).
+    Every layer alike: the model's own llama.cpp architecture (`llama` for llama/mistral, `qwen2`, `qwen3`, `gemma2`,
+    `gemma3` for gemma3_text); layers of different widths (llama, mistral, qwen2): `deci`, whose graph reads the
+    head counts and MLP widths per layer (see the module docstring for what is refused and why). Tokenizer
+    (byte-level BPE, or SentencePiece-style BPE with byte fallback), chat template, RoPE settings, RMSNorm epsilon
+    and special tokens are carried over; tied embeddings are written once (llama.cpp reuses `token_embd` as the
+    output). What had to be adapted (scales folded into weights, MLP padding, tokenizer differences) is listed in
+    the result's `notes`.
 
     Args:
         model_or_dir (`nn.Module` or path): a `*ForCausalLM` model, or the folder it was saved to
@@ -862,7 +887,8 @@ def export_gguf(
             32 values is written as F16 (both reported in `notes`).
         tokenizer (*optional*): the tokenizer; required with a model object.
         pre_tokenizer (`str`, *optional*): llama.cpp's pre-tokenizer name, when it cannot be recognised from
-            tokenizer.json (recognised: `gpt-2`, `smollm`, `llama-bpe`, `qwen2`).
+            tokenizer.json (recognised: `gpt-2`, `smollm`, `llama-bpe`, `qwen2`); byte-level BPE only (a
+            SentencePiece-style vocabulary has no pre-tokenizer in llama.cpp).
         name (`str`, *optional*): `general.name`; defaults to the model's `_name_or_path`.
 
     Returns:
@@ -1031,7 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: `hf-hesso-gguf <model_dir> <out.gguf> --dtype f16` (or `python -m hf_hesso.export.gguf`)."""
     parser = argparse.ArgumentParser(
         prog="hf-hesso-gguf",
-        description="Write a saved (slim or stock) LLaMA-family model as a GGUF file for llama.cpp / Ollama.",
+        description="Write a saved (slim or stock) LLaMA-family or Gemma model as a GGUF file for llama.cpp / Ollama.",
     )
     parser.add_argument("model_dir", help="folder written by save_pretrained / save_slim / HESSOTrainer.save_model")
     parser.add_argument("output", help="the .gguf file to write")
