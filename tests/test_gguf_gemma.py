@@ -108,6 +108,15 @@ def test_llama_cpp_runs_a_gemma_with_pruned_hidden_channels(tmp_path):
     assert_llama_cpp_matches(model, result.path, tok)
 
 
+def test_llama_cpp_runs_a_gemma2_with_the_27b_layer_count(tmp_path):
+    """At 46 layers llama.cpp scales gemma2 queries by 1 / sqrt(hidden / heads) = 1/4, not 1 / sqrt(head_dim)."""
+    model = gemma_model("gemma2", slim=False, num_hidden_layers=46)
+    tok = spm_tokenizer("gemma")
+    result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tok)
+    assert any("ratio 0.816497 is folded into the query weights" in note for note in result.notes)  # sqrt(16 / 24)
+    assert_llama_cpp_matches(model, result.path, tok)
+
+
 def test_gemma_file_holds_what_llama_cpp_reads(tmp_path):
     model = gemma_model("gemma3_text")
     result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=spm_tokenizer("gemma"))

@@ -921,8 +921,9 @@ def export_gguf(
         theta, rope_factors = gemma.theta, None
         if gemma.query_fold != 1.0:
             notes.append(
-                f"query scale: llama.cpp's {arch} graph scales queries by 1/sqrt(head_dim), the model by "
-                f"query_pre_attn_scalar^-0.5; the ratio {gemma.query_fold:.6g} is folded into the "
+                f"query scale: llama.cpp's {arch} graph scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) at "
+                f"its 27B layer count), the model by query_pre_attn_scalar^-0.5; the ratio {gemma.query_fold:.6g} is "
+                "folded into the "
                 f"{'query weights' if arch == 'gemma2' else 'query norm'}"
             )
         if gemma.embed_fold != 1.0:
