@@ -118,6 +118,19 @@ def test_llama_cpp_runs_a_gemma2_with_the_27b_layer_count(tmp_path):
     assert_llama_cpp_matches(model, result.path, tok)
 
 
+def test_exports_a_saved_slim_gemma_folder(tmp_path):
+    """From the folder: the model reloaded by transformers and its SentencePiece-style tokenizer from tokenizer.json."""
+    model = gemma_model("gemma2")
+    tok = spm_tokenizer("gemma")
+    model.save_pretrained(tmp_path / "slim")
+    tok.save_pretrained(tmp_path / "slim")
+    result = export_gguf(tmp_path / "slim", tmp_path / "m.gguf", "f32")
+    assert result.architecture == "gemma2"
+    fields, _ = read(result.path)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    assert_llama_cpp_matches(model, result.path, tok)
+
+
 def test_gemma_file_holds_what_llama_cpp_reads(tmp_path):
     model = gemma_model("gemma3_text")
     result = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=spm_tokenizer("gemma"))
