@@ -69,9 +69,123 @@ def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     return tok
 
 
-def gguf_model(name: str, shapes: list[dict] | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
-    """The tiny causal LM of family `name` with sharpened weights; with `shapes`, a slim one with those sizes."""
-    model = tiny_model(name, "ForCausalLM", seed, eval_mode=True, **overrides)
+SPM_VOCAB = 384  # spm_tokenizer()'s
+SPM_SPACE = "\u2581"  # "▁"
+# SentencePiece-style pieces, each the join of two earlier ones, in priority order (the first joins first).
+SPM_JOINS = [
+    ("▁", "t"),
+    ("h", "e"),
+    ("▁t", "he"),
+    ("i", "n"),
+    ("▁", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    ("▁", "s"),
+    ("a", "t"),
+    ("e", "n"),
+    ("a", "n"),
+    ("▁", "c"),
+    ("▁c", "a"),
+    ("f", "é"),
+    ("▁ca", "fé"),
+    ("▁", "ü"),
+    ("b", "e"),
+    ("be", "r"),
+    ("▁ü", "ber"),
+    ("▁", "▁"),
+    ("▁▁", "▁▁"),
+    ("i", "s"),
+    ("▁", "is"),
+    ("▁t", "h"),
+    ("u", "n"),
+    ("▁s", "un"),
+    ("▁s", "u"),
+    ("▁a", "n"),
+    ("▁an", "d"),
+    ("ß", "e"),
+    ("▁", "—"),
+    ("T", "H"),
+    ("▁", "TH"),
+]
+
+
+def spm_tokenizer(kind: str = "llama", vocab_size: int = SPM_VOCAB, legacy: bool = False):
+    """A SentencePiece-style tokenizer (BPE with byte fallback) built as transformers converts Llama 2's and Gemma's.
+
+    Specials first (Llama: `<unk> <s> </s>`; Gemma: `<pad> <eos> <bos> <unk> <mask>` and two chat markers), the 256 byte
+    tokens `<0x00>`..`<0xFF>`, single characters (a few non-ASCII ones; others such as "ñ", "中" or emoji fall back
+    to bytes), then pieces joined from two earlier ones, filled up to `vocab_size`. The merges are every split of a
+    piece into two vocabulary pieces, ordered by the piece (what transformers' SentencePiece converter writes).
+
+    `kind="llama"`: transformers' `LlamaTokenizer` (a `Metaspace` pre-tokenizer that prepends "▁"), or with
+    `legacy=True` Llama 2's original tokenizer.json form (normalizer `Prepend("▁")` + `Replace(" ", "▁")`) wrapped in
+    a `PreTrainedTokenizerFast`. `kind="gemma"`: transformers' `GemmaTokenizer` (`Replace(" ", "▁")`, no prefix).
+    Both add BOS.
+    """
+    from tokenizers import normalizers  # noqa: PLC0415 - only these tests build SentencePiece-style tokenizers
+    from transformers import GemmaTokenizer, LlamaTokenizer  # noqa: PLC0415
+
+    if kind == "gemma":
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    else:
+        specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in ["▁", *"abcdefghijklmnopqrstuvwxyz", *"THS,.!?'", "é", "ü", "ß", "—"]:
+        vocab.setdefault(c, len(vocab))
+    for left, right in SPM_JOINS:
+        assert left in vocab and right in vocab, (left, right)
+        vocab.setdefault(left + right, len(vocab))
+    letters = "etaoinsrhdlcu"
+    for a in ["▁", *letters]:
+        for b in letters:
+            if len(vocab) < vocab_size:
+                vocab.setdefault(a + b, len(vocab))
+    assert len(vocab) == vocab_size, len(vocab)
+    merges = []
+    for piece in sorted(vocab, key=vocab.get):
+        if piece in specials or piece.startswith("<0x"):
+            continue
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+        merges += sorted(
+            ((a, b) for a, b in splits if a in vocab and b in vocab), key=lambda m: (vocab[m[0]], vocab[m[1]])
+        )
+    if kind == "gemma":
+        tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        tok.chat_template = (
+            "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        )
+        return tok
+    if not legacy:
+        tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    else:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tk.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+        )
+    tok.chat_template = "{% for m in messages %}<s>[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return tok
+
+
+def byte_tokens(tok) -> list[int]:
+    """The ids of a SentencePiece-style tokenizer's byte tokens `<0x00>`..`<0xFF>`."""
+    return sorted(i for t, i in tok.get_vocab().items() if t.startswith("<0x") and len(t) == 6)
+
+
+def gguf_model(
+    name: str, shapes: list[dict] | None = None, seed: int = 0, config=None, **overrides
+) -> torch.nn.Module:
+    """The tiny causal LM of family `name` (or of `config`) with sharpened weights; with `shapes`, a slim one."""
+    if config is not None:
+        model = tiny_model(name, "AutoModelForCausalLM", seed, config=config, eval_mode=True)
+    else:
+        model = tiny_model(name, "ForCausalLM", seed, eval_mode=True, **overrides)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias") or "norm" in pname:
@@ -139,9 +253,15 @@ class LlamaCpp:
         f32_cache: Keep keys and values in float32 (no f16 rounding); `False` keeps llama.cpp's default f16 cache.
         threads: CPU threads for prompt and decode. One: llama.cpp's threads wait for each other at every op, so on
             a busy machine two threads were up to 10x slower than one (SmolLM2, a 19-token prompt: 65 s against 6.6 s).
+        hold_back: Tokens never to sample (the byte tokens of a SentencePiece-style vocabulary): the server reports
+            no log-probabilities for a sampled token that ends inside a UTF-8 character. They are still reported
+            and compared (`n_probs` is computed before the samplers), and `greedy` takes the reported argmax.
     """
 
-    def __init__(self, path, n_ctx: int = 64, f32_cache: bool = True, threads: int = 1):
+    def __init__(
+        self, path, n_ctx: int = 64, f32_cache: bool = True, threads: int = 1, hold_back: list[int] | None = None
+    ):
+        self.hold_back = list(hold_back or [])
         require_llama_cpp()
         import xllamacpp as xlc  # noqa: PLC0415 - optional test dependency, checked above
 
@@ -202,6 +322,8 @@ class LlamaCpp:
         out = np.full((len(ids), n_vocab), np.nan)
         for i in range(len(ids)):
             body = {"prompt": ids[: i + 1], "n_predict": 1, "temperature": 0, "n_probs": top or n_vocab}
+            if self.hold_back:  # never sampled, still reported: n_probs reads the logits before the samplers
+                body["logit_bias"] = [[t, False] for t in self.hold_back]
             step = self.complete({**body, "cache_prompt": False})["choices"][0]["logprobs"]["content"][0]
             for entry in step["top_logprobs"]:
                 out[i, entry["id"]] = entry["logprob"]
@@ -212,8 +334,19 @@ class LlamaCpp:
         return out
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
-        """`n` tokens of llama.cpp's greedy decoding after `ids` (EOS is a token like any other, as in `hf_greedy`)."""
+        """`n` tokens of llama.cpp's greedy decoding after `ids` (EOS is a token like any other, as in `hf_greedy`).
+
+        With `hold_back` tokens, each token is the most likely one that llama.cpp reports for the sequence so far
+        (the argmax of its logits, as the greedy sampler takes), one request per token.
+        """
         out: list[int] = []
+        if self.hold_back:
+            while len(out) < n:
+                body = {"prompt": ids + out, "n_predict": 1, "temperature": 0, "n_probs": 1, "cache_prompt": False}
+                body["logit_bias"] = [[t, False] for t in self.hold_back]
+                step = self.complete(body)["choices"][0]["logprobs"]["content"][0]
+                out.append(step["top_logprobs"][0]["id"])
+            return out
         while len(out) < n:  # the server stops at an end-of-generation token: go on after it
             choice = self.complete({"prompt": ids + out, "n_predict": n - len(out), "temperature": 0, "n_probs": 1})[
                 "choices"
@@ -225,8 +358,8 @@ class LlamaCpp:
         return out
 
 
-def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True) -> LlamaCpp:
-    return LlamaCpp(path, n_ctx=n_ctx, f32_cache=f32_cache)
+def llama_cpp_model(path, n_ctx: int = 64, f32_cache: bool = True, hold_back: list[int] | None = None) -> LlamaCpp:
+    return LlamaCpp(path, n_ctx=n_ctx, f32_cache=f32_cache, hold_back=hold_back)
 
 
 def hf_logprobs(model, ids: list[int]) -> np.ndarray:

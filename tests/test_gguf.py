@@ -187,9 +187,9 @@ def test_refusals_name_the_reason(tmp_path):
     bert = transformers.BertForMaskedLM(tiny_config("bert"))
     with pytest.raises(ValueError, match="supports the model types"):
         export_gguf(bert, tmp_path / "a.gguf", tokenizer=tok)
-    # A SentencePiece-style (byte fallback) vocabulary is not written.
+    # A byte-fallback (SentencePiece-style) vocabulary without the 256 byte tokens llama.cpp needs.
     spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
-    with pytest.raises(ValueError, match="byte fallback"):
+    with pytest.raises(ValueError, match="has 0 of the 256 byte tokens"):
         export_gguf(gguf_model("llama"), tmp_path / "a.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
     with pytest.raises(ValueError, match="no known llama.cpp name"):
         odd = tiny_tokenizer()
@@ -358,10 +358,14 @@ def test_json_of_result_is_plain(tmp_path):
     assert result.tensor_types["F16"] == 2 * 7 + 1  # 7 projections per layer + token_embd (tied: no output)
 
 
-def test_model_card_shows_the_export_command_for_llama_family_only():
+def test_model_card_shows_the_export_command_for_the_families_it_writes():
     report = PruningReport("base", "m", 10, 8, [LayerShape(4, 2, 8)], [LayerShape(2, 1, 8)], model_type="hesso_llama")
     card = render_model_card(report)
     assert "hf-hesso-gguf <this folder> model.gguf --dtype f16" in card and "llama.cpp" in card
     assert "to_stock" in card
+    assert "`deci`" in card
+    report.model_type = "hesso_gemma2"
+    card = render_model_card(report)
+    assert "hf-hesso-gguf" in card and "every layer must keep the same shape" in card and "`deci`" not in card
     report.model_type = "hesso_bert"
     assert "hf-hesso-gguf" not in render_model_card(report)

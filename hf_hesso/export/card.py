@@ -120,7 +120,7 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _runtimes(model_type: str, inferred: bool = False) -> list[str]:
-    """Card lines: which runtime loads the model, and the commands (GGUF only for the llama family)."""
+    """Card lines: which runtime loads the model, and the commands (GGUF only for the families it writes)."""
     remote = "`trust_remote_code=True` (the model code ships with the weights)"
     lines = [
         "| Runtime | How |",
@@ -129,11 +129,15 @@ def _runtimes(model_type: str, inferred: bool = False) -> list[str]:
         "| transformers, stock classes | when every layer kept the same shape: `hf_hesso.to_stock(model)` then "
         "`save_pretrained` |",
     ]
-    gguf = not model_type or base_model_type(model_type) in GGUF_MODEL_TYPES
-    if gguf:
+    family = base_model_type(model_type) if model_type else None
+    if family is None or family in GGUF_MODEL_TYPES:
+        shapes = (
+            "every layer must keep the same shape: llama.cpp's Gemma graphs have no per-layer sizes"
+            if family in ("gemma2", "gemma3_text")
+            else "uneven layers run as llama.cpp's `deci` architecture"
+        )
         lines += [
-            "| llama.cpp, Ollama, LM Studio | GGUF: `hf-hesso-gguf <this folder> model.gguf --dtype f16` (uneven layers "
-            "run as llama.cpp's `deci` architecture) |",
+            f"| llama.cpp, Ollama, LM Studio | GGUF: `hf-hesso-gguf <this folder> model.gguf --dtype f16` ({shapes}) |",
             "",
             "```bash",
             "hf-hesso-gguf <this folder> model.gguf --dtype f16   # or: python -m hf_hesso.export.gguf ...",

@@ -1,10 +1,11 @@
 # Copyright 2026 The hf_hesso authors. Apache-2.0.
-"""GGUF export: a slim (or stock) LLaMA-family model as one file that llama.cpp, Ollama and LM Studio run.
+"""GGUF export: a slim (or stock) LLaMA-family or Gemma model as one file that llama.cpp, Ollama and LM Studio run.
 
     hf-hesso-gguf <model_dir> <out.gguf> --dtype f16
     python -m hf_hesso.export.gguf <model_dir> <out.gguf> --dtype f16
 
-What llama.cpp can express (read in its source, `src/llama-model.cpp`, `src/models/{llama,deci,qwen2,qwen3}.cpp`):
+What llama.cpp can express (read in its source, `src/llama-model.cpp`, `src/models/{llama,deci,qwen2,qwen3}.cpp`,
+`src/models/gemma2*.cpp`, `src/models/gemma3*.cpp`):
 
 - `{arch}.attention.head_count`, `.head_count_kv` and `.feed_forward_length` are read as one number or one number
   per layer; the `llama`, `qwen2` and `qwen3` graphs build every layer from the layer-0 values, so they only run
@@ -25,14 +26,34 @@ So the architecture written is:
 | llama, mistral | `llama` | `deci` |
 | qwen2 | `qwen2` (if heads x head_dim == hidden, else `deci`) | `deci` (q/k/v biases kept) |
 | qwen3 | `qwen3` | refused: `deci` has no q/k norm |
+| gemma2 | `gemma2` | refused: no per-layer sizes |
+| gemma3_text | `gemma3` | refused: no per-layer sizes |
 
 `llama` and `deci` apply RoPE to consecutive pairs of a head's values while transformers rotates the two halves,
 so their query and key rows (and biases) are permuted within each head: row `2 i + c` of a head takes row
-`c * head_dim / 2 + i`. The `qwen2` and `qwen3` graphs rotate halves like transformers and take the rows as they are.
+`c * head_dim / 2 + i`. The `qwen2`, `qwen3`, `gemma2` and `gemma3` graphs rotate halves like transformers and take
+the rows as they are.
 
-The tokenizer must be a byte-level BPE `tokenizers` tokenizer (SmolLM2, Llama 3, Qwen2/3, GPT-2 style), written as
-`tokenizer.ggml.model = "gpt2"` with tokens, token types, merges, the pre-tokenizer type, special tokens, whether
-BOS/EOS are added, and the chat template.
+The Gemma graphs fix what the llama ones read from the file: GELU (tanh approximation), a tied output, the sliding
+window on every layer but each 2nd (gemma2) or 6th (gemma3), soft-capping of attention scores and logits (gemma2
+always, gemma3 never), the embedding scale sqrt(n_embd) and the query scale 1 / sqrt(head_dim) (1 / sqrt(n_embd /
+heads) at the 27B models' layer counts). Gemma's RMSNorm multiplies by `1 + weight`, so norms are written plus one;
+a model whose `query_pre_attn_scalar` is not the head size gets the ratio of the query scales folded into its query
+weights (gemma2) or query norm (gemma3), and one with pruned hidden channels (whose embedding scale stays sqrt of
+the original width) gets the ratio folded into `token_embd` and its inverse into `output_norm` (the tied output
+reads both). What differs otherwise is refused, naming it (`_gemma_settings`).
+
+Tokenizers (`tokenizers`' tokenizer.json):
+
+- byte-level BPE (SmolLM2, Llama 3, Qwen2/3, GPT-2 style): `tokenizer.ggml.model = "gpt2"` with tokens, token
+  types, merges and the pre-tokenizer type;
+- BPE with byte fallback, SentencePiece style (Llama 2, Mistral v0.1, TinyLlama, Gemma): `tokenizer.ggml.model =
+  "llama"` with tokens, scores (minus the rank of the first merge that makes each token: llama.cpp joins the pair
+  whose result scores highest), token types (the 256 byte tokens `<0xNN>`, unknown, control, user-defined) and
+  `add_space_prefix`. Refused when llama.cpp would tokenize otherwise: a missing byte token, a pair of pieces whose
+  concatenation is a token but not a merge, a normalizer other than the "▁" replacement and prefix.
+
+Both carry the special tokens, whether BOS/EOS are added, and the chat template.
 
 The `gguf` package is an optional dependency (`pip install hf_hesso[gguf]`): it is imported at module level inside
 `try`, so `import hf_hesso` works without it, and `export_gguf` raises an `ImportError` naming the extra.
@@ -43,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -65,7 +87,15 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 __all__ = ["DTYPES", "GGUF_MODEL_TYPES", "GgufExport", "GgufLayer", "export_gguf", "gguf_plan", "main"]
 
 # The transformers model types (stock or `hesso_*`) that `export_gguf` writes.
-GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# transformers model type -> llama.cpp architecture of the Gemma family (uniform layers only).
+_GEMMA_ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
+# llama.cpp's sliding-window period: layer i attends through the window unless (i + 1) % period == 0.
+_GEMMA_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+# The layer counts for which llama.cpp scales queries by 1 / sqrt(n_embd / heads) (its 27B types).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# GELU with the tanh approximation, which llama.cpp's Gemma graphs use.
+_GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
 
 # dtype name -> (GGML type of the 2-D weights, llama.cpp file type).
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -101,7 +131,7 @@ class GgufExport:
 
     Attributes:
         path (`str`): the GGUF file.
-        architecture (`str`): the llama.cpp architecture (`llama`, `deci`, `qwen2`, `qwen3`).
+        architecture (`str`): the llama.cpp architecture (`llama`, `deci`, `qwen2`, `qwen3`, `gemma2`, `gemma3`).
         dtype (`str`): the requested weight type.
         layers (`list[GgufLayer]`): per-layer sizes as written (an MLP of width 1 stands for a removed MLP in `deci`).
         tensor_types (`dict[str, int]`): GGML type name -> number of tensors of that type.
@@ -156,7 +186,8 @@ def gguf_plan(model_type: str, layers: list[GgufLayer], hidden_size: int, head_d
     """The llama.cpp architecture that runs these layer shapes exactly, or a `ValueError` naming why none does.
 
     Args:
-        model_type (`str`): the transformers model type (`llama`, `hesso_llama`, `mistral`, `qwen2`, `qwen3`, ...).
+        model_type (`str`): the transformers model type (`llama`, `hesso_llama`, `mistral`, `qwen2`, `qwen3`,
+            `gemma2`, `gemma3_text`, ...).
         layers (`list[GgufLayer]`): per-layer sizes (0 heads = no attention, 0 width = no MLP).
         hidden_size (`int`): the model width.
         head_dim (`int`): the size of one head.
@@ -175,6 +206,18 @@ def gguf_plan(model_type: str, layers: list[GgufLayer], hidden_size: int, head_d
                 "query heads to be a positive multiple of the key/value heads."
             )
     uniform = len(set(layers)) == 1 and layers[0].heads > 0 and layers[0].ffn > 0
+    if family in _GEMMA_ARCHS:
+        arch = _GEMMA_ARCHS[family]
+        if not uniform:
+            shapes = sorted({(s.heads, s.kv_heads, s.ffn) for s in layers})
+            raise ValueError(
+                f"This {family} model has layers of different shapes ({len(shapes)} distinct (heads, kv_heads, mlp) "
+                f"shapes, e.g. {shapes[:3]}): llama.cpp's `{arch}` graph builds every layer from layer 0's sizes (it "
+                "reads no per-layer head counts or MLP widths for this architecture) and has no layer without "
+                "attention or MLP. Prune every layer alike (uniform shapes) to export it, or run the slim model with "
+                "transformers."
+            )
+        return arch
     if uniform and family in ("llama", "mistral", "qwen3"):
         return "qwen3" if family == "qwen3" else "llama"
     if uniform and family == "qwen2" and layers[0].heads * head_dim == hidden_size:
@@ -242,6 +285,108 @@ def _rope_freq_factors(model: nn.Module, head_dim: int) -> tuple[float, torch.Te
     return theta, factors
 
 
+@dataclass(frozen=True)
+class _GemmaSettings:
+    """What a Gemma-2/3 file holds beyond the llama keys, and the scales folded into its weights."""
+
+    window: int
+    attn_softcap: float | None
+    final_softcap: float | None
+    theta: float
+    theta_swa: float
+    linear_factor: float | None
+    embed_fold: float  # token_embd is multiplied by it, output_norm divided (tied output)
+    query_fold: float  # gemma2: q_proj rows, gemma3: the q_norm weight, multiplied by it
+
+
+def _gemma_settings(model: nn.Module, arch: str, layers: list[GgufLayer], hidden: int) -> _GemmaSettings:
+    """Check what llama.cpp's `gemma2`/`gemma3` graph (src/models/gemma2*.cpp, gemma3*.cpp) computes; refuse the rest.
+
+    Fixed in llama.cpp: GELU (tanh approximation), no biases, tied output, the sliding window in every layer but
+    each 2nd (gemma2) or 6th (gemma3), the soft-capping (gemma2 always caps attention scores and logits, gemma3
+    never), the embedding scale sqrt(n_embd) and the query scale 1 / sqrt(head_dim) (1 / sqrt(n_embd / heads) for
+    the layer counts of the 27B models). The last two are matched by scaling weights: the embedding (and the final
+    norm, which the tied output multiplies) when hidden channels were pruned, and the queries when
+    `query_pre_attn_scalar` is not the head size.
+    """
+    config = model.config
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act not in _GEMMA_ACTIVATIONS:
+        raise ValueError(
+            f"The MLP activation is {act!r}; llama.cpp's `{arch}` graph uses GELU with the tanh approximation "
+            f"({' / '.join(_GEMMA_ACTIVATIONS)})."
+        )
+    biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    if biased:
+        raise ValueError(f"{biased[0]} has a bias; llama.cpp's `{arch}` graph reads no projection biases.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("`use_bidirectional_attention` is set; llama.cpp's Gemma decoder graphs are causal.")
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() != embed.data_ptr():
+        raise ValueError(
+            f"The LM head is not tied to the embedding; llama.cpp's `{arch}` graph always uses `token_embd` as the "
+            "output (Gemma ties them). Keep `tie_word_embeddings=True`."
+        )
+    period = _GEMMA_SWA_PERIOD[arch]
+    expected = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(len(layers))]
+    layer_types = list(getattr(config, "layer_types", None) or expected)
+    if layer_types != expected:
+        raise ValueError(
+            f"`layer_types` is {layer_types}; llama.cpp's `{arch}` graph fixes them to {expected} (sliding windows "
+            f"with full attention in each last layer of {period}). A model with another pattern cannot be written for it."
+        )
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        raise ValueError(f"`sliding_window` is {window!r}; llama.cpp's `{arch}` graph needs the window size.")
+    attn_cap = getattr(config, "attn_logit_softcapping", None)
+    final_cap = getattr(config, "final_logit_softcapping", None)
+    if arch == "gemma2" and (attn_cap is None or final_cap is None):
+        raise ValueError(
+            f"`attn_logit_softcapping` is {attn_cap} and `final_logit_softcapping` {final_cap}; llama.cpp's gemma2 "
+            "graph always soft-caps both (at 50 and 30 when the file does not say), so both must be set."
+        )
+    if arch == "gemma3" and (attn_cap is not None or final_cap is not None):
+        raise ValueError(
+            f"`attn_logit_softcapping` is {attn_cap} and `final_logit_softcapping` {final_cap}; llama.cpp's gemma3 "
+            "graph soft-caps neither (Gemma 3 has none), so both must be None."
+        )
+
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    full = dict(params.get("full_attention", params))
+    swa = dict(params.get("sliding_attention", params))
+    for name, p in (("sliding", swa), ("full", full)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        allowed = ("default", "linear") if name == "full" and arch == "gemma3" else ("default",)
+        if kind not in allowed:
+            raise ValueError(
+                f"The {name}-attention RoPE type is {kind!r}; llama.cpp's `{arch}` graph reproduces "
+                f"{', '.join(allowed)} there. Run the model with transformers."
+            )
+        if float(p.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(
+                "`partial_rotary_factor` != 1 is not exported: llama.cpp's Gemma graphs rotate whole heads."
+            )
+    theta = float(full.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    theta_swa = float(swa.get("rope_theta", theta))
+    if arch == "gemma2" and theta_swa != theta:
+        raise ValueError(f"Sliding and full attention use RoPE bases {theta_swa} and {theta}; gemma2 has one.")
+    linear = float(full["factor"]) if full.get("rope_type") == "linear" else None
+
+    # The scales llama.cpp applies (in float32), against the model's own.
+    n_layer, heads, head_dim = len(layers), layers[0].heads, normalize_config(config).head_dim
+    big = n_layer == _GEMMA_27B_LAYERS[arch]
+    ours = np.float32(1.0) / np.sqrt(np.float32(hidden // heads if big else head_dim))
+    attention = get_submodule(layer_modules(model)[0], get_layout(config.model_type).attention.module)
+    theirs = float(getattr(attention, "scaling", float(config.query_pre_attn_scalar) ** -0.5))
+    query_fold = 1.0 if np.float32(theirs) == ours else theirs / float(ours)
+    embed_scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+    theirs = float(embed_scale) if embed_scale is not None else float(config.hidden_size) ** 0.5
+    ours = np.sqrt(np.float32(hidden))
+    embed_fold = 1.0 if np.float32(theirs) == ours else theirs / float(ours)
+    return _GemmaSettings(window, attn_cap, final_cap, theta, theta_swa, linear, embed_fold, query_fold)
+
+
 def _arch_check(model: nn.Module, arch: str, notes: list[str]) -> None:
     config = model.config
     family = base_model_type(config.model_type)
@@ -280,8 +425,125 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
     return None
 
 
+_SPM_SPACE = "\u2581"  # "▁", SentencePiece's whitespace symbol
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _steps(node: dict | None, key: str) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer (`Sequence` unrolled; none -> [])."""
+    if node is None:
+        return []
+    return list(node[key]) if node.get("type") == "Sequence" else [node]
+
+
+def _sentencepiece_prefix(spec: dict, tokens: list[str]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends "▁" to the text (llama.cpp's `add_space_prefix`).
+
+    llama.cpp's SentencePiece tokenizer replaces every space by "▁" and, with `add_space_prefix`, puts one "▁"
+    before the text (and after every special token). The tokenizer.json forms that do exactly this are accepted:
+    Llama 2's normalizer `Prepend("▁")` + `Replace(" ", "▁")`, a `Metaspace` pre-tokenizer (transformers'
+    `LlamaTokenizer`), and Gemma's `Replace(" ", "▁")` without a prefix (its pre-tokenizer `Split(" ")` then finds no
+    space left). Anything else (Unicode normalization, lower-casing, other splits) is refused: llama.cpp would not
+    apply it.
+    """
+    normalizers = _steps(spec.get("normalizer"), "normalizers")
+    pres = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": _SPM_SPACE}
+    prepend = {"type": "Prepend", "prepend": _SPM_SPACE}
+    found = f"normalizer {json.dumps(spec.get('normalizer'))}, pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))}"
+    why = (
+        f"The SentencePiece-style tokenizer's text processing ({found[:400]}) is not one llama.cpp reproduces: its "
+        "SentencePiece tokenizer only replaces spaces by '▁' and optionally prepends one '▁' (Llama 2's "
+        "`Prepend('▁')` + `Replace(' ', '▁')`, a `Metaspace` pre-tokenizer, or Gemma's `Replace(' ', '▁')`). "
+        "Export a tokenizer of one of these forms."
+    )
+    if normalizers and all(step in (replace, prepend) for step in normalizers) and replace in normalizers:
+        if len(normalizers) != len({json.dumps(s, sort_keys=True) for s in normalizers}):
+            raise ValueError(why)
+        # After the Replace there is no space left: a Split on " " is a no-op (Gemma's tokenizer.json).
+        no_op_split = [{"type": "Split", "pattern": {"String": " "}}]
+        if pres and [{k: s.get(k) for k in ("type", "pattern")} for s in pres] != no_op_split:
+            raise ValueError(why)
+        return prepend in normalizers
+    if not normalizers and len(pres) == 1 and pres[0].get("type") == "Metaspace":
+        meta = pres[0]
+        if meta.get("replacement", _SPM_SPACE) != _SPM_SPACE:
+            raise ValueError(why)
+        scheme = meta.get("prepend_scheme") or ("always" if meta.get("add_prefix_space", True) else "never")
+        if meta.get("split", True):
+            # Splitting at every "▁" only matters for tokens that hold a "▁" after their first character.
+            inner = [t for t in tokens if _SPM_SPACE in t[1:]]
+            if inner:
+                raise ValueError(
+                    f"The tokenizer's Metaspace pre-tokenizer splits the text at every '▁', but {len(inner)} tokens "
+                    f"hold a '▁' inside (e.g. {inner[:3]}): llama.cpp's SentencePiece tokenizer does not split, so "
+                    "it would form these tokens where transformers cannot. Set `split` to false in tokenizer.json "
+                    "(as transformers' LlamaTokenizer does) if that is what the model was trained with."
+                )
+        return scheme in ("always", "first")
+    raise ValueError(why)
+
+
+def _metaspace_note(spec: dict) -> list[str]:
+    """What llama.cpp tokenizes differently from a `Metaspace` pre-tokenizer that prepends "▁" (notes)."""
+    pres = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    if not pres or pres[0].get("type") != "Metaspace":
+        return []
+    meta = pres[0]
+    scheme = meta.get("prepend_scheme") or ("always" if meta.get("add_prefix_space", True) else "never")
+    if scheme == "never":
+        return []
+    after = " or follows a special token" if scheme == "first" else ""
+    return [
+        f"tokenizer: transformers' Metaspace (prepend_scheme {scheme!r}) adds no '▁' to a text that begins with a "
+        f"space{after}, llama.cpp's SentencePiece tokenizer does: such texts start with one more '▁' in llama.cpp"
+    ]
+
+
+def _sentencepiece_scores(tokens: list[str], merges: list[tuple[str, str]], whole: set[int]) -> list[float]:
+    """Token scores under which llama.cpp's SentencePiece merging reproduces the BPE merges of tokenizer.json.
+
+    llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm` in src/llama-vocab.cpp) starts from single characters
+    and repeatedly joins the adjacent pair whose concatenation is the vocabulary token of highest score (leftmost
+    on ties); transformers joins the adjacent pair of lowest merge rank. A token's score is minus the rank of the
+    first merge that makes it, which orders the joins alike, provided every way to write a token as two pieces
+    that llama.cpp could join is a merge, as in tokenizers converted from SentencePiece (Llama 2, Mistral, Gemma).
+    A vocabulary where that does not hold is refused: llama.cpp would form tokens that transformers does not.
+    `whole` holds the ids matched as whole strings before merging (added tokens), which are not checked.
+    """
+    pairs = set(merges)
+    first_rank: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        first_rank.setdefault(left + right, rank)
+    known = set(tokens)
+    missing = []
+    for i, text in enumerate(tokens):
+        if i in whole:
+            continue
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if (
+                (left in known or len(left) == 1)
+                and (right in known or len(right) == 1)
+                and (left, right) not in pairs
+            ):
+                missing.append((left, right))
+    if missing:
+        raise ValueError(
+            f"The byte-fallback BPE tokenizer lacks {len(missing)} merges that llama.cpp's SentencePiece tokenizer "
+            f"would apply (e.g. {missing[:3]}): llama.cpp joins any two adjacent pieces whose concatenation is a "
+            "token, so its tokens would differ from transformers'. Tokenizers converted from SentencePiece list "
+            "every such pair; this one was trained otherwise and cannot be written as a llama.cpp vocabulary."
+        )
+    return [-float(first_rank[text]) if text in first_rank else 0.0 for text in tokens]
+
+
 def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
-    """Everything `tokenizer.ggml.*` holds, read from a byte-level BPE `tokenizers` tokenizer."""
+    """Everything `tokenizer.ggml.*` holds, read from the `tokenizers` tokenizer (tokenizer.json).
+
+    Byte-level BPE is written as llama.cpp's `gpt2` tokenizer (tokens, merges, pre-tokenizer name); BPE with byte
+    fallback (SentencePiece style) as its `llama` tokenizer (tokens, scores, byte tokens, `add_space_prefix`).
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(
@@ -290,23 +552,31 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
         )
     spec = json.loads(backend.to_str())
     bpe = spec.get("model") or {}
+    sentencepiece = bpe.get("type") == "BPE" and bool(bpe.get("byte_fallback", False))
     # Byte-level BPE: GPT-2's byte -> unicode alphabet, shown by a ByteLevel pre-tokenizer or decoder.
-    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
-    byte_level = byte_level and not bpe.get("byte_fallback", False)
-    if bpe.get("type") != "BPE" or not byte_level:
+    byte_level = not sentencepiece and "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if bpe.get("type") != "BPE" or not (byte_level or sentencepiece):
         raise ValueError(
-            f"The tokenizer is a {bpe.get('type')} model{' with byte fallback' if bpe.get('byte_fallback') else ''}; "
-            "this exporter writes byte-level BPE vocabularies (llama.cpp's `gpt2` tokenizer: SmolLM2, Llama 3, "
-            "Qwen2/3). SentencePiece-style vocabularies (Llama 2, Mistral v0.1) are not written yet."
+            f"The tokenizer is a {bpe.get('type')} model; this exporter writes BPE vocabularies, byte-level (llama.cpp's "
+            "`gpt2` tokenizer: SmolLM2, Llama 3, Qwen2/3) or with byte fallback (its SentencePiece-style `llama` "
+            "tokenizer: Llama 2, Mistral v0.1, TinyLlama, Gemma). Unigram and WordPiece vocabularies are not written."
         )
-    pre = pre_tokenizer or _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    if pre is None:
-        raise ValueError(
-            "The tokenizer's pre-tokenizer "
-            f"{json.dumps(spec.get('pre_tokenizer'))[:300]} has no known llama.cpp name. Pass the name llama.cpp "
-            "uses for it (see `tokenizer_pre` in llama.cpp's src/llama-vocab.cpp), e.g. "
-            "`export_gguf(..., pre_tokenizer='llama-bpe')` or `--pre-tokenizer llama-bpe`."
-        )
+    if sentencepiece:
+        odd = {k: bpe.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if bpe.get(k)}
+        if odd:
+            raise ValueError(
+                f"The byte-fallback BPE model sets {odd}, which llama.cpp's SentencePiece tokenizer lacks."
+            )
+        pre = None
+    else:
+        pre = pre_tokenizer or _pre_tokenizer_name(spec.get("pre_tokenizer"))
+        if pre is None:
+            raise ValueError(
+                "The tokenizer's pre-tokenizer "
+                f"{json.dumps(spec.get('pre_tokenizer'))[:300]} has no known llama.cpp name. Pass the name llama.cpp "
+                "uses for it (see `tokenizer_pre` in llama.cpp's src/llama-vocab.cpp), e.g. "
+                "`export_gguf(..., pre_tokenizer='llama-bpe')` or `--pre-tokenizer llama-bpe`."
+            )
 
     vocab: dict[str, int] = dict(bpe["vocab"])
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
@@ -322,7 +592,7 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
         if text is None:
             tokens[i] = f"[PAD{i}]"
             types[i] = int(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in bpe.get("merges", [])]
 
     def special(name: str) -> int | None:
         value = getattr(tokenizer, f"{name}_token_id", None)
@@ -333,6 +603,29 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
         return None if value is None else int(value)
 
     ids = {name: special(name) for name in ("bos", "eos", "unk", "pad")}
+    fields = {"model": "gpt2", "pre": pre, "merges": [" ".join(m) for m in merges], "scores": None}
+    if sentencepiece:
+        # llama.cpp writes an unknown character as its UTF-8 bytes, the tokens "<0x00>" .. "<0xFF>" (all needed).
+        byte_ids = [i for i, text in enumerate(tokens) if _BYTE_TOKEN.fullmatch(text) and i not in added]
+        if len(byte_ids) != 256:
+            raise ValueError(
+                f"The byte-fallback tokenizer has {len(byte_ids)} of the 256 byte tokens <0x00>..<0xFF>; llama.cpp's "
+                "SentencePiece tokenizer needs all of them to write characters outside the vocabulary."
+            )
+        for i in byte_ids:
+            types[i] = int(gguf.TokenType.BYTE)
+        unk = ids["unk"] if ids["unk"] is not None else vocab.get(bpe.get("unk_token") or "")
+        if unk is not None:
+            ids["unk"] = unk
+            types[unk] = int(gguf.TokenType.UNKNOWN)
+        fields = {
+            "model": "llama",
+            "pre": None,
+            "merges": None,
+            "scores": _sentencepiece_scores(tokens, merges, set(added)),
+            "add_space_prefix": _sentencepiece_prefix(spec, tokens),
+            "notes": _metaspace_note(spec),
+        }
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     add_bos = len(with_special) > len(without) and with_special[0] == ids["bos"] and ids["bos"] is not None
@@ -341,10 +634,9 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()), None)
     return {
-        "pre": pre,
+        **fields,
         "tokens": tokens,
         "types": types,
-        "merges": merges,
         "ids": ids,
         "add_bos": add_bos,
         "add_eos": add_eos,
@@ -355,6 +647,62 @@ def _tokenizer_fields(tokenizer, config, pre_tokenizer: str | None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _mlp_tensors(p: str, layer: nn.Module, layout, width: int, ffn_multiple: int, t):
+    """`ffn_gate`/`ffn_up`/`ffn_down` (and biases) of one layer, padded with all-zero channels to `ffn_multiple`."""
+    gate, up = (get_submodule(layer, path) for path in layout.mlp_in)
+    down = get_submodule(layer, layout.mlp_out)
+    pad = -width % ffn_multiple
+    for name, lin in (("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)):
+        w = t(lin.weight)
+        b = t(lin.bias) if lin.bias is not None else None
+        if pad and name == "ffn_down":
+            w = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
+        elif pad:
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
+            b = torch.cat([b, b.new_zeros(pad)]) if b is not None else None
+        yield p + name + ".weight", w
+        if b is not None:
+            yield p + name + ".bias", b
+
+
+def _gemma_tensors(model: nn.Module, arch: str, layers: list[GgufLayer], settings: _GemmaSettings, ffn_multiple: int):
+    """Yield `(gguf name, float32 tensor)` of a Gemma-2/3 model in llama.cpp's layout.
+
+    Gemma's RMSNorm multiplies by `1 + weight`; llama.cpp's by the weight, so every norm is written plus one (as
+    llama.cpp's converter does). RoPE rotates halves in both (no permutation). Scales folded: see `_GemmaSettings`.
+    """
+    layout = get_layout(model.config.model_type)
+    base = model.base_model
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device="cpu", dtype=torch.float32)
+
+    def norm(module: nn.Module, factor: float = 1.0) -> torch.Tensor:
+        weight = t(module.weight) + 1.0
+        return weight * factor if factor != 1.0 else weight
+
+    embed = t(model.get_input_embeddings().weight)
+    yield "token_embd.weight", embed * settings.embed_fold if settings.embed_fold != 1.0 else embed
+    for i, (layer, shape) in enumerate(zip(layer_modules(model), layers, strict=True)):
+        p = f"blk.{i}."
+        attention = get_submodule(layer, layout.attention.module)
+        yield p + "attn_norm.weight", norm(layer.input_layernorm)
+        for key, path in (("q", layout.q), ("k", layout.k), ("v", layout.v)):
+            w = t(get_submodule(layer, path).weight)
+            if key == "q" and arch == "gemma2" and settings.query_fold != 1.0:
+                w = w * settings.query_fold
+            yield p + f"attn_{key}.weight", w
+        yield p + "attn_output.weight", t(get_submodule(layer, layout.o).weight)
+        if arch == "gemma3":
+            yield p + "attn_q_norm.weight", norm(attention.q_norm, settings.query_fold)
+            yield p + "attn_k_norm.weight", norm(attention.k_norm)
+        yield p + "post_attention_norm.weight", norm(layer.post_attention_layernorm)
+        yield p + "ffn_norm.weight", norm(layer.pre_feedforward_layernorm)
+        yield from _mlp_tensors(p, layer, layout, shape.ffn, ffn_multiple, t)
+        yield p + "post_ffw_norm.weight", norm(layer.post_feedforward_layernorm)
+    yield "output_norm.weight", norm(base.norm, 1.0 / settings.embed_fold)
 
 
 def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim: int, ffn_multiple: int = 1):
@@ -399,20 +747,7 @@ def _tensor_names(model: nn.Module, arch: str, layers: list[GgufLayer], head_dim
                     yield p + f"attn_{key}_norm.weight", t(norm.weight)
         if shape.ffn:
             yield p + "ffn_norm.weight", t(layer.post_attention_layernorm.weight)
-            gate, up = (get_submodule(layer, path) for path in layout.mlp_in)
-            down = get_submodule(layer, layout.mlp_out)
-            pad = -shape.ffn % ffn_multiple
-            for name, lin in (("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)):
-                w = t(lin.weight)
-                b = t(lin.bias) if lin.bias is not None else None
-                if pad and name == "ffn_down":
-                    w = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
-                elif pad:
-                    w = torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
-                    b = torch.cat([b, b.new_zeros(pad)]) if b is not None else None
-                yield p + name + ".weight", w
-                if b is not None:
-                    yield p + name + ".bias", b
+            yield from _mlp_tensors(p, layer, layout, shape.ffn, ffn_multiple, t)
         elif arch == "deci" and shape.heads:
             # deci skips the residual update of a layer without MLP, dropping its attention output: an MLP of width
             # 1 whose weights are all zero adds exactly nothing and keeps the attention.
@@ -529,12 +864,15 @@ def export_gguf(
     pre_tokenizer: str | None = None,
     name: str | None = None,
 ) -> GgufExport:
-    """Write a LLaMA-family causal LM (stock, or slim with uneven layers) as a GGUF file that llama.cpp runs.
+    """Write a LLaMA-family or Gemma causal LM (stock, or slim) as a GGUF file that llama.cpp runs.
 
-    Every layer alike: the model's own llama.cpp architecture (`llama` for llama/mistral, `qwen2`, `qwen3`); layers
-    of different widths: `deci`, whose graph reads the head counts and MLP widths per layer (see the module
-    docstring for what is refused and why). Tokenizer, chat template, RoPE settings, RMSNorm epsilon and special
-    tokens are carried over; tied embeddings are written once (llama.cpp reuses `token_embd` as the output).
+    Every layer alike: the model's own llama.cpp architecture (`llama` for llama/mistral, `qwen2`, `qwen3`, `gemma2`,
+    `gemma3` for gemma3_text); layers of different widths (llama, mistral, qwen2): `deci`, whose graph reads the
+    head counts and MLP widths per layer (see the module docstring for what is refused and why). Tokenizer
+    (byte-level BPE, or SentencePiece-style BPE with byte fallback), chat template, RoPE settings, RMSNorm epsilon
+    and special tokens are carried over; tied embeddings are written once (llama.cpp reuses `token_embd` as the
+    output). What had to be adapted (scales folded into weights, MLP padding, tokenizer differences) is listed in
+    the result's `notes`.
 
     Args:
         model_or_dir (`nn.Module` or path): a `*ForCausalLM` model, or the folder it was saved to
@@ -549,7 +887,8 @@ def export_gguf(
             32 values is written as F16 (both reported in `notes`).
         tokenizer (*optional*): the tokenizer; required with a model object.
         pre_tokenizer (`str`, *optional*): llama.cpp's pre-tokenizer name, when it cannot be recognised from
-            tokenizer.json (recognised: `gpt-2`, `smollm`, `llama-bpe`, `qwen2`).
+            tokenizer.json (recognised: `gpt-2`, `smollm`, `llama-bpe`, `qwen2`); byte-level BPE only (a
+            SentencePiece-style vocabulary has no pre-tokenizer in llama.cpp).
         name (`str`, *optional*): `general.name`; defaults to the model's `_name_or_path`.
 
     Returns:
@@ -572,11 +911,28 @@ def export_gguf(
     layers = read_layers(model)
     arch = gguf_plan(config.model_type, layers, norm.hidden_size, norm.head_dim)
     notes: list[str] = []
-    _arch_check(model, arch, notes)
-    theta, rope_factors = _rope_freq_factors(model, norm.head_dim)
-    if rope_factors is not None and arch not in ("llama", "deci"):
-        raise ValueError(f"RoPE scaling is only exported for the llama/deci graphs, not {arch!r}.")
+    gemma = _gemma_settings(model, arch, layers, norm.hidden_size) if arch in _GEMMA_ARCHS.values() else None
+    if gemma is None:
+        _arch_check(model, arch, notes)
+        theta, rope_factors = _rope_freq_factors(model, norm.head_dim)
+        if rope_factors is not None and arch not in ("llama", "deci"):
+            raise ValueError(f"RoPE scaling is only exported for the llama/deci graphs, not {arch!r}.")
+    else:
+        theta, rope_factors = gemma.theta, None
+        if gemma.query_fold != 1.0:
+            notes.append(
+                f"query scale: llama.cpp's {arch} graph scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) at "
+                f"its 27B layer count), the model by query_pre_attn_scalar^-0.5; the ratio {gemma.query_fold:.6g} is "
+                "folded into the "
+                f"{'query weights' if arch == 'gemma2' else 'query norm'}"
+            )
+        if gemma.embed_fold != 1.0:
+            notes.append(
+                f"embedding scale: llama.cpp multiplies by sqrt of the slim width, the model by sqrt of the original; "
+                f"the ratio {gemma.embed_fold:.6g} is folded into token_embd (and its inverse into output_norm)"
+            )
     vocab = _tokenizer_fields(tokenizer, config, pre_tokenizer)
+    notes += vocab.get("notes", [])
     if len(vocab["tokens"]) != model.get_input_embeddings().weight.shape[0]:
         raise ValueError(
             f"The tokenizer has {len(vocab['tokens'])} tokens but the embedding has "
@@ -630,13 +986,30 @@ def export_gguf(
         writer.add_rope_dimension_count(norm.head_dim)
         writer.add_rope_freq_base(theta)
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        if gemma is not None:
+            writer.add_sliding_window(int(gemma.window))
+            if gemma.attn_softcap is not None:
+                writer.add_attn_logit_softcapping(float(gemma.attn_softcap))
+            if gemma.final_softcap is not None:
+                writer.add_final_logit_softcapping(float(gemma.final_softcap))
+            if arch == "gemma3":
+                writer.add_rope_freq_base_swa(gemma.theta_swa)
+            if gemma.linear_factor is not None:
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(gemma.linear_factor)
         writer.add_vocab_size(len(vocab["tokens"]))
 
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_tokenizer_model(vocab["model"])
+        if vocab["pre"] is not None:
+            writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(vocab["tokens"])
+        if vocab["scores"] is not None:
+            writer.add_token_scores(vocab["scores"])
         writer.add_token_types(vocab["types"])
-        writer.add_token_merges(vocab["merges"])
+        if vocab["merges"] is not None:
+            writer.add_token_merges(vocab["merges"])
+        if "add_space_prefix" in vocab:
+            writer.add_add_space_prefix(vocab["add_space_prefix"])
         ids = vocab["ids"]
         for key, add in (
             ("bos", writer.add_bos_token_id),
@@ -659,7 +1032,11 @@ def export_gguf(
         if rope_factors is not None:
             add("rope_freqs.weight", rope_factors)
         with torch.no_grad():
-            for tensor_name, tensor in _tensor_names(model, arch, layers, norm.head_dim, ffn_multiple):
+            if gemma is not None:
+                tensors = _gemma_tensors(model, arch, layers, gemma, ffn_multiple)
+            else:
+                tensors = _tensor_names(model, arch, layers, norm.head_dim, ffn_multiple)
+            for tensor_name, tensor in tensors:
                 add(tensor_name, tensor)
 
         writer.write_header_to_file()
@@ -681,7 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: `hf-hesso-gguf <model_dir> <out.gguf> --dtype f16` (or `python -m hf_hesso.export.gguf`)."""
     parser = argparse.ArgumentParser(
         prog="hf-hesso-gguf",
-        description="Write a saved (slim or stock) LLaMA-family model as a GGUF file for llama.cpp / Ollama.",
+        description="Write a saved (slim or stock) LLaMA-family or Gemma model as a GGUF file for llama.cpp / Ollama.",
     )
     parser.add_argument("model_dir", help="folder written by save_pretrained / save_slim / HESSOTrainer.save_model")
     parser.add_argument("output", help="the .gguf file to write")
