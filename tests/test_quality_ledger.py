@@ -166,3 +166,47 @@ def test_one_shot_prunes_after_the_warm_up_and_holds_zeros(method):
     assert quality.removed_fraction(cb.groups, model) == removed
     # Activation and Taylor rank differently: the scores depend on the criterion, not only on the weights.
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The main job's variants (benchmarks/main_job.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _main_job():
+    spec = importlib.util.spec_from_file_location("main_job_bench", BENCH / "main_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_job_variants_are_distinct_runs_and_state_their_settings():
+    main_job = _main_job()
+    keys = {main_job.key_of(flags, 0) for flags in main_job.VARIANTS.values()}
+    assert len(keys) == len(main_job.VARIANTS)  # no two variants are the same run
+    assert main_job.key_of(main_job.VARIANTS["MLP only, lr 3e-4"], 1) not in keys  # the seed is part of a run
+    settings = main_job.settings_of(main_job.VARIANTS["MLP only, lr 3e-4"], 0)
+    assert settings["prune_kinds"] == ["mlp_channel"] and settings["target_param_sparsity"] == 0.267
+    assert settings["learning_rate"] == 3e-4 and settings["distill"] is True and settings["max_steps"] == 40
+    # Flags that restate a default give the same run as leaving them out.
+    assert main_job.key_of(["--max_steps", "40"], 0) == main_job.key_of([], 0)
+
+
+def test_main_job_table_states_the_ratio_to_the_unpruned_model(tmp_path):
+    main_job = _main_job()
+    rows = [
+        {"variant": "unpruned", "ppl_bbc": 30.0, "ppl_general": 40.0},
+        {"variant": "a", "seed": 0, "ppl_bbc": 45.0, "ppl_general": 60.0, "removed_of_model": 0.158, "wall_s": 60},
+        {"variant": "b", "seed": 0, "ppl_bbc": 44.0, "ppl_general": 50.0, "removed_of_model": 0.158, "wall_s": 60},
+    ]
+    text = main_job.table(rows)
+    assert "| a | 0 | 15.8% | 45.00 | 60.00 | 1.50x |" in text and "| b | 0 | 15.8% | 44.00 | 50.00 | 1.25x |" in text
+    assert text.index("| a |") < text.index("| b |")  # worst first, the best row last
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{main_job.BEGIN}\nold\n{main_job.END}\noutro\n")
+    main_job.write_table(rows, readme)
+    written = readme.read_text()
+    assert "old" not in written and "| b | 0 |" in written and written.endswith("outro\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="main-job-table"):
+        main_job.write_table(rows, readme)
