@@ -6,19 +6,14 @@ import math
 
 import pytest
 import torch
-from fixtures import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_hesso.groups import MLP_CHANNEL, Block, GroupSet, Slice, build_groups
 from hf_hesso.optim import HESSO
 from hf_hesso.optim.saliency import CRITERIA, GroupStatistics
 
-
-def tiny_model(name: str = "llama") -> nn.Module:
-    config = tiny_config(name)
-    cls = AutoModelForMaskedLM if name in ("bert", "roberta") else AutoModelForCausalLM
-    return cls.from_config(config)
+ENCODERS = ("bert", "roberta")  # trained as masked LMs here
 
 
 def train_step(model, opt, name="llama", seed=0):
@@ -458,7 +453,7 @@ def _coverage(groups: GroupSet) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["llama", "llama_mha", "bert"])
 @pytest.mark.parametrize("target", [0.25, 0.6])
 def test_param_budget_lands_within_one_group(name, target):
-    model = tiny_model(name)
+    model = tiny_model(name, head="AutoModelForMaskedLM" if name in ENCODERS else None)
     groups = build_groups(model)
     opt = HESSO(
         torch.optim.AdamW(model.parameters(), lr=1e-2),
@@ -522,7 +517,7 @@ def test_param_budget_ranks_by_score_per_parameter_relative_to_its_kind():
 def test_gradient_of_fully_zero_groups_is_exactly_zero_except_query_slot_outputs(name):
     # The claim `hold_zeros="auto"` rests on: once every slice of a group is zero, backprop gives exactly zero
     # gradient on all of it, except the output columns of a query slot.
-    model = tiny_model(name)
+    model = tiny_model(name, head="AutoModelForMaskedLM" if name in ENCODERS else None)
     groups = build_groups(model)
     # One group per block: a query slot then still reads the values of a kept key/value group.
     chosen = [b.offset for b in groups.blocks]

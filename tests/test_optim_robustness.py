@@ -10,9 +10,8 @@ import warnings
 
 import pytest
 import torch
-from fixtures import tiny_batch, tiny_config
+from fixtures import tiny_batch, tiny_model
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from hf_hesso.groups import MLP_CHANNEL, Block, GroupSet, Slice, build_groups
 from hf_hesso.optim import HESSO
@@ -20,11 +19,6 @@ from hf_hesso.optim.schedule import Schedule
 from hf_hesso.slim import slim_model
 
 SCHEDULE = dict(target_group_sparsity=0.4, start_pruning_step=2, pruning_periods=2, pruning_steps=8)
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config("llama"))
 
 
 def train(model, opt, steps) -> None:
@@ -55,7 +49,7 @@ def freeze_layer_0(model) -> dict[str, torch.Tensor]:
 
 
 def test_frozen_parameters_are_left_out_and_never_change(caplog):
-    model = tiny_llama()
+    model = tiny_model("llama")
     frozen = freeze_layer_0(model)
     with caplog.at_level(logging.WARNING, logger="hf_hesso.groups.group"):
         groups = build_groups(model)
@@ -74,7 +68,7 @@ def test_frozen_parameters_are_left_out_and_never_change(caplog):
 
 
 def test_prune_frozen_opt_in_and_groups_built_before_freezing():
-    model = tiny_llama()
+    model = tiny_model("llama")
     groups_before = build_groups(model)
     frozen = freeze_layer_0(model)
     base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
@@ -159,7 +153,7 @@ def test_unusable_scores_in_every_window_step_raise():
 
 
 def test_step_after_slim_model_raises_and_a_rebuilt_optimizer_works():
-    model = tiny_llama()
+    model = tiny_model("llama")
     groups = build_groups(model)
     opt = HESSO(torch.optim.AdamW(model.parameters(), lr=5e-3), groups, **SCHEDULE)
     train(model, opt, range(12))
@@ -185,7 +179,7 @@ def test_step_after_slim_model_raises_and_a_rebuilt_optimizer_works():
 def test_group_divisible_warns_with_the_reachable_figure():
     # 2 layers x (96 MLP channels + 2 kv groups + 2 query slots) = 200 groups; with group_divisible=64 a 96-wide
     # MLP can only keep 64 (lose 32) and the 2-group blocks never shrink: 0, 32 or 64 groups can go.
-    model = tiny_llama()
+    model = tiny_model("llama")
     base = torch.optim.AdamW(model.parameters())
     with pytest.warns(UserWarning, match=r"remove 60 groups.*at most 32 can go.*about 0\.160 instead of 0\.3"):
         HESSO(base, build_groups(model), target_group_sparsity=0.3, pruning_steps=4, group_divisible=64)
@@ -197,7 +191,7 @@ def test_group_divisible_warns_with_the_reachable_figure():
 
 
 def saved_state(steps: int = 4):
-    model = tiny_llama()
+    model = tiny_model("llama")
     opt = HESSO(torch.optim.AdamW(model.parameters(), lr=5e-3), build_groups(model), **SCHEDULE)
     train(model, opt, range(steps))
     return model, round_trip(opt.state_dict())
@@ -262,7 +256,7 @@ def test_unedited_state_resumes():
 def test_config_and_optimizer_share_each_message(tmp_path, schedule):
     from hf_hesso.config import HESSOConfig
 
-    model = tiny_llama()
+    model = tiny_model("llama")
     with pytest.raises(ValueError) as direct:
         HESSO(torch.optim.AdamW(model.parameters()), build_groups(model), target_group_sparsity=0.3, **schedule)
     with pytest.raises(ValueError) as config:
@@ -297,7 +291,7 @@ def test_schedule_arithmetic():
 
 
 def test_facade_runs_torch_hooks_and_shares_the_base_state():
-    model = tiny_llama()
+    model = tiny_model("llama")
     base = torch.optim.AdamW(model.parameters(), lr=5e-3)
     opt = HESSO(base, build_groups(model), **SCHEDULE)
     assert opt.param_groups is base.param_groups and opt.state is base.state and opt.defaults is base.defaults
@@ -327,7 +321,7 @@ def test_restored_cric_state_is_validated_by_field(edit, match):
     from hf_hesso.optim import CRIC
 
     def make():
-        model = tiny_llama()
+        model = tiny_model("llama")
         kw = dict(target_group_sparsity=0.4, start_pruning_step=2, pruning_steps=4, sampling_steps=3)
         return model, CRIC(torch.optim.AdamW(model.parameters(), lr=5e-3), build_groups(model), **kw)
 
