@@ -120,12 +120,12 @@ def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
 
     result: dict = {"model_type": model_type, "head": head, "layout": "none", "exact": [], "excluded": {}}
     try:
-        config = tiny_config(transformers.AutoConfig.for_model(model_type))
-        torch.manual_seed(0)
-        model = getattr(transformers, auto_name).from_config(config).eval()
+        model, text_type = tiny_model(model_type, auto_name)
     except Exception as error:  # noqa: BLE001 - any failure is the type's result
         result["error"] = "tiny model: " + _first_line(error)
         return result
+    if text_type is not None:
+        result["via"] = text_type
     result["class"] = type(model).__name__
     try:
         report = check_architecture(model)
@@ -138,6 +138,8 @@ def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
     result["layout"] = "table" if report.in_table else "inferred"
     result["exact"] = report.exact_kinds
     result["excluded"] = {k.kind: _first_line(k.reason or "") for k in report.kinds if not k.exact}
+    if report.absent:
+        result["absent"] = report.absent
     if not report.exact_kinds:
         result["error"] = "no group kind passed the check"
         return result
@@ -159,6 +161,29 @@ def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
     except Exception as error:  # noqa: BLE001
         result["error"] = "prune/slim/save: " + _first_line(error)
     return result
+
+
+def tiny_model(model_type: str, auto_name: str):
+    """A tiny random model of `model_type` with the head `auto_name`, and None; or, where the type's config cannot
+    be made tiny or built that way (a composite config: a text model with a vision or audio tower, sub-configs
+    `text_config`), its text model with the causal-LM head and the text config's `model_type`."""
+    import torch
+    import transformers
+
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    config = transformers.AutoConfig.for_model(model_type)
+    try:
+        small = tiny_config(config)
+        torch.manual_seed(0)
+        return getattr(transformers, auto_name).from_config(small).eval(), None
+    except Exception:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if text is config or auto_name != "AutoModelForCausalLM":
+            raise
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(text)).eval()
+    return model, text.model_type
 
 
 def _child(model_type: str, head: str, auto_name: str, out_dir: str, result_file: str, log_file: str) -> None:
@@ -248,7 +273,7 @@ def status(r: dict) -> str:
     ok = r.get("exact") and "diff" in reload and reload["diff"] <= TOLERANCE and not r.get("error")
     if not ok:
         return "not covered"
-    return "partly" if r.get("excluded") else "fully"
+    return "partly" if r.get("excluded") or r.get("absent") else "fully"
 
 
 def _reason(r: dict) -> str:
@@ -314,16 +339,20 @@ def render(results: list[dict], seconds: float) -> tuple[str, str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        excluded = "; ".join(f"`{k}`: {_cell(v)}" for k, v in r.get("excluded", {}).items())
+        excluded = "; ".join(
+            [f"`{k}`: {_cell(v)}" for k, v in r.get("excluded", {}).items()]
+            + [f"not pruned: {_cell(v)}" for v in r.get("absent", [])]
+        )
         reload = r.get("reload", {})
         fresh = (
             "exact" if reload.get("diff", 1) <= TOLERANCE else f"off by {reload['diff']:.1e}" if "diff" in reload
             else "-" if not r.get("saved") else "fails"
         )  # fmt: skip
         why = _reason(r)
+        via = f" (its text model, `{r['via']}`)" if r.get("via") else ""
         coverage = status(r) + (f" ({_cell(why)})" if why and status(r) == "not covered" else "")
         lines.append(
-            f"| `{r['model_type']}` | {r.get('head', '')} | {r.get('layout', 'none')} | "
+            f"| `{r['model_type']}` | {r.get('head', '')} | {r.get('layout', 'none')}{via} | "
             f"{', '.join(f'`{k}`' for k in r.get('exact', [])) or '-'} | {excluded or '-'} | {fresh} | {coverage} |"
         )
     readme = (

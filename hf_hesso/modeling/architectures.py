@@ -777,7 +777,7 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim or config.hidden_size // heads,
-        intermediate_size=mlp_width(config, layout.mlps[0].width_field),
+        intermediate_size=mlp_width(config, layout.mlps[0].width_field if layout.mlps else None),
     )
 
 

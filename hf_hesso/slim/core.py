@@ -189,10 +189,16 @@ def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
             continue
         sizes = space_sizes(layer, layout)
         bias = [
-            isinstance(m := get_submodule(layer, sub.module), RemovedSublayer) and m.bias is not None
+            bool(sub.projections)
+            and isinstance(m := get_submodule(layer, sub.module), RemovedSublayer)
+            and m.bias is not None
             for sub in layer_sublayers(layer, layout)
         ]
-        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED), *bias))
+        # A sublayer this layer does not have (hybrid models, inferred layouts) keeps the config's sizes: unchanged.
+        nominal = normalize_config(model.config, layout)
+        shapes.append(LayerShape(sizes.get(Q, nominal.num_attention_heads * hd) // hd,
+                                 sizes.get(KV, nominal.num_key_value_heads * hd) // hd,
+                                 sizes.get(MLP, nominal.intermediate_size), sizes.get(SHARED), *bias))  # fmt: skip
     return shapes
 
 
