@@ -113,10 +113,8 @@ def _diff(got, expected, batch) -> float:
 def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
     """Check, prune, slim and save one model type (in a forked child)."""
     import torch
-    import transformers
 
     from hf_hesso import build_groups, check_architecture, slim_model
-    from hf_hesso.slim.selfcheck import tiny_config
 
     result: dict = {"model_type": model_type, "head": head, "layout": "none", "exact": [], "excluded": {}}
     try:
@@ -163,6 +161,15 @@ def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
     return result
 
 
+# Default configs of hybrid types whose layers hold no attention (transformers cannot run those): one layer of
+# attention, as in the released checkpoints, so that the tiny model has one.
+HYBRID_DEFAULTS = {
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": lambda c: ["mamba", "attention"] * (c.num_hidden_layers // 2)},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+}
+
+
 def tiny_model(model_type: str, auto_name: str):
     """A tiny random model of `model_type` with the head `auto_name`, and None; or, where the type's config cannot
     be made tiny or built that way (a composite config: a text model with a vision or audio tower, sub-configs
@@ -173,16 +180,26 @@ def tiny_model(model_type: str, auto_name: str):
     from hf_hesso.slim.selfcheck import tiny_config
 
     config = transformers.AutoConfig.for_model(model_type)
+    for key, value in HYBRID_DEFAULTS.get(model_type, {}).items():
+        setattr(config, key, value(config) if callable(value) else value)
     try:
         small = tiny_config(config)
         torch.manual_seed(0)
         return getattr(transformers, auto_name).from_config(small).eval(), None
     except Exception:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         if text is config or auto_name != "AutoModelForCausalLM":
             raise
+    auto = transformers.AutoModelForCausalLM
+    if type(text) not in auto._model_mapping:
+        # A text config that no Auto class maps (Mllama, Emu3): its `*ForCausalLM` class, registered as the user would.
+        found = [getattr(transformers, name) for name in dir(transformers) if name.endswith("ForCausalLM")]
+        found = [c for c in found if isinstance(c, type) and getattr(c, "config_class", None) is type(text)]
+        if not found:
+            raise ValueError(f"no causal-LM class takes the text config {type(text).__name__}")
+        auto.register(type(text), found[0], exist_ok=True)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(text)).eval()
+    model = auto.from_config(tiny_config(text)).eval()
     return model, text.model_type
 
 

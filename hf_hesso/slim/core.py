@@ -629,8 +629,9 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
         stock_config = stock_config_cls.from_dict(trial)
         with torch.device("meta"):
             built = _stock_base(type(model))(stock_config)
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        return updates, f"{stock_rule(layout)} ({error})"
+    except (ValueError, TypeError, AttributeError, KeyError, StrictDataclassError) as error:
+        # (AttributeError: a config field the stock class derives, e.g. Falcon's `head_dim` property)
+        return updates, f"{stock_rule(layout)} ({type(error).__name__}: {error})"
     # Every tensor must come out the same shape (not only the projections: Phi sizes its q/k LayerNorm by
     # `hidden_size // num_attention_heads`).
     want = _renamed(model, kept)

@@ -59,6 +59,7 @@ TINY_FIELDS = {
     "num_experts": 4,
     "num_experts_per_tok": 2,
     "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
+    "d_head": 16,  # XLNet: hidden / heads
     # Encoder-decoder families (their causal LM is the decoder): `num_hidden_layers` maps to the encoder's count.
     "encoder_layers": 2,
     "decoder_layers": 2,
@@ -118,6 +119,10 @@ class ArchitectureReport:
 
 # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): low ranks and head sizes for the tiny instance.
 TINY_LATENT = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+# Fields of the head size and the head count of a state-space (Mamba-2) mixer, and the tiny head size.
+MAMBA_HEAD_FIELDS = ("mamba_d_head", "mamba_headdim", "mamba_head_dim")
+MAMBA_HEADS_FIELDS = ("mamba_n_heads", "n_mamba_heads", "mamba_num_heads")
+TINY_MAMBA_HEAD = 16
 # At most this many layers in the tiny instance of a model whose layers differ in kind (hybrid models).
 TINY_MAX_LAYERS = 4
 
@@ -169,11 +174,22 @@ def tiny_config(config):
         fields["head_dim"] = TINY_LATENT["qk_rope_head_dim"]  # latent attention: rotary size (DeepSeek-V3)
     indices = _layer_indices(config, layers)
     fields["num_hidden_layers"] = len(indices)
+    # State-space mixers (Mamba-2 in Bamba, Zamba2, Falcon-H1): heads x head size = expand x hidden.
+    expand = getattr(config, "mamba_expand", None) or 2
+    fields.update({key: TINY_MAMBA_HEAD for key in MAMBA_HEAD_FIELDS})
+    fields.update({key: expand * TINY_FIELDS["hidden_size"] // TINY_MAMBA_HEAD for key in MAMBA_HEADS_FIELDS})
     for key, value in fields.items():
         if isinstance(getattr(type(config), key, None), property):
             continue  # derived from other fields (Falcon's `head_dim`)
         if getattr(config, key, None) is not None:
             setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
+    for key, value in (
+        ("head_dim", TINY_FIELDS["head_dim"]),
+        ("num_key_value_heads", TINY_FIELDS["num_attention_heads"]),
+    ):
+        if heads and key in vars(config) and getattr(config, key) is None:
+            # Left unset in some default configs (Ministral, Nemotron) whose model code reads them as they are.
+            setattr(small, key, value)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         # Special tokens must fall inside the tiny vocabulary (an embedding's `padding_idx` is checked).
         current = getattr(config, key, None)
