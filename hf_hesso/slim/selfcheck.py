@@ -58,6 +58,8 @@ TINY_FIELDS = {
     "num_local_experts": 4,
     "num_experts": 4,
     "num_experts_per_tok": 2,
+    "n_group": 1,  # DeepSeek-style grouped routing: one group of the tiny experts
+    "topk_group": 1,
     "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
     "d_head": 16,  # XLNet: hidden / heads
     # Encoder-decoder families (their causal LM is the decoder): `num_hidden_layers` maps to the encoder's count.
@@ -118,7 +120,8 @@ class ArchitectureReport:
 
 
 # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): low ranks and head sizes for the tiny instance.
-TINY_LATENT = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+TINY_LATENT = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+               "qk_head_dim": 24}  # fmt: skip
 # Fields of the head size and the head count of a state-space (Mamba-2) mixer, and the tiny head size.
 MAMBA_HEAD_FIELDS = ("mamba_d_head", "mamba_headdim", "mamba_head_dim")
 MAMBA_HEADS_FIELDS = ("mamba_n_heads", "n_mamba_heads", "mamba_num_heads")
@@ -150,11 +153,11 @@ def _hashable(item):
 
 
 def _is_index_list(key: str, value, layers: int) -> bool:
-    """A list of layer indices (`full_attn_idxs`, `hybrid_layer_ids`, `attn_layer_indices`), not one entry per
-    layer."""
+    """A list of layer indices (`full_attn_idxs`, `hybrid_layer_ids`, `attn_layer_indices`, `index_layers`), not one
+    entry per layer."""
     return (
         isinstance(value, list)
-        and any(word in key for word in ("idx", "ids", "indices"))
+        and any(word in key for word in ("idx", "ids", "indices", "index"))
         and all(isinstance(i, int) and 0 <= i < layers for i in value)
     )
 
@@ -178,6 +181,7 @@ def tiny_config(config):
     expand = getattr(config, "mamba_expand", None) or 2
     fields.update({key: TINY_MAMBA_HEAD for key in MAMBA_HEAD_FIELDS})
     fields.update({key: expand * TINY_FIELDS["hidden_size"] // TINY_MAMBA_HEAD for key in MAMBA_HEADS_FIELDS})
+    fields["mamba_d_ssm"] = expand * TINY_FIELDS["hidden_size"]  # Falcon-H1: heads x head size
     for key, value in fields.items():
         if isinstance(getattr(type(config), key, None), property):
             continue  # derived from other fields (Falcon's `head_dim`)
@@ -186,9 +190,10 @@ def tiny_config(config):
     for key, value in (
         ("head_dim", TINY_FIELDS["head_dim"]),
         ("num_key_value_heads", TINY_FIELDS["num_attention_heads"]),
+        ("num_experts_per_tok", TINY_FIELDS["num_experts_per_tok"]),
     ):
         if heads and key in vars(config) and getattr(config, key) is None:
-            # Left unset in some default configs (Ministral, Nemotron) whose model code reads them as they are.
+            # Left unset in some default configs (Ministral, Nemotron, DeepSeek-V2) whose model code reads them.
             setattr(small, key, value)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         # Special tokens must fall inside the tiny vocabulary (an embedding's `padding_idx` is checked).
