@@ -760,6 +760,8 @@ def layout_of(config) -> ArchLayout:
 def mlp_width(config, width_field: str | None) -> int:
     # GPT-2's `n_inner` is None for the default 4 x hidden.
     value = getattr(config, width_field, None) if width_field else None
+    if isinstance(value, (list, tuple)):  # one width per layer (Gemma-3n): the widest
+        value = max(value)
     return int(value) if value else 4 * config.hidden_size
 
 

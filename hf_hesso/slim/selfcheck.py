@@ -58,6 +58,9 @@ TINY_FIELDS = {
     "num_local_experts": 4,
     "num_experts": 4,
     "num_experts_per_tok": 2,
+    "vocab_size_per_layer_input": 128,  # Gemma-3n/4 per-layer embeddings (vocabulary x layers x this width)
+    "hidden_size_per_layer_input": 16,
+    "num_kv_shared_layers": 0,  # Gemma-3n: layers that reuse another layer's cache (none of the tiny layers)
     "n_group": 1,  # DeepSeek-style grouped routing: one group of the tiny experts
     "topk_group": 1,
     "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
@@ -165,6 +168,14 @@ def _is_index_list(key: str, value, layers: int) -> bool:
 def tiny_config(config):
     """A copy of `config` with tiny sizes (hidden 64, 4 heads, 2 key/value heads where there is GQA, 2 layers, or up
     to 4 so that a hybrid model keeps one layer of every kind its per-layer lists name)."""
+    raw = config.to_dict()
+    per_layer = raw.pop("per_layer_config", None)
+    if per_layer:
+        return _tiny_heterogeneous(config, raw, per_layer)
+    return _tiny_uniform(config)
+
+
+def _tiny_uniform(config):
     small = copy.deepcopy(config)
     layers = config.num_hidden_layers
     heads = getattr(config, "num_attention_heads", None)
@@ -186,7 +197,8 @@ def tiny_config(config):
         if isinstance(getattr(type(config), key, None), property):
             continue  # derived from other fields (Falcon's `head_dim`)
         if getattr(config, key, None) is not None:
-            setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
+            capped = key.startswith("num_experts") or key.endswith("_per_layer_input")  # 0 stays 0
+            setattr(small, key, min(value, getattr(config, key)) if capped else value)
     for key, value in (
         ("head_dim", TINY_FIELDS["head_dim"]),
         ("num_key_value_heads", TINY_FIELDS["num_attention_heads"]),
@@ -208,13 +220,29 @@ def tiny_config(config):
         elif isinstance(value, (list, str)) and len(value) == layers:
             # Per-layer lists (`layer_types`, `no_rope_layers`) and strings (`hybrid_override_pattern`) follow the
             # kept layers.
-            kept = [value[i] for i in indices]
+            kept = [fields[key]] * len(indices) if key in fields else [value[i] for i in indices]  # Gemma-3n widths
             setattr(small, key, "".join(kept) if isinstance(value, str) else kept)
         elif key.endswith("_layer_period") and isinstance(value, int) and value > 2:
             setattr(small, key, 2)  # Jamba: attention / experts every `period` layers, from `offset`
         elif key.endswith("_layer_offset") and isinstance(value, int) and value > 1:
             setattr(small, key, 1)
     return type(config).from_dict(small.to_dict())
+
+
+def _tiny_heterogeneous(config, raw: dict, per_layer: dict):
+    """`tiny_config` of a config with per-layer overrides (`per_layer_config`, Gemma-4): the tiny sizes everywhere,
+    and the kept layers' other overrides (attention kinds, windows) renumbered."""
+    uniform = type(config).from_dict({**raw, "per_layer_config": {}})  # empty, not absent: Gemma-4 derives one
+    small = _tiny_uniform(uniform)
+    indices = _layer_indices(uniform, uniform.num_hidden_layers)
+    sized = set(TINY_FIELDS) | set(TINY_LATENT) | {"num_key_value_heads"}
+    kept = {}
+    for key, overrides in per_layer.items():
+        if int(key) in indices:
+            rest = {k: v for k, v in overrides.items() if k not in sized}
+            if rest:
+                kept[indices.index(int(key))] = rest
+    return type(config).from_dict({**small.to_dict(), "per_layer_config": kept})
 
 
 def _stock_class(cls: type) -> type:
