@@ -3,7 +3,8 @@
 For every model type in transformers' config mapping that has a causal-LM, masked-LM or sequence-classification head
 (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, `MODEL_FOR_MASKED_LM_MAPPING_NAMES`,
 `MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES`), a tiny random instance of the first of those heads is built from
-the default config (`hf_hesso.slim.selfcheck.tiny_config`: 2 layers, hidden 64, 4 heads), then:
+the default config (`hf_hesso.slim.selfcheck.tiny_config`: 2 layers, or up to 4 so that a hybrid model keeps one layer
+of every kind, hidden 64, 4 heads; a composite multimodal type through its text model), then:
 
 1. `check_architecture`: the layout (the table's, or inferred from the module tree) and, per group kind, exact or
    excluded with the reason;
@@ -161,11 +162,13 @@ def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
     return result
 
 
-# Default configs of hybrid types whose layers hold no attention (transformers cannot run those): one layer of
-# attention, as in the released checkpoints, so that the tiny model has one.
-HYBRID_DEFAULTS = {
+# Default configs that transformers cannot run as they are: hybrid types whose default layers hold no attention (one
+# layer of attention, as in the released checkpoints), and fields the model code needs but the default leaves unset.
+DEFAULT_FIXES = {
     "bamba": {"attn_layer_indices": [1]},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1},
     "granitemoehybrid": {"layer_types": lambda c: ["mamba", "attention"] * (c.num_hidden_layers // 2)},
+    "lfm2_moe": {"layer_types": lambda c: ["conv", "full_attention"] * (c.num_hidden_layers // 2)},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
 }
 
@@ -180,7 +183,7 @@ def tiny_model(model_type: str, auto_name: str):
     from hf_hesso.slim.selfcheck import tiny_config
 
     config = transformers.AutoConfig.for_model(model_type)
-    for key, value in HYBRID_DEFAULTS.get(model_type, {}).items():
+    for key, value in DEFAULT_FIXES.get(model_type, {}).items():
         setattr(config, key, value(config) if callable(value) else value)
     try:
         small = tiny_config(config)
@@ -345,7 +348,8 @@ def render(results: list[dict], seconds: float) -> tuple[str, str]:
         f"({share:.0%} covered fully or partly).",
         "",
         "Fully: every group kind the model has passed the check, and the pruned slim model reloaded exactly in a "
-        "fresh process. Partly: the same, with some kinds excluded (the reason is given). Not covered: no layout, no "
+        "fresh process. Partly: the same, with some kinds excluded or some layers' attention or MLP not pruned (the "
+        "reason is given). Not covered: no layout, no "
         "exact kind, or the slim model or its reload failed (the reason is given).",
         "",
         "The most common reasons, for the types not covered and for the kinds excluded elsewhere:",
@@ -398,7 +402,7 @@ def _replace_between(path: Path, start: str, end: str, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", help="only these model types (default: all)")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per model type (check, prune, save)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per model type (check, prune, save)")
     parser.add_argument("--reload-timeout", type=int, default=120, help="seconds per fresh-process reload")
     parser.add_argument("--keep", action="store_true", help="keep the saved models and logs (path printed)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs and README alone")

@@ -21,15 +21,34 @@ _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 CONFIGS = {
     # Layer 0: Mamba mixer and a dense MLP; layer 1: attention (grouped-query) and routed experts.
     "jamba": lambda: transformers.JambaConfig(
-        **_SIZES, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
-        expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8,
+        **_SIZES,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=8,
         use_mamba_kernels=False,
     ),  # fmt: skip
     # Multi-head latent attention in both layers; layer 0 a dense MLP, layer 1 routed experts (and a shared one).
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **_SIZES, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, head_dim=8, v_head_dim=16,
+        **_SIZES,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        head_dim=8,
+        v_head_dim=16,
     ),  # fmt: skip
 }
 
@@ -101,7 +120,11 @@ def test_hybrid_layers_are_inferred_per_layer(tmp_path):
 def test_hybrid_attention_sublayer_removed_where_it_exists(tmp_path):
     model = make("jamba")
     groups = _prune_and_ship(model, tmp_path, [ATTENTION_SUBLAYER, MLP_SUBLAYER])
-    assert {(b.layer, b.kind) for b in groups.blocks} == {(0, MLP_SUBLAYER), (1, ATTENTION_SUBLAYER), (1, MLP_SUBLAYER)}
+    assert {(b.layer, b.kind) for b in groups.blocks} == {
+        (0, MLP_SUBLAYER),
+        (1, ATTENTION_SUBLAYER),
+        (1, MLP_SUBLAYER),
+    }
 
 
 @pytest.mark.slow
