@@ -144,3 +144,34 @@ def test_latent_attention_model_has_its_mlp_and_experts_pruned(tmp_path):
     after = model.model.layers[0].self_attn.state_dict()
     assert all(torch.equal(after[k], v) for k, v in attention.items())
     assert model.model.layers[0].mlp.down_proj.in_features < 96
+
+
+def test_tiny_config_keeps_one_layer_of_every_kind():
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    # Qwen3-Next: three linear-attention layers, then full attention; the tiny instance keeps one of each.
+    small = tiny_config(transformers.AutoConfig.for_model("qwen3_next"))
+    assert small.num_hidden_layers == 2 and small.layer_types == ["linear_attention", "full_attention"]
+    # Jamba: attention every 8 layers from layer 4 in the default; the tiny instance has it in layer 1.
+    small = tiny_config(transformers.AutoConfig.for_model("jamba"))
+    assert small.layers_block_type == ["mamba", "attention"]
+    # Every kind once, in order; at most 4 layers.
+    full, sliding, conv = "full_attention", "sliding_attention", "conv"
+    config = transformers.LlamaConfig(num_hidden_layers=6)
+    config.layer_types = [full, full, sliding, full, conv, full]
+    small = tiny_config(config)
+    assert small.num_hidden_layers == 3 and small.layer_types == [full, sliding, conv]
+
+
+def test_tiny_config_of_default_configs_that_leave_sizes_unset():
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    small = tiny_config(transformers.AutoConfig.for_model("ministral"))  # `head_dim` None in the default
+    assert small.head_dim == 16
+    small = tiny_config(transformers.AutoConfig.for_model("deepseek_v3"))  # latent attention: tiny ranks
+    assert (small.kv_lora_rank, small.qk_rope_head_dim, small.head_dim, small.n_group) == (32, 8, 8, 1)
+    # Gemma-4: per-layer overrides (`per_layer_config`) of the head size give way to the tiny sizes.
+    small = tiny_config(transformers.AutoConfig.for_model("gemma4_text"))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(small)
+    assert {layer.self_attn.q_proj.out_features for layer in model.model.layers} == {64}
