@@ -276,7 +276,15 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
     try:
         layers_path = _find_layers(base, config.num_hidden_layers)
         hidden, q_width, kv_width, _ = _config_sizes(config)
-    except (AttributeError, UnrecognisedArchitecture) as error:
+    except AttributeError as error:
+        raise UnrecognisedArchitecture(
+            _unrecognised(
+                config,
+                f"the config has no attention sizes ({error}): a model without attention heads (a state-space or "
+                "recurrent model such as Mamba or RWKV) follows no layout hf_hesso knows",
+            )
+        ) from None
+    except UnrecognisedArchitecture as error:
         raise UnrecognisedArchitecture(_unrecognised(config, str(error))) from None
     layer_list = base.get_submodule(layers_path)
     # Attention candidates per layer; the one most layers share is the layout's.
