@@ -29,7 +29,8 @@ class ToyConfig(PretrainedConfig):
     model_type = "toyformer"
 
     def __init__(self, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, norm_over_heads=False, mlp_names=("fc1", "fc2"), **kwargs):  # fmt: skip
+                 num_attention_heads=4, norm_over_heads=False, mlp_names=("fc1", "fc2"), qkv_name="qkv",
+                 **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -38,6 +39,7 @@ class ToyConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.norm_over_heads = norm_over_heads
         self.mlp_names = list(mlp_names)
+        self.qkv_name = qkv_name
 
 
 class ToyAttention(nn.Module):
@@ -45,14 +47,15 @@ class ToyAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.qkv_name = config.qkv_name
+        setattr(self, config.qkv_name, nn.Linear(config.hidden_size, 3 * config.hidden_size))
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
         # A norm over all heads' queries together: removing a head changes every other head's normalisation.
         self.q_norm = nn.LayerNorm(config.hidden_size) if config.norm_over_heads else None
 
     def forward(self, x, mask):
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
+        q, k, v = getattr(self, self.qkv_name)(x).split(self.num_heads * self.head_dim, dim=-1)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
@@ -213,18 +216,39 @@ def test_inexact_kind_is_excluded_with_reason():
     assert {b.kind for b in groups.blocks} == {MLP_CHANNEL}  # the excluded kind is not offered
 
 
-def test_unknown_structure_names_what_is_missing():
+def test_unknown_mlp_leaves_the_attention_prunable():
+    # An MLP of no known form no longer refuses the model type: the attention is covered, the MLP left as it is.
     report = check_architecture(ToyConfig(mlp_names=("ffn_in", "ffn_out")))
+    assert report.error is None
+    assert report.exact_kinds == [HEAD, "attention_sublayer"]
+    assert report.absent == ["the MLP of layers 0, 1 of 2 (not of the layout's form)"]
+    assert "not pruned: the MLP of layers 0, 1 of 2" in str(report)
+    model = ToyForCausalLM(ToyConfig(mlp_names=("ffn_in", "ffn_out"))).eval()
+    groups = build_groups(model)
+    assert {b.kind for b in groups.blocks} == {HEAD}
+    mlp = {k: v.clone() for k, v in model.model.layers[0].mlp.state_dict().items()}
+    groups.zero_(model, [b.offset for b in groups.blocks])
+    ref = model(**batch()).logits
+    slim_model(model, groups)
+    assert model.model.layers[0].attn.num_heads == 3
+    assert (model(**batch()).logits - ref).abs().max().item() <= 1e-5
+    after = model.model.layers[0].mlp.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in mlp.items())  # the unknown MLP is untouched
+
+
+def test_unknown_structure_names_what_is_missing():
+    config = ToyConfig(mlp_names=("ffn_in", "ffn_out"), qkv_name="mix")
+    report = check_architecture(config)
     assert report.error is not None and not report.kinds
-    assert "not recognised: MLP projections" in report.error
-    assert "mlp.ffn_in (64, 96)" in report.error
+    assert "not recognised: attention projections" in report.error and "MLP projections" in report.error
+    assert "mlp.ffn_in (64, 96)" in report.error and "attn.mix (64, 192)" in report.error
     assert "register_layout(model_type, layout" in report.error
     assert "architectures.py" not in report.error  # never asks to edit the installed library
     assert "not supported" in str(report)
     ARCHITECTURES.pop("toyformer", None)
     with pytest.raises(ValueError, match=r"cannot prune `model_type` 'toyformer' \(ToyForCausalLM\).*not recognised: "
-                       r"MLP projections"):  # fmt: skip
-        build_groups(ToyForCausalLM(ToyConfig(mlp_names=("ffn_in", "ffn_out"))))
+                       r"attention projections"):  # fmt: skip
+        build_groups(ToyForCausalLM(config))
 
 
 def test_table_family_check_and_command(capsys):

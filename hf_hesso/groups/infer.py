@@ -21,9 +21,13 @@ from torch import nn
 
 from ..modeling.architectures import (
     ARCHITECTURES,
+    ATTENTION_SUBLAYER,
+    HEAD,
     KV,
+    KV_GROUP,
     LAYOUT_KEY,
     MLP,
+    QUERY_SLOT,
     ArchLayout,
     Proj,
     Q,
@@ -230,49 +234,114 @@ def _expert_width_field(config, layers: nn.ModuleList, sub: Sublayer) -> str:
     return EXPERT_WIDTH_FIELDS[0]
 
 
+# Projection names of multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): low-rank compressed keys/values.
+MLA_NAMES = ("kv_a_proj_with_mqa", "kv_a_proj", "q_a_proj", "kv_b_proj")
+# Stand-in for the attention of a layout whose layers have no attention of a known form (the layers' attention, or
+# other mixer, is left as it is).
+NO_ATTENTION_LAYOUT = Sublayer(module="(no attention)", projections=())
+
+
+def _attention_reason(layers: nn.ModuleList, hidden: int, q_width: int, kv_width: int) -> str:
+    """Why the attention of these layers is not offered for pruning."""
+    names = {path.rpartition(".")[2] for layer in layers for path, _ in layer.named_modules()}
+    if names & set(MLA_NAMES):
+        return (
+            "multi-head latent attention (low-rank `kv_a_proj`/`kv_b_proj`, `q_a_proj`) is not pruned: its heads share "
+            "one compressed key/value projection; the attention is left as it is"
+        )
+    return (
+        f"no attention of a known form in any layer (separate {ATTENTION_Q[0]}/{ATTENTION_K[0]}/{ATTENTION_V[0]}-like "
+        f"projections ({hidden} -> {q_width}, {kv_width}, {kv_width}) or a fused {ATTENTION_FUSED[:3]}-like one "
+        f"({hidden} -> {q_width + 2 * kv_width}), with an output projection ({q_width} -> {hidden})); the layers' "
+        "attention or other mixers are left as they are"
+    )
+
+
 def infer_layouts(model: nn.Module) -> list[ArchLayout]:
     """Candidate layouts of `model`, most likely first (fused QKV: `[q; k; v]`, then interleaved per head).
 
+    Every layer is looked at: in hybrid models some layers hold attention and others a Mamba, linear-attention or
+    other mixer, and some an MLP and others not. The attention found in most layers (same module path and
+    projections) is the layout's; a layer without it, or without any of the MLP variants found, has that sublayer
+    absent (`hf_hesso.modeling.modeling_hesso.NO_ATTENTION` / `NO_MLP`): it holds no groups and is left as it is.
+    When no layer has an attention of a known form (latent attention, say), the layout has the MLPs only and the
+    attention kinds are excluded with the reason (`ArchLayout.excluded`).
+
     Raises:
-        `UnrecognisedArchitecture`: naming what was not found and how to add a layout.
+        `UnrecognisedArchitecture`: neither an attention nor an MLP of a known form in any layer (naming what was
+            looked for and how to add a layout).
     """
     config = model.config
     base = getattr(model, "base_model", model)
     try:
         layers_path = _find_layers(base, config.num_hidden_layers)
         hidden, q_width, kv_width, _ = _config_sizes(config)
-    except (AttributeError, UnrecognisedArchitecture) as error:
+    except AttributeError as error:
+        raise UnrecognisedArchitecture(
+            _unrecognised(
+                config,
+                f"the config has no attention sizes ({error}): a model without attention heads (a state-space or "
+                "recurrent model such as Mamba or RWKV) follows no layout hf_hesso knows",
+            )
+        ) from None
+    except UnrecognisedArchitecture as error:
         raise UnrecognisedArchitecture(_unrecognised(config, str(error))) from None
     layer_list = base.get_submodule(layers_path)
-    layer = layer_list[0]
-    attentions = _attention(layer, hidden, q_width, kv_width)
-    # MLP variants: some families mix dense and mixture-of-experts layers; routed experts are listed first.
+    # Attention candidates per layer; the one most layers share is the layout's.
+    votes: dict[tuple, list] = {}
+    for index, each in enumerate(layer_list):
+        found_here = _attention(each, hidden, q_width, kv_width)
+        if found_here:
+            votes.setdefault(tuple(found_here), []).append(index)
+    attentions, attention_layer = [], None
+    if votes:
+        candidates, indices = max(votes.items(), key=lambda item: len(item[1]))
+        attentions, attention_layer = list(candidates), layer_list[indices[0]]
+    # MLP variants: some families mix dense and mixture-of-experts layers; routed experts are listed first. A layer
+    # whose MLP follows no known convention has none (`NO_MLP`).
     found = {}
     for each in layer_list:
-        for variant in _mlp(each, hidden) or [None]:
-            found.setdefault(None if variant is None else (variant.module, variant.projections), variant)
-    mlps = sorted((v for v in found.values() if v is not None), key=lambda v: not v.experts)
-    if None in found:
-        mlps = []  # a layer whose MLP follows no known convention
-    missing = []
-    if not attentions:
-        missing.append(
-            f"attention projections: separate {ATTENTION_Q}/{ATTENTION_K}/{ATTENTION_V} of shapes ({hidden} -> "
-            f"{q_width}, {kv_width}, {kv_width}) or a fused {ATTENTION_FUSED} ({hidden} -> {q_width + 2 * kv_width}), "
-            f"with an output projection {ATTENTION_OUT} ({q_width} -> {hidden})"
+        for variant in _mlp(each, hidden):
+            found.setdefault((variant.module, variant.projections), variant)
+    mlps = sorted(found.values(), key=lambda v: not v.experts)
+    if not attentions and not mlps:
+        raise UnrecognisedArchitecture(
+            _unrecognised(
+                config,
+                f"attention projections: separate {ATTENTION_Q}/{ATTENTION_K}/{ATTENTION_V} of shapes ({hidden} -> "
+                f"{q_width}, {kv_width}, {kv_width}) or a fused {ATTENTION_FUSED} ({hidden} -> "
+                f"{q_width + 2 * kv_width}), with an output projection {ATTENTION_OUT} ({q_width} -> {hidden}); MLP "
+                f"projections: gated {MLP_GATED}, fused gated {MLP_FUSED_GATED} or plain {MLP_PLAIN + MLP_SPLIT}",
+                layer_list[0],
+            )
         )
-    if not mlps:
-        missing.append(
-            f"MLP projections: gated {MLP_GATED}, fused gated {MLP_FUSED_GATED} or plain {MLP_PLAIN + MLP_SPLIT}"
-        )
-    if missing:
-        raise UnrecognisedArchitecture(_unrecognised(config, "; ".join(missing), layer))
     width_field = next((f for f in WIDTH_FIELDS if getattr(config, f, None)), WIDTH_FIELD)
     mlps = [Sublayer(**{**m.__dict__, "width_field": _expert_width_field(config, layer_list, m) if m.experts
                         else width_field}) for m in mlps]  # fmt: skip
+    common = dict(
+        name=type(config).__name__.removesuffix("Config"),
+        layers=layers_path,
+        # Unknown residual structure: a layer that lost both sublayers is never assumed to be the identity.
+        pre_norm=False,
+        mlps=tuple(mlps),
+        config_class=type(config).__name__,
+        model_classes=((type(model).__name__, ""),),
+        head_dim_field="head_dim" if getattr(config, "head_dim", None) else None,
+        kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
+        notes="Inferred from the module tree.",
+        inferred=True,
+    )
+    if not attentions:
+        reason = _attention_reason(layer_list, hidden, q_width, kv_width)
+        mha = (
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        ) == config.num_attention_heads
+        kinds = (HEAD,) if mha else (KV_GROUP, QUERY_SLOT)
+        excluded = tuple((kind, reason) for kind in (*kinds, ATTENTION_SUBLAYER))
+        return [ArchLayout(attention=NO_ATTENTION_LAYOUT, excluded=excluded, **common)]
     layouts = []
     for module, projections in attentions:
-        attention_module = layer.get_submodule(module)
+        attention_module = attention_layer.get_submodule(module)
         attributes = tuple(
             (f"{module}.{name}" if module else name, quantity)
             for name, quantity in RUNTIME_ATTRIBUTES.items()
@@ -280,8 +349,6 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
         )
         layouts.append(
             ArchLayout(
-                name=type(config).__name__.removesuffix("Config"),
-                layers=layers_path,
                 # transformers' attention modules return `(output, weights)`, and a removed one must too; for other
                 # code a guess (a plain tensor), which the numerical check of `attention_sublayer` confirms or rejects.
                 attention=Sublayer(
@@ -290,15 +357,7 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
                     attributes=attributes,
                     returns_tuple=type(attention_module).__module__.startswith("transformers."),
                 ),
-                # Unknown residual structure: a layer that lost both sublayers is never assumed to be the identity.
-                pre_norm=False,
-                mlps=tuple(mlps),
-                config_class=type(config).__name__,
-                model_classes=((type(model).__name__, ""),),
-                head_dim_field="head_dim" if getattr(config, "head_dim", None) else None,
-                kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
-                notes="Inferred from the module tree.",
-                inferred=True,
+                **common,
             )
         )
     return layouts

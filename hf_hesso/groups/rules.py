@@ -227,10 +227,11 @@ def build_groups(
         where = f"{prefix}{layout.layers}.{i}"
         _refuse_lora_on_non_linear(layer, layout, where)
         sizes = space_sizes(layer, layout)
-        heads, kv_heads = sizes[Q] // hd, sizes[KV] // hd
-        if heads * hd != sizes[Q] or kv_heads * hd != sizes[KV] or (heads and heads % kv_heads):
+        # A layer without the layout's attention (`NO_ATTENTION`, hybrid models) has no `q`/`kv` spaces: no heads.
+        heads, kv_heads = sizes.get(Q, 0) // hd, sizes.get(KV, 0) // hd
+        if heads * hd != sizes.get(Q, 0) or kv_heads * hd != sizes.get(KV, 0) or (heads and heads % kv_heads):
             raise ValueError(
-                f"Layer {i}: query/key widths {sizes[Q]}/{sizes[KV]} are not whole heads of size {hd} with query "
+                f"Layer {i}: query/key widths {sizes.get(Q, 0)}/{sizes.get(KV, 0)} are not whole heads of size {hd} with query "
                 "heads a multiple of key/value heads."
             )
         attention, mlp = layer_sublayers(layer, layout)
@@ -277,7 +278,7 @@ def build_groups(
             offset = sum(b.n for b in blocks)
             blocks.append(Block(i, kind, n, tuple(slices), numel, offset))
         for kind, sub in ((ATTENTION_SUBLAYER, attention), (MLP_SUBLAYER, mlp)):
-            if kind in wanted and not removed(layer, sub):
+            if kind in wanted and sub.projections and not removed(layer, sub):
                 slices, numel = _sublayer_slices(layer, sub, where, adapters, shapes)
                 blocks.append(Block(i, kind, 1, slices, numel, sum(b.n for b in blocks)))
     if HIDDEN_CHANNEL in wanted:

@@ -760,6 +760,8 @@ def layout_of(config) -> ArchLayout:
 def mlp_width(config, width_field: str | None) -> int:
     # GPT-2's `n_inner` is None for the default 4 x hidden.
     value = getattr(config, width_field, None) if width_field else None
+    if isinstance(value, (list, tuple)):  # one width per layer (Gemma-3n): the widest
+        value = max(value)
     return int(value) if value else 4 * config.hidden_size
 
 
@@ -777,7 +779,7 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim or config.hidden_size // heads,
-        intermediate_size=mlp_width(config, layout.mlps[0].width_field),
+        intermediate_size=mlp_width(config, layout.mlps[0].width_field if layout.mlps else None),
     )
 
 

@@ -121,6 +121,7 @@ class RemovedSublayer(nn.Module):
         returns_tuple: bool,
         variant: int = 0,
         cache_layer: int | None = None,
+        attention: bool = False,
     ):
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
@@ -128,6 +129,9 @@ class RemovedSublayer(nn.Module):
         self.returns_tuple = returns_tuple
         self.variant = variant  # which MLP variant of the layout this was (mixture-of-experts layouts have two)
         self.cache_layer = cache_layer
+        # Whether it stands for the attention (in hybrid models one module path, `mixer`, can hold the attention in
+        # some layers and the MLP in others).
+        self.attention = attention
 
     def extra_repr(self) -> str:
         return f"empty={self.empty}, bias={self.bias is not None}"
@@ -198,6 +202,8 @@ def _module_or_none(layer: nn.Module, path: str) -> nn.Module | None:
 
 def removed(layer: nn.Module, sub: Sublayer) -> bool:
     """Whether `sub` of `layer` has been removed (the layer is skipped, or the module is a `RemovedSublayer`)."""
+    if not sub.projections:  # a sublayer the layer does not have (`NO_ATTENTION`, `NO_MLP`)
+        return False
     return isinstance(layer, SkippedLayer) or isinstance(_module_or_none(layer, sub.module), RemovedSublayer)
 
 
@@ -205,20 +211,59 @@ def _inside(proj: Proj, sub: Sublayer) -> bool:
     return proj.path.startswith(sub.module + ".")
 
 
+# Stand-ins for a sublayer that a layer of an inferred layout does not have, or has in a form the layout does not
+# describe (hybrid models: a Mamba, linear-attention or latent-attention mixer in some or all layers). It has no
+# projections, so it holds no groups, is never removed, and the layer's module is left exactly as it is; its index
+# spaces are absent from `space_sizes`, and `LayerShape`s record the config's sizes for them (unchanged).
+NO_ATTENTION = Sublayer(module="(no attention)", projections=())
+NO_MLP = Sublayer(module="(no mlp)", projections=())
+
+
+def _has_projections(layer: nn.Module, sub: Sublayer) -> bool:
+    """Every non-optional projection of `sub` exists in `layer`."""
+    for proj in sub.projections:
+        try:
+            projection_tensors(layer, proj)
+        except ValueError:
+            return False
+    return bool(sub.projections)
+
+
+def attention_of(layer: nn.Module, layout: ArchLayout) -> Sublayer:
+    """The attention sublayer of `layer`: `layout.attention`, or `NO_ATTENTION` where a layer of an inferred layout
+    does not have it (table layouts have it in every layer, and a mismatch raises when its tensors are read)."""
+    sub = layout.attention
+    if isinstance(layer, SkippedLayer) or not layout.inferred:
+        return sub
+    if not sub.projections:
+        return NO_ATTENTION
+    module = _module_or_none(layer, sub.module)
+    if isinstance(module, RemovedSublayer):
+        return sub if module.attention else NO_ATTENTION
+    return sub if _has_projections(layer, sub) else NO_ATTENTION
+
+
 def mlp_variant(layer: nn.Module, layout: ArchLayout) -> Sublayer:
-    """The MLP variant of `layout` this layer has (the first whose first projection exists)."""
+    """The MLP variant of `layout` this layer has (the first whose projections exist); `NO_MLP` for a layer of an
+    inferred layout that has none of them."""
     if isinstance(layer, SkippedLayer):
         return layout.mlps[layer.mlp_variant]
     for variant in layout.mlps:
         module = _module_or_none(layer, variant.module)
-        if isinstance(module, RemovedSublayer):
+        if isinstance(module, RemovedSublayer) and not module.attention:
             return layout.mlps[module.variant]
     for variant in layout.mlps:
+        if layout.inferred:
+            if _has_projections(layer, variant):
+                return variant
+            continue
         try:
             projection_tensors(layer, variant.projections[0])
         except ValueError:
             continue
         return variant
+    if layout.inferred:
+        return NO_MLP
     raise ValueError(
         f"None of the MLP layouts of {layout.name} matches this layer ({type(layer).__name__}): looked for "
         f"{[v.projections[0].path for v in layout.mlps]}."
@@ -226,7 +271,8 @@ def mlp_variant(layer: nn.Module, layout: ArchLayout) -> Sublayer:
 
 
 def layer_sublayers(layer: nn.Module, layout: ArchLayout) -> tuple[Sublayer, Sublayer]:
-    return layout.attention, mlp_variant(layer, layout)
+    """`(attention, mlp)` of `layer`; either may be `NO_ATTENTION` / `NO_MLP` in a layer of an inferred layout."""
+    return attention_of(layer, layout), mlp_variant(layer, layout)
 
 
 def space_sizes(layer: nn.Module, layout: ArchLayout) -> dict[str, int]:
@@ -352,16 +398,18 @@ def apply_layer_shape(
     changed = {space: _indices(sizes[space], kept[space]) is not None for space in sizes}
 
     attention, mlp = sublayers = layer_sublayers(layer, layout)
-    # Sublayers that go now (their module is replaced, its projections with it) or went before.
-    goes = {attention.module: not shape.has_attention, mlp.module: not shape.has_mlp}
+    # Sublayers that go now (their module is replaced, its projections with it) or went before. A sublayer the layer
+    # does not have (`NO_ATTENTION`, `NO_MLP`) never goes: its module is not the layout's.
+    goes = {id(attention): bool(attention.projections) and not shape.has_attention,
+            id(mlp): bool(mlp.projections) and not shape.has_mlp}  # fmt: skip
     for sub in sublayers:
-        if not goes[sub.module] and removed(layer, sub):
+        if not goes[id(sub)] and removed(layer, sub):
             raise ValueError(
                 f"The shape {shape.to_dict()} asks for a `{sub.module}` that this layer no longer has: a removed "
                 "sublayer cannot come back."
             )
         for proj in sub.projections:
-            if goes[sub.module] and (_inside(proj, sub) or removed(layer, sub)):
+            if goes[id(sub)] and (_inside(proj, sub) or removed(layer, sub)):
                 continue
             t = projection_tensors(layer, proj)
             if t is None:
@@ -372,7 +420,7 @@ def apply_layer_shape(
                 _select(t, rows, cols)
 
     for sub, keep_bias in ((attention, shape.attention_bias), (mlp, shape.mlp_bias)):
-        if goes[sub.module] and not removed(layer, sub):
+        if goes[id(sub)] and not removed(layer, sub):
             _remove_sublayer(layer, layout, sub, keep_bias)
 
     heads, kv_heads = shape.num_attention_heads, shape.num_key_value_heads
@@ -385,7 +433,7 @@ def apply_layer_shape(
         "shared": shape.shared_intermediate_size,
     }
     for sub in sublayers:
-        if goes[sub.module]:
+        if goes[id(sub)]:
             continue
         for path, quantity in sub.attributes:
             parent_path, _, name = path.rpartition(".")
@@ -405,9 +453,10 @@ def _remove_sublayer(layer: nn.Module, layout: ArchLayout, sub: Sublayer, keep_b
             )
         bias = t.bias
     variant = layout.mlps.index(sub) if sub in layout.mlps else 0
-    cache_layer = _cache_layer(get_submodule(layer, sub.module)) if sub is layout.attention else None
+    attention = sub is layout.attention
+    cache_layer = _cache_layer(get_submodule(layer, sub.module)) if attention else None
     parent_path, _, name = sub.module.rpartition(".")
-    replacement = RemovedSublayer(bias, empty, sub.returns_tuple, variant, cache_layer)
+    replacement = RemovedSublayer(bias, empty, sub.returns_tuple, variant, cache_layer, attention)
     setattr(get_submodule(layer, parent_path), name, replacement)
     for norm in sub.norms:
         parent_path, _, name = norm.rpartition(".")

@@ -190,10 +190,16 @@ def current_layer_shapes(model: nn.Module) -> list[LayerShape]:
             continue
         sizes = space_sizes(layer, layout)
         bias = [
-            isinstance(m := get_submodule(layer, sub.module), RemovedSublayer) and m.bias is not None
+            bool(sub.projections)
+            and isinstance(m := get_submodule(layer, sub.module), RemovedSublayer)
+            and m.bias is not None
             for sub in layer_sublayers(layer, layout)
         ]
-        shapes.append(LayerShape(sizes[Q] // hd, sizes[KV] // hd, sizes[MLP], sizes.get(SHARED), *bias))
+        # A sublayer this layer does not have (hybrid models, inferred layouts) keeps the config's sizes: unchanged.
+        nominal = normalize_config(model.config, layout)
+        shapes.append(LayerShape(sizes.get(Q, nominal.num_attention_heads * hd) // hd,
+                                 sizes.get(KV, nominal.num_key_value_heads * hd) // hd,
+                                 sizes.get(MLP, nominal.intermediate_size), sizes.get(SHARED), *bias))  # fmt: skip
     return shapes
 
 
@@ -634,8 +640,9 @@ def _stock_problem(model: nn.Module, shape: LayerShape, kept: list[int] | None =
         stock_config = stock_config_cls.from_dict(trial)
         with torch.device("meta"):
             built = _stock_base(type(model))(stock_config)
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        return updates, f"{stock_rule(layout)} ({error})"
+    except (ValueError, TypeError, AttributeError, KeyError, StrictDataclassError) as error:
+        # (AttributeError: a config field the stock class derives, e.g. Falcon's `head_dim` property)
+        return updates, f"{stock_rule(layout)} ({type(error).__name__}: {error})"
     # Every tensor must come out the same shape (not only the projections: Phi sizes its q/k LayerNorm by
     # `hidden_size // num_attention_heads`).
     want = _renamed(model, kept)

@@ -58,7 +58,13 @@ TINY_FIELDS = {
     "num_local_experts": 4,
     "num_experts": 4,
     "num_experts_per_tok": 2,
+    "vocab_size_per_layer_input": 128,  # Gemma-3n/4 per-layer embeddings (vocabulary x layers x this width)
+    "hidden_size_per_layer_input": 16,
+    "num_kv_shared_layers": 0,  # Gemma-3n: layers that reuse another layer's cache (none of the tiny layers)
+    "n_group": 1,  # DeepSeek-style grouped routing: one group of the tiny experts
+    "topk_group": 1,
     "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
+    "d_head": 16,  # XLNet: hidden / heads
     # Encoder-decoder families (their causal LM is the decoder): `num_hidden_layers` maps to the encoder's count.
     "encoder_layers": 2,
     "decoder_layers": 2,
@@ -89,6 +95,8 @@ class ArchitectureReport:
     layout: ArchLayout | None
     kinds: list[KindReport] = field(default_factory=list)
     error: str | None = None
+    # Sublayers some layers of the tiny instance do not have in the layout's form (hybrid models): left as they are.
+    absent: list[str] = field(default_factory=list)
 
     @property
     def exact_kinds(self) -> list[str]:
@@ -103,6 +111,8 @@ class ArchitectureReport:
         for k in self.kinds:
             verdict = "exact" if k.exact else f"excluded: {k.reason}"
             lines.append(f"  {k.kind:<22} {k.found:>6}  {verdict}")
+        for text in self.absent:
+            lines.append(f"  not pruned: {text}")
         for k in self.kinds:
             if k.exact:
                 stock = "yes" if k.stock_uniform is None else f"no ({k.stock_uniform})"
@@ -112,29 +122,127 @@ class ArchitectureReport:
         return "\n".join(lines)
 
 
+# Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): low ranks and head sizes for the tiny instance.
+TINY_LATENT = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+               "qk_head_dim": 24}  # fmt: skip
+# Fields of the head size and the head count of a state-space (Mamba-2) mixer, and the tiny head size.
+MAMBA_HEAD_FIELDS = ("mamba_d_head", "mamba_headdim", "mamba_head_dim")
+MAMBA_HEADS_FIELDS = ("mamba_n_heads", "n_mamba_heads", "mamba_num_heads")
+TINY_MAMBA_HEAD = 16
+# At most this many layers in the tiny instance of a model whose layers differ in kind (hybrid models).
+TINY_MAX_LAYERS = 4
+
+
+def _layer_indices(config, layers: int) -> list[int]:
+    """The layers the tiny instance keeps: layer 0 and the first layer of every other kind that the config's
+    per-layer lists and strings (`layer_types`, `layers_block_type`, `hybrid_override_pattern`) name, at most
+    `TINY_MAX_LAYERS`; two layers where all layers are alike."""
+    keep = [0]
+    for key, value in vars(config).items():
+        if isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(key, value, layers):
+            seen = {_hashable(value[0])}
+            for i, item in enumerate(value):
+                if _hashable(item) not in seen and len(keep) < TINY_MAX_LAYERS:
+                    seen.add(_hashable(item))
+                    if i not in keep:
+                        keep.append(i)
+    if len(keep) == 1:
+        keep.append(1)
+    return sorted(keep)
+
+
+def _hashable(item):
+    return repr(item) if isinstance(item, (list, dict)) else item
+
+
+def _is_index_list(key: str, value, layers: int) -> bool:
+    """A list of layer indices (`full_attn_idxs`, `hybrid_layer_ids`, `attn_layer_indices`, `index_layers`), not one
+    entry per layer."""
+    return (
+        isinstance(value, list)
+        and any(word in key for word in ("idx", "ids", "indices", "index"))
+        and all(isinstance(i, int) and 0 <= i < layers for i in value)
+    )
+
+
 def tiny_config(config):
-    """A copy of `config` with tiny sizes (2 layers, hidden 64, 4 heads, 2 key/value heads where there is GQA)."""
+    """A copy of `config` with tiny sizes (hidden 64, 4 heads, 2 key/value heads where there is GQA, 2 layers, or up
+    to 4 so that a hybrid model keeps one layer of every kind its per-layer lists name)."""
+    raw = config.to_dict()
+    per_layer = raw.pop("per_layer_config", None)
+    if per_layer:
+        return _tiny_heterogeneous(config, raw, per_layer)
+    return _tiny_uniform(config)
+
+
+def _tiny_uniform(config):
     small = copy.deepcopy(config)
     layers = config.num_hidden_layers
-    gqa = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) < config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None)
+    gqa = heads is not None and (getattr(config, "num_key_value_heads", None) or heads) < heads
     fields = dict(TINY_FIELDS)
     if getattr(config, "num_key_value_heads", None):
         fields["num_key_value_heads"] = 2 if gqa else 4
+    if getattr(config, "qk_rope_head_dim", None):
+        fields.update(TINY_LATENT)
+        fields["head_dim"] = TINY_LATENT["qk_rope_head_dim"]  # latent attention: rotary size (DeepSeek-V3)
+    indices = _layer_indices(config, layers)
+    fields["num_hidden_layers"] = len(indices)
+    # State-space mixers (Mamba-2 in Bamba, Zamba2, Falcon-H1): heads x head size = expand x hidden.
+    expand = getattr(config, "mamba_expand", None) or 2
+    fields.update({key: TINY_MAMBA_HEAD for key in MAMBA_HEAD_FIELDS})
+    fields.update({key: expand * TINY_FIELDS["hidden_size"] // TINY_MAMBA_HEAD for key in MAMBA_HEADS_FIELDS})
+    fields["mamba_d_ssm"] = expand * TINY_FIELDS["hidden_size"]  # Falcon-H1: heads x head size
     for key, value in fields.items():
         if isinstance(getattr(type(config), key, None), property):
             continue  # derived from other fields (Falcon's `head_dim`)
         if getattr(config, key, None) is not None:
-            setattr(small, key, min(value, getattr(config, key)) if key.startswith("num_experts") else value)
+            capped = key.startswith("num_experts") or key.endswith("_per_layer_input")  # 0 stays 0
+            setattr(small, key, min(value, getattr(config, key)) if capped else value)
+    for key, value in (
+        ("head_dim", TINY_FIELDS["head_dim"]),
+        ("num_key_value_heads", TINY_FIELDS["num_attention_heads"]),
+        ("num_experts_per_tok", TINY_FIELDS["num_experts_per_tok"]),
+    ):
+        if heads and key in vars(config) and getattr(config, key) is None:
+            # Left unset in some default configs (Ministral, Nemotron, DeepSeek-V2) whose model code reads them.
+            setattr(small, key, value)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         # Special tokens must fall inside the tiny vocabulary (an embedding's `padding_idx` is checked).
         current = getattr(config, key, None)
         if isinstance(current, int) and current >= TINY_FIELDS["vocab_size"] or isinstance(current, list):
             setattr(small, key, value)
     for key, value in vars(config).items():
-        # Per-layer lists (`layer_types`, `no_rope_layers`) follow the layer count.
-        if isinstance(value, list) and len(value) == layers:
-            setattr(small, key, value[:2])
+        if isinstance(getattr(type(config), key, None), property):
+            continue
+        if _is_index_list(key, value, layers):  # layer indices follow the kept layers
+            setattr(small, key, [indices.index(i) for i in value if i in indices])
+        elif isinstance(value, (list, str)) and len(value) == layers:
+            # Per-layer lists (`layer_types`, `no_rope_layers`) and strings (`hybrid_override_pattern`) follow the
+            # kept layers.
+            kept = [fields[key]] * len(indices) if key in fields else [value[i] for i in indices]  # Gemma-3n widths
+            setattr(small, key, "".join(kept) if isinstance(value, str) else kept)
+        elif key.endswith("_layer_period") and isinstance(value, int) and value > 2:
+            setattr(small, key, 2)  # Jamba: attention / experts every `period` layers, from `offset`
+        elif key.endswith("_layer_offset") and isinstance(value, int) and value > 1:
+            setattr(small, key, 1)
     return type(config).from_dict(small.to_dict())
+
+
+def _tiny_heterogeneous(config, raw: dict, per_layer: dict):
+    """`tiny_config` of a config with per-layer overrides (`per_layer_config`, Gemma-4): the tiny sizes everywhere,
+    and the kept layers' other overrides (attention kinds, windows) renumbered."""
+    uniform = type(config).from_dict({**raw, "per_layer_config": {}})  # empty, not absent: Gemma-4 derives one
+    small = _tiny_uniform(uniform)
+    indices = _layer_indices(uniform, uniform.num_hidden_layers)
+    sized = set(TINY_FIELDS) | set(TINY_LATENT) | {"num_key_value_heads"}
+    kept = {}
+    for key, overrides in per_layer.items():
+        if int(key) in indices:
+            rest = {k: v for k, v in overrides.items() if k not in sized}
+            if rest:
+                kept[indices.index(int(key))] = rest
+    return type(config).from_dict({**small.to_dict(), "per_layer_config": kept})
 
 
 def _stock_class(cls: type) -> type:
@@ -189,9 +297,12 @@ def _outputs(model: nn.Module, batch) -> torch.Tensor:
 def _zero_some(model: nn.Module, groups, uniform: bool) -> int:
     rng = random.Random(0)
     chosen = []
+    first = {}  # kind -> the first layer that has a block of it
     for b in groups.blocks:
-        if b.n == 1:  # a whole sublayer: removed in the first layer only (never uniform)
-            idx = [0] if b.layer == 0 and not uniform else []
+        first.setdefault(b.kind, b.layer)
+    for b in groups.blocks:
+        if b.n == 1:  # a whole sublayer: removed in the first layer that has it only (never uniform)
+            idx = [0] if b.layer == first[b.kind] and not uniform else []
         else:
             idx = [b.n - 1] if uniform else rng.sample(range(b.n), rng.randint(1, b.n - 1))
         chosen += [b.offset + i for i in idx]
@@ -200,15 +311,22 @@ def _zero_some(model: nn.Module, groups, uniform: bool) -> int:
 
 
 def _uncovered(model: nn.Module, layout: ArchLayout, kind: str, groups) -> list[str]:
-    """Parameters of the tiny model's first layer, outside the groups, whose size follows the kind's index space."""
-    layer = layer_modules(model)[0]
+    """Parameters of the tiny model's first layer with groups, outside the groups, whose size follows the kind's index
+    space."""
+    layers = layer_modules(model)
+    index = min((b.layer for b in groups.blocks), default=0)
+    layer = layers[index]
     hd = normalize_config(model.config, layout).head_dim
     sizes = space_sizes(layer, layout)
+    if "q" not in sizes:  # no attention in this layer: only MLP kinds
+        sizes = {**sizes, "q": hd, "kv": hd}
     partition = kind_partitions(sizes, hd, sizes["q"] == sizes["kv"], layer_sublayers(layer, layout)[1].experts)
     spaces = next((p for k, p in partition.items() if k == kind), {})
     widths = {sizes[s] for s in spaces} | {sizes[s] // hd for s in spaces if s in ("q", "kv")}  # rows, or heads
     attention, mlp = layer_sublayers(layer, layout)
     sublayer = attention if set(spaces) & {"q", "kv"} else mlp
+    if not sublayer.projections:
+        return []
     grouped = {s.param.split(".")[-2] for b in groups.blocks for s in b.slices}
     # The layout's own projections are accounted for (another index space, or another kind): not suspects.
     prefix = f"{sublayer.module}." if sublayer.module else ""
@@ -261,6 +379,25 @@ def _check_kind(cls: type, config, layout: ArchLayout, kind: str, auto: str) -> 
     _zero_some(uniform, groups, uniform=True)
     slim_model(uniform, groups)
     return KindReport(kind, found, True, stock_uniform=can_stock(uniform))
+
+
+def _absent_sublayers(cls: type, config, layout: ArchLayout) -> list[str]:
+    """The sublayers that some layers of a tiny instance lack in the layout's form (left as they are), as text."""
+    if not layout.inferred:
+        return []
+    model = cls(copy.deepcopy(config))
+    layers = layer_modules(model)
+    missing = {"attention": [], "MLP": []}
+    for index, layer in enumerate(layers):
+        attention, mlp = layer_sublayers(layer, layout)
+        for name, sub in (("attention", attention), ("MLP", mlp)):
+            if not sub.projections:
+                missing[name].append(index)
+    return [
+        f"the {name} of layers {', '.join(map(str, found))} of {len(layers)} (not of the layout's form)"
+        for name, found in missing.items()
+        if found and (name == "MLP" or layout.attention.projections)
+    ]
 
 
 def check_architecture(model_or_config, *, register: bool = True) -> ArchitectureReport:
@@ -317,9 +454,13 @@ def check_architecture(model_or_config, *, register: bool = True) -> Architectur
     for layout in candidates:
         if not in_table:
             register_layout(model_type, layout, classes)
-        report = ArchitectureReport(model_type, in_table, layout)
+        report = ArchitectureReport(model_type, in_table, layout, absent=_absent_sublayers(cls, small, layout))
+        known = dict(layout.excluded)  # kinds the inference already ruled out (latent attention), with the reason
         for kind in KINDS:
             if kind == HIDDEN_CHANNEL:  # needs a `Stream` entry, which only table layouts have (docs/hidden.md)
+                continue
+            if kind in known:
+                report.kinds.append(KindReport(kind, 0, False, known[kind]))
                 continue
             result = _check_kind(cls, small, layout, kind, auto)
             if result.found or result.reason != "no such groups in this architecture":
