@@ -302,8 +302,9 @@ def _reason(r: dict) -> str:
     reload = r.get("reload", {})
     if "error" in reload:
         return "fresh reload: " + reload["error"]
-    if reload.get("diff", 0) > TOLERANCE:
-        return f"fresh reload differs by {reload['diff']:.2e}"
+    diff = reload.get("diff", 0.0)
+    if not diff <= TOLERANCE:  # NaN included: a reload that computes NaN is not covered
+        return f"fresh reload differs by {diff:.2e}" if diff == diff else "fresh reload computes NaN"
     return ""
 
 
