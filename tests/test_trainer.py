@@ -16,7 +16,7 @@ from hf_hesso.trainer import HESSOTrainer
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_train_prune_save_reload(name, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="hf_hesso.trainer")
+    caplog.set_level(logging.INFO, logger="hf_hesso.callbacks")
     is_lm = name == "llama"
     model = tiny_model(name)
     params_full = model.num_parameters()
@@ -40,7 +40,7 @@ def test_train_prune_save_reload(name, tmp_path, caplog):
     trainer.train()
     check_pruned(trainer)
     progress = [
-        r.getMessage() for r in caplog.records if r.name == "hf_hesso.trainer" and "HESSO step" in r.getMessage()
+        r.getMessage() for r in caplog.records if r.name == "hf_hesso.callbacks" and "HESSO step" in r.getMessage()
     ]
     expected = ["step 3/14: pruning period 1/2 started", "step 7/14: pruning period 2/2 started"]
     expected.append("step 10/14: pruning finished")

@@ -107,7 +107,7 @@ def test_hesso_checkpoint_resumed_with_cric_is_refused(checkpoints, tmp_path):
 def test_restart_pruning_schedule_resumes_and_reaches_the_target(checkpoints, tmp_path, caplog):
     checkpoint = copy_checkpoint(checkpoints, tmp_path)
     (checkpoint / "optimizer.pt").unlink()
-    caplog.set_level(logging.WARNING, logger="hf_hesso.trainer")
+    caplog.set_level(logging.WARNING, logger="hf_hesso.resume")
     trainer = run(tmp_path / "resumed", resume=checkpoint, restart_pruning_schedule=True)
     hesso = trainer.hesso_optimizer
     assert trainer.state.global_step == 14
