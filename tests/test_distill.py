@@ -207,6 +207,7 @@ def test_teacher_is_frozen_unchanged_and_apart_from_the_student(name, tmp_path):
     assert not any("teacher" in f for f in os.listdir(tmp_path / "slim"))
 
 
+@pytest.mark.slow
 def test_resumed_run_distils_from_the_same_teacher(tmp_path):
     """Resume from step 7 of 14 equals the uninterrupted run, even when the resumed trainer starts from another
     model: the teacher comes back from the checkpoint."""
@@ -245,6 +246,7 @@ def _accumulation_args(tmp_path, batch: int, accumulation: int, **extra):
     )
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     runs = []
     for batch, accumulation in ((8, 1), (4, 2)):
@@ -260,6 +262,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(kl[1]), torch.tensor(kl[0]), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_top_k_and_bf16_train(tmp_path):
     """bf16 training with `distill_top_k` stays finite, and the top-k KL is the one logged: on the first step (same
     student, teacher and batch) it is below the full KL, as grouping classes lowers a KL."""

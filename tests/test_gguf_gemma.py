@@ -112,6 +112,7 @@ def test_llama_cpp_runs_a_gemma_with_pruned_hidden_channels(tmp_path):
     assert_llama_cpp_matches(model, result.path, tok)
 
 
+@pytest.mark.slow
 def test_llama_cpp_runs_a_gemma2_with_the_27b_layer_count(tmp_path):
     """At 46 layers llama.cpp scales gemma2 queries by 1 / sqrt(hidden / heads) = 1/4, not 1 / sqrt(head_dim)."""
     model = gemma_model("gemma2", slim=False, num_hidden_layers=46)

@@ -119,6 +119,7 @@ def test_push_with_a_bad_token_fails_after_the_local_save(hub, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
 
 
+@pytest.mark.slow
 def test_push_during_training_then_the_slim_save_replaces_what_the_trainer_copied(hub, tmp_path):
     """`push_to_hub=True` while training: transformers copies each checkpoint's full-size weights, config and
     tokenizer into `output_dir` and pushes them. hf_hesso records those files as its own, so the slim save at the end
