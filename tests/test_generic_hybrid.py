@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from fixtures import tiny_batch
+from fixtures import DECODER, tiny_batch
 from fresh_process import run_fresh
 
 from hf_hesso import build_groups, check_architecture, save_slim, slim_model
@@ -16,8 +16,8 @@ from hf_hesso.groups import ATTENTION_SUBLAYER, EXPERT_CHANNEL, HEAD, KV_GROUP, 
 from hf_hesso.modeling.architectures import ARCHITECTURES, LAYOUT_KEY
 from hf_hesso.slim import selfcheck
 
-_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+# The tiny decoder's sizes; each config below sets its own key/value heads.
+_SIZES = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
 CONFIGS = {
     # Layer 0: Mamba mixer and a dense MLP; layer 1: attention (grouped-query) and routed experts.
     "jamba": lambda: transformers.JambaConfig(
