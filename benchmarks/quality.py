@@ -25,6 +25,10 @@ text): SmolLM2-135M trained on the BBC news train split with AdamW, 160 steps of
   selected groups to zero over `--fade` steps, then recovery.
 - `cric`: `HESSOTrainer(cric=True)`: the same warm-up, its probes and cycles, one projection period of `--fade` steps.
 
+`--sparsity` is always a share of the default kinds' prunable parameters: a HESSO or CRIC run with other
+`--prune_kinds` (a lever: `hidden_channel` added, MLP channels only) gets the `target_param_sparsity` of its own kinds
+that removes the same number of parameters, so that levers and the default compare at equal parameters removed.
+
 Each method runs with and without distillation from the unpruned model (`distill`: the loss is
 `alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss`, `--distill_alpha`, full-vocabulary KL).
 
@@ -55,7 +59,7 @@ import tempfile
 import time
 
 import torch
-from common import machine, removed_fraction, select_budget
+from common import machine, select_budget
 from resources import lm_blocks, load_bbc_news, load_shakespeare, load_smollm2, spread_blocks
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
@@ -256,6 +260,25 @@ def spec_of(opts, method: str, distill: bool, sparsity: float, steps: int, seed:
     return spec
 
 
+def equal_budget_target(model, sparsity: float, kinds: list[str] | None) -> float:
+    """The `target_param_sparsity` for `kinds` that removes as many parameters as `sparsity` of the default kinds'
+    prunable parameters: runs with other kinds (a lever such as `hidden_channel`, or MLP channels only) are compared
+    with the default at the same number of parameters removed, so `--sparsity` always means a share of the default
+    kinds' parameters."""
+    if not kinds:
+        return sparsity
+    default_total = ParamCounter(build_groups(model)).total
+    kinds_total = ParamCounter(build_groups(model, kinds=kinds)).total
+    target = sparsity * default_total / kinds_total
+    if not 0.0 < target < 1.0:
+        raise ValueError(
+            f"--sparsity {sparsity} of the default kinds' {default_total:.0f} parameters is {target:.3f} of the "
+            f"{kinds_total:.0f} parameters of --prune_kinds {' '.join(kinds)}: not a fraction below 1. Choose a "
+            "lower --sparsity or add kinds."
+        )
+    return target
+
+
 def run(opts, spec: dict, data: dict) -> dict:
     """Trains and scores one run; returns its ledger row."""
     start = time.perf_counter()
@@ -302,8 +325,9 @@ def run(opts, spec: dict, data: dict) -> dict:
                     trainer.setup_distillation(teacher, distill["alpha"], distill["temperature"])
             else:
                 sched = spec["schedule"]
+                row["target_param_sparsity"] = equal_budget_target(model, spec["sparsity"], spec.get("prune_kinds"))
                 extra = dict(
-                    target_param_sparsity=spec["sparsity"],
+                    target_param_sparsity=row["target_param_sparsity"],
                     start_pruning_step=sched["start"],
                     pruning_periods=sched["periods"],
                     pruning_steps=sched["fade"],
@@ -351,12 +375,15 @@ def run(opts, spec: dict, data: dict) -> dict:
                 (h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), None
             )
         del teacher
-    row["removed"] = removed_fraction(build_groups(model), model) if method not in ("pretrained", "dense") else 0.0
+    row["removed"] = 0.0
     if method not in ("pretrained", "dense"):
-        # With `hidden_channel` the parameter target is a fraction of (nearly) the whole model, not of the layers'
-        # projections: this figure, zeroed parameters over all parameters, compares runs with and without it.
+        # Zeroed parameters counted once each over every width kind (exact with `hidden_channel`, which cuts the other
+        # dimension of the tensors the other kinds cut), as a share of the default kinds' prunable parameters (the
+        # unit of `--sparsity`) and of the whole model: runs with other kinds compare with the default on both.
         every = build_groups(model, kinds=[k for k in KINDS if k not in SUBLAYER_KINDS])
-        row["removed_of_model"] = ParamCounter(every).count(every.zero_mask(model)) / model.num_parameters()
+        zeroed = ParamCounter(every).count(every.zero_mask(model))
+        row["removed"] = zeroed / ParamCounter(build_groups(model)).total
+        row["removed_of_model"] = zeroed / model.num_parameters()
     row["nll_bbc"] = window_nlls(model, data["bbc"])
     row["nll_general"] = window_nlls(model, data["general"])
     row["ppl_bbc"] = ppl(row["nll_bbc"])
@@ -487,6 +514,14 @@ def tables(rows: list[dict]) -> str:
             for r in sorted(rs, key=lambda r: r["seed"]):
                 if r["seed"] in by_seed:
                     pairs.append((key, base, r, by_seed[r["seed"]]))
+    # Levers: HESSO or CRIC with other settings against HESSO's defaults, same seed, distillation and budget.
+    for key, rs in groups.items():
+        if not key[2].startswith(("hesso ", "cric")):
+            continue
+        by_seed = {r["seed"]: r for r in groups.get((key[0], key[1], "hesso", key[3]), [])}
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            if r["seed"] in by_seed:
+                pairs.append((key, "hesso", r, by_seed[r["seed"]]))
     if pairs:
         out.append(
             "\n**Paired differences** (same seed: same data order, calibration and evaluation windows). Ratio of"
@@ -553,7 +588,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--periods", type=int, default=4, help="HESSO: pruning periods.")
     parser.add_argument("--saliency", help="HESSO/CRIC: saliency preset (default: the library's).")
     parser.add_argument("--saliency_steps", type=int, default=4)
-    parser.add_argument("--prune_kinds", nargs="+", help="HESSO/CRIC: kinds to prune (default: the library's).")
+    parser.add_argument(
+        "--prune_kinds",
+        nargs="+",
+        help="HESSO/CRIC: kinds to prune (default: the library's), at the parameters that --sparsity removes with the "
+        "default kinds.",
+    )
     parser.add_argument("--hidden_channel_unit", type=int, help="Channels per hidden_channel group (docs/hidden.md).")
     parser.add_argument("--calib_blocks", type=int, default=16, help="One-shot: calibration blocks (seeded).")
     parser.add_argument("--distill_alpha", type=float, default=1.0)

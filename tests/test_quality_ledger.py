@@ -17,6 +17,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+from common import removed_fraction  # noqa: E402 - benchmarks/ is put on the path just above
+
 _spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
 quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
@@ -139,6 +141,37 @@ def test_table_states_seeds_and_pairs(tmp_path):
         quality.write_table(rows, readme)
 
 
+def test_levers_pair_with_hessos_defaults_of_the_same_seed():
+    n = 4
+    hidden = {"prune_kinds": ["hidden_channel", "kv_group", "mlp_channel", "query_slot"]}
+    rows = [
+        _row("hesso", True, 0, [511 * 3.0] * n, [511 * 4.0] * n),
+        _row("hesso", True, 0, [511 * 3.0] * n, [511 * 3.9] * n, **hidden),
+        _row("hesso", True, 1, [511 * 3.0] * n, [511 * 3.9] * n, **hidden),  # no default row of seed 1
+        _row("hesso", False, 0, [511 * 3.0] * n, [511 * 3.5] * n),  # another distillation setting
+    ]
+    lines = quality.tables(rows).splitlines()
+    lever = "| 50%, 160 | hesso (hidden_channel+kv_group+mlp_channel+query_slot) | hesso | yes |"
+    pairs = [line for line in lines if line.startswith(lever)]
+    assert len(pairs) == 1 and pairs[0].startswith(lever + " 0 |")
+    assert f"{math.exp(-0.1):.3f} [{math.exp(-0.1):.3f}-{math.exp(-0.1):.3f}]" in pairs[0]
+    assert not any(line.startswith("| 50%, 160 | hesso | hesso |") for line in lines)  # not against itself
+
+
+def test_other_kinds_remove_as_many_parameters_as_the_default():
+    from hf_hesso import build_groups
+    from hf_hesso.optim.selection import ParamCounter
+
+    model = resources.tiny_llama(vocab_size=97)
+    assert quality.equal_budget_target(model, 0.5, None) == 0.5
+    default = ParamCounter(build_groups(model)).total
+    for kinds in (["kv_group", "query_slot", "mlp_channel", "hidden_channel"], ["mlp_channel"]):
+        target = quality.equal_budget_target(model, 0.5, kinds)
+        assert target * ParamCounter(build_groups(model, kinds=kinds)).total == pytest.approx(0.5 * default)
+    with pytest.raises(ValueError, match=r"--sparsity 0.9 .* not a fraction below 1\. Choose a lower --sparsity"):
+        quality.equal_budget_target(model, 0.9, ["kv_group"])
+
+
 @pytest.mark.parametrize("method", ["taylor", "activation"])
 def test_one_shot_prunes_after_the_warm_up_and_holds_zeros(method):
     torch.manual_seed(0)
@@ -156,14 +189,14 @@ def test_one_shot_prunes_after_the_warm_up_and_holds_zeros(method):
     State.global_step = 2
     cb.on_step_end(None, State, None, model=model)
     assert cb.selected is not None and len(cb.selected) > 0
-    removed = quality.removed_fraction(cb.groups, model)
+    removed = removed_fraction(cb.groups, model)
     assert 0.45 < removed <= 0.55
     with torch.no_grad():  # an optimizer step revives the zeros; the callback zeroes them again
         for p in model.parameters():
             p.add_(0.01)
     State.global_step = 3
     cb.on_step_end(None, State, None, model=model)
-    assert quality.removed_fraction(cb.groups, model) == removed
+    assert removed_fraction(cb.groups, model) == removed
     # Activation and Taylor rank differently: the scores depend on the criterion, not only on the weights.
     assert all(p.grad is None for p in model.parameters())
 
