@@ -60,6 +60,8 @@ RUNTIME_ATTRIBUTES = {
     "num_key_value_groups": "groups",
     "num_heads": "heads",
     "num_attention_heads": "heads",
+    "n_head": "heads",  # OpenAI GPT
+    "n_heads": "heads",
     "num_key_value_heads": "kv_heads",
     "all_head_size": "q_width",
     "split_size": "q_width",
