@@ -171,7 +171,10 @@ DEFAULT_FIXES = {
     "cohere_compass_text": {  # the model reads RoPE parameters per layer type; the default has none
         "rope_parameters": lambda c: {t: {"rope_type": "default", "rope_theta": 10000.0} for t in set(c.layer_types)}
     },
-    "dbrx": {"attn_config.rope_theta": 500000.0},  # read by the attention (released configs set it), not a field
+    # DBRX: the attention reads `rope_theta` (which released configs set, not a field) and its key/value heads from
+    # `attn_config`; the tiny model has as many as `num_key_value_heads`; the attention clamps with `clip_qkv` (8 in the
+    # released configs), which the default leaves unset.
+    "dbrx": {"attn_config.rope_theta": 500000.0, "attn_config.kv_n_heads": 2, "attn_config.clip_qkv": 8.0},
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1},
     "granitemoehybrid": {"layer_types": lambda c: ["mamba", "attention"] * (c.num_hidden_layers // 2)},
     "lfm2_moe": {"layer_types": lambda c: ["conv", "full_attention"] * (c.num_hidden_layers // 2)},
