@@ -51,3 +51,16 @@ def test_head_count_named_n_head_follows_the_removed_heads():
     slim_model(model, groups)
     assert [layer.attn.n_head for layer in model.transformer.h] == [3, 3]
     torch.testing.assert_close(_logits(model, batch), expected, rtol=0, atol=1e-9)
+
+
+def test_tiny_config_keeps_a_layer_of_every_section():
+    # Dory: input, recurrent and output sections counted by fields of their own, which must add up to the layers.
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    small = tiny_config(transformers.AutoConfig.for_model("dory"))
+    sections = (small.n_input_layers, small.n_recurrent_layers, small.n_output_layers)
+    assert sum(sections) == small.num_hidden_layers <= 4 and min(sections) >= 1
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(small).eval()
+    with torch.no_grad():
+        assert model(**_batch()).logits.shape == (2, 9, small.vocab_size)

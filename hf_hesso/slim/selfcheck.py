@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -138,7 +139,11 @@ def _layer_indices(config, layers: int) -> list[int]:
     per-layer lists and strings (`layer_types`, `layers_block_type`, `hybrid_override_pattern`) name, at most
     `TINY_MAX_LAYERS`; two layers where all layers are alike."""
     keep = [0]
-    for key, value in vars(config).items():
+    per_layer = list(vars(config).items())
+    sections = _layer_sections(config, layers)
+    if sections:  # the section each layer belongs to, as one more per-layer list
+        per_layer.append(("(sections)", [key for key, count in sections for _ in range(count)]))
+    for key, value in per_layer:
         if isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(key, value, layers):
             seen = {_hashable(value[0])}
             for i, item in enumerate(value):
@@ -149,6 +154,19 @@ def _layer_indices(config, layers: int) -> list[int]:
     if len(keep) == 1:
         keep.append(1)
     return sorted(keep)
+
+
+def _layer_sections(config, layers: int) -> list[tuple[str, int]]:
+    """Consecutive sections of the layers counted by fields of their own (Dory: `n_input_layers`,
+    `n_recurrent_layers`, `n_output_layers`, which must add up to `num_hidden_layers`), as `(field, count)` in order;
+    empty where the config has no such fields."""
+    found = [
+        (key, value)
+        for key, value in vars(config).items()
+        if re.fullmatch(r"(n|num)_[a-z]+_layers", key) and key not in TINY_FIELDS and isinstance(value, int)
+        and not isinstance(value, bool) and value >= 0
+    ]  # fmt: skip
+    return found if len(found) > 1 and sum(v for _, v in found) == layers else []
 
 
 def _hashable(item):
@@ -188,6 +206,10 @@ def _tiny_uniform(config):
         fields["head_dim"] = TINY_LATENT["qk_rope_head_dim"]  # latent attention: rotary size (DeepSeek-V3)
     indices = _layer_indices(config, layers)
     fields["num_hidden_layers"] = len(indices)
+    start = 0
+    for key, count in _layer_sections(config, layers):  # each section keeps the kept layers that fall in it
+        fields[key] = sum(start <= i < start + count for i in indices)
+        start += count
     # State-space mixers (Mamba-2 in Bamba, Zamba2, Falcon-H1): heads x head size = expand x hidden.
     expand = getattr(config, "mamba_expand", None) or 2
     fields.update({key: TINY_MAMBA_HEAD for key in MAMBA_HEAD_FIELDS})
