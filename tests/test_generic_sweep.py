@@ -64,3 +64,17 @@ def test_tiny_config_keeps_a_layer_of_every_section():
     model = transformers.AutoModelForCausalLM.from_config(small).eval()
     with torch.no_grad():
         assert model(**_batch()).logits.shape == (2, 9, small.vocab_size)
+
+
+def test_tiny_config_keeps_a_layer_that_reads_another_layers_keys_and_values():
+    # Kolibri: `kv_source_layers` names for every layer the layer whose keys/values it reads; `index_layers` and
+    # `mlp_only_layers` list layer indices. The tiny instance keeps a reading layer and its source, renumbered.
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    small = tiny_config(transformers.AutoConfig.for_model("kolibri1_1"))
+    assert small.layer_types == ["sliding_attention", "indexed_attention", "indexed_attention"]
+    assert (small.kv_source_layers, small.index_layers, small.mlp_only_layers) == ([0, 1, 1], [1], [0])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(small).eval()
+    with torch.no_grad():
+        assert model(**_batch()).logits.shape == (2, 9, small.vocab_size)

@@ -62,6 +62,7 @@ TINY_FIELDS = {
     "vocab_size_per_layer_input": 128,  # Gemma-3n/4 per-layer embeddings (vocabulary x layers x this width)
     "hidden_size_per_layer_input": 16,
     "num_kv_shared_layers": 0,  # Gemma-3n: layers that reuse another layer's cache (none of the tiny layers)
+    "index_num_heads": 2,  # Kolibri's indexer: at most the query heads of one key/value head
     "n_group": 1,  # DeepSeek-style grouped routing: one group of the tiny experts
     "topk_group": 1,
     "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
@@ -144,6 +145,13 @@ def _layer_indices(config, layers: int) -> list[int]:
     if sections:  # the section each layer belongs to, as one more per-layer list
         per_layer.append(("(sections)", [key for key, count in sections for _ in range(count)]))
     for key, value in per_layer:
+        if _is_layer_map(value, layers):
+            # Layers that read another layer's keys/values: keep the first such layer and the layer it reads.
+            reader = next(i for i, source in enumerate(value) if source != i)
+            for i in (value[reader], reader):
+                if i not in keep and len(keep) < TINY_MAX_LAYERS:
+                    keep.append(i)
+            continue
         if isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(key, value, layers):
             seen = {_hashable(value[0])}
             for i, item in enumerate(value):
@@ -154,6 +162,18 @@ def _layer_indices(config, layers: int) -> list[int]:
     if len(keep) == 1:
         keep.append(1)
     return sorted(keep)
+
+
+def _is_layer_map(value, layers: int) -> bool:
+    """A per-layer list naming, for every layer, an earlier layer or itself (Kolibri's `kv_source_layers`: the layer
+    whose keys/values it reads), where some layer names another."""
+    return (
+        isinstance(value, list)
+        and len(value) == layers
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= i for i, v in enumerate(value))
+        and any(v != i for i, v in enumerate(value))
+        and len(set(value)) > 2  # not a 0/1 flag per layer
+    )
 
 
 def _layer_sections(config, layers: int) -> list[tuple[str, int]]:
@@ -178,8 +198,12 @@ def _is_index_list(key: str, value, layers: int) -> bool:
     entry per layer."""
     return (
         isinstance(value, list)
-        and any(word in key for word in ("idx", "ids", "indices", "index"))
-        and all(isinstance(i, int) and 0 <= i < layers for i in value)
+        and (
+            any(word in key for word in ("idx", "ids", "indices", "index"))
+            # Kolibri's `mlp_only_layers`: fewer increasing layer indices than layers
+            or (key.endswith("_layers") and len(value) < layers and value == sorted(set(value)))
+        )
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in value)
     )
 
 
@@ -239,6 +263,8 @@ def _tiny_uniform(config):
             continue
         if _is_index_list(key, value, layers):  # layer indices follow the kept layers
             setattr(small, key, [indices.index(i) for i in value if i in indices])
+        elif _is_layer_map(value, layers):  # a kept layer names a kept layer, else itself
+            setattr(small, key, [indices.index(value[i]) if value[i] in indices else n for n, i in enumerate(indices)])
         elif isinstance(value, (list, str)) and len(value) == layers:
             # Per-layer lists (`layer_types`, `no_rope_layers`) and strings (`hybrid_override_pattern`) follow the
             # kept layers.
