@@ -78,3 +78,17 @@ def test_tiny_config_keeps_a_layer_that_reads_another_layers_keys_and_values():
     model = transformers.AutoModelForCausalLM.from_config(small).eval()
     with torch.no_grad():
         assert model(**_batch()).logits.shape == (2, 9, small.vocab_size)
+
+
+def test_tiny_config_of_a_state_space_model_keeps_heads_times_head_size():
+    # Mamba-2: heads x head size must equal expand x hidden (its validator checks it); the tiny config keeps that.
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    small = tiny_config(transformers.AutoConfig.for_model("mamba2"))
+    assert small.num_heads * small.head_dim == small.expand * small.hidden_size
+
+
+def test_recurrent_model_is_refused_saying_so():
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64))
+    with pytest.raises(ValueError, match=r"no attention or MLP sublayer: a recurrent model"):
+        build_groups(model)

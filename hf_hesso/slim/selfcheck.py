@@ -245,6 +245,10 @@ def _tiny_uniform(config):
         if getattr(config, key, None) is not None:
             capped = key.startswith("num_experts") or key.endswith("_per_layer_input")  # 0 stays 0
             setattr(small, key, min(value, getattr(config, key)) if capped else value)
+    expand, ssm_heads = getattr(config, "expand", None), getattr(config, "num_heads", None)
+    if isinstance(expand, int) and ssm_heads and config.hidden_size * expand == ssm_heads * config.head_dim:
+        # Mamba-2: heads x head size = expand x hidden (its validator checks it).
+        small.num_heads = expand * TINY_FIELDS["hidden_size"] // TINY_FIELDS["head_dim"]
     for key, value in (
         ("head_dim", TINY_FIELDS["head_dim"]),
         ("num_key_value_heads", TINY_FIELDS["num_attention_heads"]),
