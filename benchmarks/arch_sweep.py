@@ -163,14 +163,44 @@ def run_one(model_type: str, head: str, auto_name: str, out_dir: str) -> dict:
 
 
 # Default configs that transformers cannot run as they are: hybrid types whose default layers hold no attention (one
-# layer of attention, as in the released checkpoints), and fields the model code needs but the default leaves unset.
+# layer of attention, as in the released checkpoints), fields the model code needs but the default leaves unset, and
+# defaults that the config's own validator rejects. A dotted key sets a field of a sub-config (`text_config.x`); a
+# callable value gets the config. `tiny_model` applies them before `tiny_config`.
 DEFAULT_FIXES = {
     "bamba": {"attn_layer_indices": [1]},
+    "cohere_compass_text": {  # the model reads RoPE parameters per layer type; the default has none
+        "rope_parameters": lambda c: {t: {"rope_type": "default", "rope_theta": 10000.0} for t in set(c.layer_types)}
+    },
+    # DBRX: the attention reads `rope_theta` (which released configs set, not a field) and its key/value heads from
+    # `attn_config`; the tiny model has as many as `num_key_value_heads`; the attention clamps with `clip_qkv` (8 in the
+    # released configs), which the default leaves unset.
+    "dbrx": {"attn_config.rope_theta": 500000.0, "attn_config.kv_n_heads": 2, "attn_config.clip_qkv": 8.0},
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1},
     "granitemoehybrid": {"layer_types": lambda c: ["mamba", "attention"] * (c.num_hidden_layers // 2)},
     "lfm2_moe": {"layer_types": lambda c: ["conv", "full_attention"] * (c.num_hidden_layers // 2)},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
 }
+# Defaults rejected already when the config is made: arguments for `AutoConfig.for_model`. Gemma-4's assistant wants a
+# plain text model (no per-layer embeddings), as the released assistant checkpoints have.
+DEFAULT_ARGUMENTS = {
+    "gemma4_assistant": {
+        "text_config": {"model_type": "gemma4_text", "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}
+    },
+}
+# Qwen4-Exp's indexed-attention layers need the token indexer's sizes, which the default leaves unset.
+_QSA = {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+        "indexer_compress_ratio": 4}  # fmt: skip
+DEFAULT_FIXES["qwen4_exp_text"] = _QSA
+DEFAULT_FIXES["qwen4_exp"] = {f"text_config.{k}": v for k, v in _QSA.items()}
+
+
+def _apply_fixes(config, fixes: dict) -> None:
+    for key, value in fixes.items():
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value(config) if callable(value) else value)
 
 
 def tiny_model(model_type: str, auto_name: str):
@@ -182,9 +212,8 @@ def tiny_model(model_type: str, auto_name: str):
 
     from hf_hesso.slim.selfcheck import tiny_config
 
-    config = transformers.AutoConfig.for_model(model_type)
-    for key, value in DEFAULT_FIXES.get(model_type, {}).items():
-        setattr(config, key, value(config) if callable(value) else value)
+    config = transformers.AutoConfig.for_model(model_type, **DEFAULT_ARGUMENTS.get(model_type, {}))
+    _apply_fixes(config, DEFAULT_FIXES.get(model_type, {}))
     try:
         small = tiny_config(config)
         torch.manual_seed(0)

@@ -175,3 +175,17 @@ def test_tiny_config_of_default_configs_that_leave_sizes_unset():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(small)
     assert {layer.self_attn.q_proj.out_features for layer in model.model.layers} == {64}
+
+
+@pytest.mark.slow
+def test_hybrid_whose_model_fills_its_mixers_buffers_reloads_exactly(tmp_path):
+    # Falcon-H1: `FalconH1Model._init_weights` fills every Mamba mixer's non-persistent `mup_vector` (the model itself
+    # holds no tensors); the slim class must run it on load, or the mixers compute with uninitialised memory.
+    from hf_hesso.slim.selfcheck import tiny_config
+
+    config = tiny_config(transformers.AutoConfig.for_model("falcon_h1"))
+    config.ssm_multipliers = [0.5, 2.0, 1.5, 0.75, 1.25]  # the mixers' input multipliers: `mup_vector` holds them
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert set(model.model.layers[0].mamba.mup_vector.unique().tolist()) == {0.5, 2.0, 1.5, 0.75, 1.25}
+    _prune_and_ship(model, tmp_path, [KV_GROUP, MLP_CHANNEL])

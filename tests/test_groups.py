@@ -144,7 +144,7 @@ def test_bad_inputs():
     with pytest.raises(
         ValueError,
         match=r"hf_hesso cannot prune `model_type` 'mamba' \(MambaModel\): hf_hesso cannot infer a layout .*not "
-        r"recognised: the config has no attention sizes .*'num_attention_heads'.*state-space",
+        r"recognised: no attention or MLP sublayer: a recurrent model .*'num_attention_heads'",
     ):
         build_groups(AutoModel.from_config(mamba))
     model = AutoModel.from_config(tiny_config("bert"))

@@ -60,6 +60,8 @@ RUNTIME_ATTRIBUTES = {
     "num_key_value_groups": "groups",
     "num_heads": "heads",
     "num_attention_heads": "heads",
+    "n_head": "heads",  # OpenAI GPT
+    "n_heads": "heads",
     "num_key_value_heads": "kv_heads",
     "all_head_size": "q_width",
     "split_size": "q_width",
@@ -280,8 +282,8 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
         raise UnrecognisedArchitecture(
             _unrecognised(
                 config,
-                f"the config has no attention sizes ({error}): a model without attention heads (a state-space or "
-                "recurrent model such as Mamba or RWKV) follows no layout hf_hesso knows",
+                f"no attention or MLP sublayer: a recurrent model (state-space or recurrent layers, as in Mamba or "
+                f"RWKV, follow no layout hf_hesso knows; the config has no attention sizes: {error})",
             )
         ) from None
     except UnrecognisedArchitecture as error:

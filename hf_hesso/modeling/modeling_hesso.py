@@ -615,6 +615,10 @@ def apply_hidden_size(model: nn.Module, kept: torch.Tensor, layout: ArchLayout |
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h)\.(\d+)\.")
 
 
+def _stock_code() -> bool:
+    return False
+
+
 class HessoModelMixin:
     """Builds the stock model, then applies the per-layer sizes of `config.hesso_layer_shapes`."""
 
@@ -643,6 +647,19 @@ class HessoModelMixin:
         if recover_for_loading(pretrained_model_name_or_path) and config is not None and not isinstance(config, str):
             config = None
         return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
+    def initialize_weights(self):
+        # transformers takes a class defined outside it for custom code, whose `_init_weights` it does not trust to
+        # leave loaded tensors alone: after loading it skips every module all of whose own tensors were loaded, and
+        # so every module with no tensors of its own. Some stock models fill non-persistent buffers of their layers
+        # from such a module's `_init_weights` (Falcon-H1's `FalconH1Model` sets each Mamba mixer's `mup_vector`), which
+        # would then stay uninitialised memory. A slim class runs the stock `_init_weights`, which sets only what was
+        # not loaded: initialise as for the stock class.
+        self.is_custom_code = _stock_code  # an instance attribute, shadowing the class method while this runs
+        try:
+            return super().initialize_weights()
+        finally:
+            del self.is_custom_code
 
     def _check_loaded_weights(self, *args, **kwargs):
         # Installed below as transformers' load-report hook (`compat.LOADING_CHECK_HOOK`). transformers

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ TINY_FIELDS = {
     "vocab_size_per_layer_input": 128,  # Gemma-3n/4 per-layer embeddings (vocabulary x layers x this width)
     "hidden_size_per_layer_input": 16,
     "num_kv_shared_layers": 0,  # Gemma-3n: layers that reuse another layer's cache (none of the tiny layers)
+    "index_num_heads": 2,  # Kolibri's indexer: at most the query heads of one key/value head
     "n_group": 1,  # DeepSeek-style grouped routing: one group of the tiny experts
     "topk_group": 1,
     "rotary_dim": 8,  # GPT-J/CodeGen: at most the tiny head size
@@ -138,7 +140,18 @@ def _layer_indices(config, layers: int) -> list[int]:
     per-layer lists and strings (`layer_types`, `layers_block_type`, `hybrid_override_pattern`) name, at most
     `TINY_MAX_LAYERS`; two layers where all layers are alike."""
     keep = [0]
-    for key, value in vars(config).items():
+    per_layer = list(vars(config).items())
+    sections = _layer_sections(config, layers)
+    if sections:  # the section each layer belongs to, as one more per-layer list
+        per_layer.append(("(sections)", [key for key, count in sections for _ in range(count)]))
+    for key, value in per_layer:
+        if _is_layer_map(value, layers):
+            # Layers that read another layer's keys/values: keep the first such layer and the layer it reads.
+            reader = next(i for i, source in enumerate(value) if source != i)
+            for i in (value[reader], reader):
+                if i not in keep and len(keep) < TINY_MAX_LAYERS:
+                    keep.append(i)
+            continue
         if isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(key, value, layers):
             seen = {_hashable(value[0])}
             for i, item in enumerate(value):
@@ -151,6 +164,31 @@ def _layer_indices(config, layers: int) -> list[int]:
     return sorted(keep)
 
 
+def _is_layer_map(value, layers: int) -> bool:
+    """A per-layer list naming, for every layer, an earlier layer or itself (Kolibri's `kv_source_layers`: the layer
+    whose keys/values it reads), where some layer names another."""
+    return (
+        isinstance(value, list)
+        and len(value) == layers
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= i for i, v in enumerate(value))
+        and any(v != i for i, v in enumerate(value))
+        and len(set(value)) > 2  # not a 0/1 flag per layer
+    )
+
+
+def _layer_sections(config, layers: int) -> list[tuple[str, int]]:
+    """Consecutive sections of the layers counted by fields of their own (Dory: `n_input_layers`,
+    `n_recurrent_layers`, `n_output_layers`, which must add up to `num_hidden_layers`), as `(field, count)` in order;
+    empty where the config has no such fields."""
+    found = [
+        (key, value)
+        for key, value in vars(config).items()
+        if re.fullmatch(r"(n|num)_[a-z]+_layers", key) and key not in TINY_FIELDS and isinstance(value, int)
+        and not isinstance(value, bool) and value >= 0
+    ]  # fmt: skip
+    return found if len(found) > 1 and sum(v for _, v in found) == layers else []
+
+
 def _hashable(item):
     return repr(item) if isinstance(item, (list, dict)) else item
 
@@ -160,8 +198,12 @@ def _is_index_list(key: str, value, layers: int) -> bool:
     entry per layer."""
     return (
         isinstance(value, list)
-        and any(word in key for word in ("idx", "ids", "indices", "index"))
-        and all(isinstance(i, int) and 0 <= i < layers for i in value)
+        and (
+            any(word in key for word in ("idx", "ids", "indices", "index"))
+            # Kolibri's `mlp_only_layers`: fewer increasing layer indices than layers
+            or (key.endswith("_layers") and len(value) < layers and value == sorted(set(value)))
+        )
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in value)
     )
 
 
@@ -188,6 +230,10 @@ def _tiny_uniform(config):
         fields["head_dim"] = TINY_LATENT["qk_rope_head_dim"]  # latent attention: rotary size (DeepSeek-V3)
     indices = _layer_indices(config, layers)
     fields["num_hidden_layers"] = len(indices)
+    start = 0
+    for key, count in _layer_sections(config, layers):  # each section keeps the kept layers that fall in it
+        fields[key] = sum(start <= i < start + count for i in indices)
+        start += count
     # State-space mixers (Mamba-2 in Bamba, Zamba2, Falcon-H1): heads x head size = expand x hidden.
     expand = getattr(config, "mamba_expand", None) or 2
     fields.update({key: TINY_MAMBA_HEAD for key in MAMBA_HEAD_FIELDS})
@@ -199,6 +245,10 @@ def _tiny_uniform(config):
         if getattr(config, key, None) is not None:
             capped = key.startswith("num_experts") or key.endswith("_per_layer_input")  # 0 stays 0
             setattr(small, key, min(value, getattr(config, key)) if capped else value)
+    expand, ssm_heads = getattr(config, "expand", None), getattr(config, "num_heads", None)
+    if isinstance(expand, int) and ssm_heads and config.hidden_size * expand == ssm_heads * config.head_dim:
+        # Mamba-2: heads x head size = expand x hidden (its validator checks it).
+        small.num_heads = expand * TINY_FIELDS["hidden_size"] // TINY_FIELDS["head_dim"]
     for key, value in (
         ("head_dim", TINY_FIELDS["head_dim"]),
         ("num_key_value_heads", TINY_FIELDS["num_attention_heads"]),
@@ -217,6 +267,8 @@ def _tiny_uniform(config):
             continue
         if _is_index_list(key, value, layers):  # layer indices follow the kept layers
             setattr(small, key, [indices.index(i) for i in value if i in indices])
+        elif _is_layer_map(value, layers):  # a kept layer names a kept layer, else itself
+            setattr(small, key, [indices.index(value[i]) if value[i] in indices else n for n, i in enumerate(indices)])
         elif isinstance(value, (list, str)) and len(value) == layers:
             # Per-layer lists (`layer_types`, `no_rope_layers`) and strings (`hybrid_override_pattern`) follow the
             # kept layers.
