@@ -13,8 +13,7 @@ from fresh_process import run_fresh
 
 from hf_hesso import build_groups, check_architecture, save_slim, slim_model
 from hf_hesso.groups import ATTENTION_SUBLAYER, EXPERT_CHANNEL, HEAD, KV_GROUP, MLP_CHANNEL, MLP_SUBLAYER, QUERY_SLOT
-from hf_hesso.modeling.architectures import ARCHITECTURES, LAYOUT_KEY
-from hf_hesso.slim import selfcheck
+from hf_hesso.modeling.architectures import LAYOUT_KEY
 
 # The tiny decoder's sizes; each config below sets its own key/value heads.
 _SIZES = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
@@ -58,15 +57,7 @@ def make(model_type: str, seed: int = 0):
     return transformers.AutoModelForCausalLM.from_config(CONFIGS[model_type]()).eval()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_table():
-    # Each test starts with only the written table, as a new process would.
-    written = {k: v for k, v in ARCHITECTURES.items() if not v.inferred}
-    selfcheck._CHECKED.clear()
-    yield
-    ARCHITECTURES.clear()
-    ARCHITECTURES.update(written)
-    selfcheck._CHECKED.clear()
+pytestmark = pytest.mark.usefixtures("fresh_layout_table")
 
 
 def _prune_and_ship(model, tmp_path, kinds):

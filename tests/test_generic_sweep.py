@@ -9,19 +9,8 @@ import transformers
 
 from hf_hesso import build_groups, slim_model
 from hf_hesso.groups import HEAD
-from hf_hesso.modeling.architectures import ARCHITECTURES
-from hf_hesso.slim import selfcheck
 
-
-@pytest.fixture(autouse=True)
-def _fresh_table():
-    # Each test starts with only the written table, as a new process would.
-    written = {k: v for k, v in ARCHITECTURES.items() if not v.inferred}
-    selfcheck._CHECKED.clear()
-    yield
-    ARCHITECTURES.clear()
-    ARCHITECTURES.update(written)
-    selfcheck._CHECKED.clear()
+pytestmark = pytest.mark.usefixtures("fresh_layout_table")
 
 
 def _batch():
