@@ -503,25 +503,17 @@ def tables(rows: list[dict]) -> str:
                 f"{fmt_spread([r['ppl_bbc'] for r in rs])} | {fmt_spread(gen)} | {ratio} | "
                 f"{sum(r['removed'] for r in rs) / len(rs):.1%} | {sum(r['wall_s'] for r in rs) / len(rs) / 60:.0f} |"
             )
-    # Paired differences: HESSO (and CRIC, levers) against each one-shot baseline of the same seed and distillation.
+    # Paired differences: HESSO (and CRIC, levers) against each one-shot baseline, and levers (HESSO or CRIC with other
+    # settings) against HESSO's defaults; same seed, distillation and budget.
     pairs = []
     for key, rs in groups.items():
         if not key[2].startswith(("hesso", "cric")):
             continue
-        for base in ("taylor", "activation"):
-            other = groups.get((key[0], key[1], base, key[3]), [])
-            by_seed = {r["seed"]: r for r in other}
+        for base in ("taylor", "activation") if key[2] == "hesso" else ("taylor", "activation", "hesso"):
+            by_seed = {r["seed"]: r for r in groups.get((key[0], key[1], base, key[3]), [])}
             for r in sorted(rs, key=lambda r: r["seed"]):
                 if r["seed"] in by_seed:
                     pairs.append((key, base, r, by_seed[r["seed"]]))
-    # Levers: HESSO or CRIC with other settings against HESSO's defaults, same seed, distillation and budget.
-    for key, rs in groups.items():
-        if not key[2].startswith(("hesso ", "cric")):
-            continue
-        by_seed = {r["seed"]: r for r in groups.get((key[0], key[1], "hesso", key[3]), [])}
-        for r in sorted(rs, key=lambda r: r["seed"]):
-            if r["seed"] in by_seed:
-                pairs.append((key, "hesso", r, by_seed[r["seed"]]))
     if pairs:
         out.append(
             "\n**Paired differences** (same seed: same data order, calibration and evaluation windows). Ratio of"
