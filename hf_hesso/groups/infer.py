@@ -1,13 +1,14 @@
 """Infer a layout (`ArchLayout`) for a model type that is not in the table, from its module tree.
 
-Only the usual Hugging Face conventions are recognised: a `nn.ModuleList` of `num_hidden_layers` layers; attention
-with separate query/key/value projections (`q_proj`, `query`, `query_proj`, `wq`, ...) or one fused projection
-(`qkv_proj`, `query_key_value`, `c_attn`, `Wqkv`, `W_pack`), and an output projection (`o_proj`, `out_proj`,
-`dense`, `c_proj`, `Wo`, ...), in the attention module or in a sibling `output` module (BERT); a gated MLP
-(`gate_proj`/`up_proj`/`down_proj`, `w1`/`w3`/`w2`), a fused gated MLP (`gate_up_proj`, `Wi`) or a plain one
-(`fc1`/`fc2`, `c_fc`/`c_proj`, `dense_h_to_4h`/`dense_4h_to_h`, `intermediate.dense`/`output.dense`). Shapes are
-checked against the config. A fused QKV may be `[q; k; v]` or interleaved per head: both candidates are returned,
-and the numerical check (`hf_hesso.slim.selfcheck`) keeps the one that is exact.
+Only the usual Hugging Face conventions are recognised: a `nn.ModuleList` of `num_hidden_layers` (or `num_layers`)
+layers; attention with separate query/key/value projections (`q_proj`, `query`, `query_proj`, `wq`, `project_q`,
+...) or one fused projection (`qkv_proj`, `query_key_value`, `c_attn`, `Wqkv`, `W_pack`), and an output projection
+(`o_proj`, `out_proj`, `dense`, `c_proj`, `Wo`, `attention_out`, ...), in the attention module or in a sibling
+`output` module (BERT); a gated MLP (`gate_proj`/`up_proj`/`down_proj`, `w1`/`w3`/`w2`, `w_in.w_0`/`w_in.w_1`/`w_out`),
+a fused gated MLP (`gate_up_proj`, `Wi`) or a plain one (`fc1`/`fc2`, `c_fc`/`c_proj`, `dense_h_to_4h`/`dense_4h_to_h`,
+`intermediate.dense`/`output.dense`). Shapes are checked against the config. A fused QKV may be `[q; k; v]` or
+interleaved per head: both candidates are returned, and the numerical check (`hf_hesso.slim.selfcheck`) keeps the one
+that is exact.
 
 Nothing here is trusted without that check: a name match says where the pieces probably are, not that removing a
 group is exact.
@@ -39,12 +40,12 @@ from ..modeling.architectures import (
 from ..modeling.compat import Conv1D
 from .peft import unwrap_peft
 
-ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "Wq", "q")
-ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "Wk", "k")
-ATTENTION_V = ("v_proj", "value", "value_proj", "wv", "Wv", "v")
+ATTENTION_Q = ("q_proj", "query", "query_proj", "wq", "Wq", "q", "project_q")
+ATTENTION_K = ("k_proj", "key", "key_proj", "wk", "Wk", "k", "project_k")
+ATTENTION_V = ("v_proj", "value", "value_proj", "wv", "Wv", "v", "project_v")
 ATTENTION_FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv")
-ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo", "wo", "o", "output.dense")
-MLP_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo", "wo", "o", "output.dense", "attention_out")
+MLP_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("w_in.w_0", "w_in.w_1", "w_out"))
 MLP_FUSED_GATED = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
 MLP_PLAIN = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"),
              ("fc_in", "fc_out"), ("0", "2"))  # fmt: skip  # ("0", "2"): `nn.Sequential(Linear, act, Linear)`
@@ -82,19 +83,36 @@ def _shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _find_layers(base: nn.Module, num_layers: int) -> str:
-    for name, module in base.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name:
-            return name
-    raise UnrecognisedArchitecture(
-        f"no `nn.ModuleList` of `num_hidden_layers`={num_layers} layers under {type(base).__name__}"
-    )
+# Config fields of the head size (CPM-Ant: `dim_head`); without one the head size is `hidden_size // heads`.
+HEAD_DIM_FIELDS = ("head_dim", "dim_head")
+# Config fields that count the layers of the layer list where `num_hidden_layers` counts something else (LongCat-Flash:
+# `num_hidden_layers` counts attention sublayers, two to a layer of `num_layers`).
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers")
+
+
+def _find_layers(base: nn.Module, config) -> tuple[str, str]:
+    """The layer list and the config field that counts it: the outermost `nn.ModuleList` as long as one of the layer
+    counts (a list inside a layer is never taken for the layers); among equally deep ones, `num_hidden_layers` first,
+    then the first registered (Gemma-3n's `layers` before its `altup_projections`)."""
+    counts = [(f, getattr(config, f)) for f in LAYER_COUNT_FIELDS if isinstance(getattr(config, f, None), int)]
+    found = [
+        (name.count("."), rank, order, name, field)
+        for order, (name, module) in enumerate(base.named_modules())
+        if isinstance(module, nn.ModuleList) and name
+        for rank, (field, count) in enumerate(counts)
+        if len(module) == count
+    ]
+    if found:
+        *_, name, field = min(found)
+        return name, field
+    fields = ", ".join(f"`{f}`={getattr(config, f)}" for f in LAYER_COUNT_FIELDS if hasattr(config, f))
+    raise UnrecognisedArchitecture(f"no `nn.ModuleList` of {fields} layers under {type(base).__name__}")
 
 
 def _config_sizes(config) -> tuple[int, int, int | None, int]:
     hidden = config.hidden_size
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = next((getattr(config, f) for f in HEAD_DIM_FIELDS if getattr(config, f, None)), hidden // heads)
     kv = getattr(config, "num_key_value_heads", None) or heads
     return hidden, heads * head_dim, kv * head_dim, head_dim
 
@@ -217,7 +235,7 @@ def _mlp_sublayer(modules: dict, parent: str, projections: tuple[Proj, ...]) -> 
 
 
 # Config fields that commonly hold the MLP width (the first the config has is used by `to_stock`).
-WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "dim_ff")
 WIDTH_FIELD = "intermediate_size"
 
 
@@ -276,7 +294,7 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
     config = model.config
     base = getattr(model, "base_model", model)
     try:
-        layers_path = _find_layers(base, config.num_hidden_layers)
+        layers_path, count_field = _find_layers(base, config)
         hidden, q_width, kv_width, _ = _config_sizes(config)
     except AttributeError as error:
         raise UnrecognisedArchitecture(
@@ -323,12 +341,13 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
     common = dict(
         name=type(config).__name__.removesuffix("Config"),
         layers=layers_path,
+        layer_count_field=count_field,
         # Unknown residual structure: a layer that lost both sublayers is never assumed to be the identity.
         pre_norm=False,
         mlps=tuple(mlps),
         config_class=type(config).__name__,
         model_classes=((type(model).__name__, ""),),
-        head_dim_field="head_dim" if getattr(config, "head_dim", None) else None,
+        head_dim_field=next((f for f in HEAD_DIM_FIELDS if getattr(config, f, None)), None),
         kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
         notes="Inferred from the module tree.",
         inferred=True,

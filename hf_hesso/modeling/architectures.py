@@ -178,6 +178,9 @@ class ArchLayout:
         stream (`Stream`, *optional*): the residual stream's norms and extra readers, for `hidden_channel` groups;
             None where exact hidden-size pruning is impossible (LayerNorm families, see `NO_STREAM_REASON`).
         exact (`tuple[str, ...]`): for an inferred layout, the group kinds the numerical check found exact.
+        layer_count_field (`str`): the config field that counts the entries of the layer list: `num_hidden_layers`,
+            or `num_layers` where `num_hidden_layers` counts something else (LongCat-Flash: two attention sublayers
+            to a layer).
     """
 
     name: str
@@ -195,6 +198,7 @@ class ArchLayout:
     inferred: bool = False
     stream: Stream | None = None
     exact: tuple[str, ...] = ()
+    layer_count_field: str = "num_hidden_layers"
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
@@ -774,7 +778,7 @@ def normalize_config(config, layout: ArchLayout | None = None) -> NormalizedConf
     head_dim = getattr(config, layout.head_dim_field, None) if layout.head_dim_field else None
     return NormalizedConfig(
         model_type=model_type,
-        num_layers=config.num_hidden_layers,
+        num_layers=getattr(config, layout.layer_count_field),
         hidden_size=current_hidden_size(config),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import transformers
 
-from .architectures import ARCHITECTURES, HESSO_PREFIX, HIDDEN_SIZE_KEY, LAYER_SHAPES_KEY
+from .architectures import ARCHITECTURES, HESSO_PREFIX, HIDDEN_SIZE_KEY, LAYER_SHAPES_KEY, LAYOUT_KEY
 from .journal import recover_for_loading
 
 
@@ -45,10 +45,12 @@ class _HessoConfigMixin:
         shapes = getattr(self, LAYER_SHAPES_KEY, None)
         if shapes is None:
             return
-        if len(shapes) != self.num_hidden_layers:
+        # The field that counts the layer list (an inferred layout may name another: LongCat-Flash's `num_layers`).
+        count_field = (getattr(self, LAYOUT_KEY, None) or {}).get("layer_count_field", "num_hidden_layers")
+        if len(shapes) != getattr(self, count_field):
             raise ValueError(
-                f"`{LAYER_SHAPES_KEY}` has {len(shapes)} entries but `num_hidden_layers` is "
-                f"{self.num_hidden_layers}: give one shape per layer."
+                f"`{LAYER_SHAPES_KEY}` has {len(shapes)} entries but `{count_field}` is "
+                f"{getattr(self, count_field)}: give one shape per layer."
             )
         for i, shape in enumerate(shapes):
             for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "shared_intermediate_size"):

@@ -592,8 +592,9 @@ def _stock_base(cls: type) -> type:
 def _per_layer_updates(config, kept: list[int]) -> dict:
     """The per-layer config lists (`layer_types`, `no_rope_layers`, ...) restricted to the `kept` layers, and the
     layer count, for a stock config without the dropped layers."""
-    n = config.num_hidden_layers
-    updates: dict = {"num_hidden_layers": len(kept)}
+    field = layout_of(config).layer_count_field
+    n = getattr(config, field)
+    updates: dict = {field: len(kept)}
     for key, value in config.to_dict().items():
         if key != LAYER_SHAPES_KEY and isinstance(value, list) and len(value) == n:
             updates[key] = [value[i] for i in kept]
