@@ -3,6 +3,8 @@ fix on a tiny model built here (issue 21)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -117,7 +119,7 @@ def test_layer_list_counted_by_another_field_prunes_and_ships(tmp_path):
     slim_model(model, groups)
     torch.testing.assert_close(_logits(model, batch), expected, rtol=0, atol=1e-5)
     save_slim(model, tmp_path / "slim")
-    saved = __import__("json").loads((tmp_path / "slim" / "config.json").read_text())
+    saved = json.loads((tmp_path / "slim" / "config.json").read_text())
     assert saved[LAYOUT_KEY]["layer_count_field"] == "num_layers" and len(saved["hesso_layer_shapes"]) == 2
     torch.save(batch, tmp_path / "batch.pt")
     job = {"dir": str(tmp_path / "slim"), "auto": "AutoModelForCausalLM", "remote": True,

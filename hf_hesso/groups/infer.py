@@ -109,10 +109,16 @@ def _find_layers(base: nn.Module, config) -> tuple[str, str]:
     raise UnrecognisedArchitecture(f"no `nn.ModuleList` of {fields} layers under {type(base).__name__}")
 
 
+def _head_dim_field(config) -> str | None:
+    """The config field that holds the head size, or None (the head size is then `hidden_size // heads`)."""
+    return next((f for f in HEAD_DIM_FIELDS if getattr(config, f, None)), None)
+
+
 def _config_sizes(config) -> tuple[int, int, int | None, int]:
     hidden = config.hidden_size
     heads = config.num_attention_heads
-    head_dim = next((getattr(config, f) for f in HEAD_DIM_FIELDS if getattr(config, f, None)), hidden // heads)
+    field = _head_dim_field(config)
+    head_dim = getattr(config, field) if field else hidden // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     return hidden, heads * head_dim, kv * head_dim, head_dim
 
@@ -347,7 +353,7 @@ def infer_layouts(model: nn.Module) -> list[ArchLayout]:
         mlps=tuple(mlps),
         config_class=type(config).__name__,
         model_classes=((type(model).__name__, ""),),
-        head_dim_field=next((f for f in HEAD_DIM_FIELDS if getattr(config, f, None)), None),
+        head_dim_field=_head_dim_field(config),
         kv_heads_field="num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None,
         notes="Inferred from the module tree.",
         inferred=True,

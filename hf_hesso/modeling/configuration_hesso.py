@@ -47,10 +47,11 @@ class _HessoConfigMixin:
             return
         # The field that counts the layer list (an inferred layout may name another: LongCat-Flash's `num_layers`).
         count_field = (getattr(self, LAYOUT_KEY, None) or {}).get("layer_count_field", "num_hidden_layers")
-        if len(shapes) != getattr(self, count_field):
+        layers = getattr(self, count_field)
+        if len(shapes) != layers:
             raise ValueError(
-                f"`{LAYER_SHAPES_KEY}` has {len(shapes)} entries but `{count_field}` is "
-                f"{getattr(self, count_field)}: give one shape per layer."
+                f"`{LAYER_SHAPES_KEY}` has {len(shapes)} entries but `{count_field}` is {layers}: give one shape per "
+                "layer."
             )
         for i, shape in enumerate(shapes):
             for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "shared_intermediate_size"):
