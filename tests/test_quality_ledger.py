@@ -158,6 +158,28 @@ def test_levers_pair_with_hessos_defaults_of_the_same_seed():
     assert not any(line.startswith("| 50%, 160 | hesso | hesso |") for line in lines)  # not against itself
 
 
+def test_rows_with_other_training_settings_are_separate_labelled_rows():
+    """A lever run with another learning rate (or T, saliency steps, calibration blocks) is never merged into the
+    protocol's row of its method: its label names every setting that differs from the protocol."""
+    n = 4
+    default = _row("hesso", True, 0, [511 * 3.0] * n, [511 * 4.0] * n)
+    faster = _row("hesso", True, 0, [511 * 3.0] * n, [511 * 3.8] * n)
+    faster["train"] = {**faster["train"], "lr": 3e-4}
+    assert quality.label(default) == "hesso"
+    assert quality.label(faster) == "hesso (lr 0.0003)"
+    hot = _row("hesso", True, 0, [511 * 3.0] * n, [511 * 4.0] * n, saliency_steps=8)
+    hot["distill_settings"] = {**hot["distill_settings"], "temperature": 2.0}
+    assert quality.label(hot) == "hesso (8 saliency steps, T 2)"
+    taylor = _row("taylor", True, 0, [511 * 3.1] * n, [511 * 4.2] * n)
+    taylor["schedule"] = {**taylor["schedule"], "calib_blocks": 32}
+    assert quality.label(taylor) == "taylor (32 calibration blocks)"
+    lines = quality.tables([default, faster]).splitlines()
+    assert any(line.startswith("| hesso | yes | 1 (0) |") for line in lines)
+    assert any(line.startswith("| hesso (lr 0.0003) | yes | 1 (0) |") for line in lines)
+    pair = next(line for line in lines if line.startswith("| 50%, 160 | hesso (lr 0.0003) | hesso | yes | 0 |"))
+    assert f"{math.exp(-0.2):.3f}" in pair
+
+
 def test_other_kinds_remove_as_many_parameters_as_the_default():
     from hf_hesso import build_groups
     from hf_hesso.optim.selection import ParamCounter
