@@ -81,6 +81,7 @@ PROTOCOL_TRAIN = {"batch": 4, "seq_len": 128, "lr": 1e-4, "warmup": 0.1}
 PROTOCOL_SCHEDULE = {"start": 16, "fade": 64, "periods": 4}
 PROTOCOL_SALIENCY_STEPS = 4
 PROTOCOL_CALIB_BLOCKS = 16
+PROTOCOL_DISTILL = {"alpha": 1.0, "temperature": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -476,14 +477,13 @@ def label(row: dict) -> str:
     for key, default in PROTOCOL_TRAIN.items():
         if key in train and train[key] != default:
             lever.append(f"{key} {train[key]:g}")
-    if row["method"] in ("taylor", "activation") and sched.get("calib_blocks", PROTOCOL_CALIB_BLOCKS) != (
-        PROTOCOL_CALIB_BLOCKS
-    ):
-        lever.append(f"{sched['calib_blocks']} calibration blocks")
+    blocks = sched.get("calib_blocks", PROTOCOL_CALIB_BLOCKS)
+    if row["method"] in ("taylor", "activation") and blocks != PROTOCOL_CALIB_BLOCKS:
+        lever.append(f"{blocks} calibration blocks")
     d = row.get("distill_settings")
-    if d and d.get("alpha") != 1.0:
+    if d and d.get("alpha") != PROTOCOL_DISTILL["alpha"]:
         lever.append(f"alpha {d['alpha']}")
-    if d and d.get("temperature") != 1.0:
+    if d and d.get("temperature") != PROTOCOL_DISTILL["temperature"]:
         lever.append(f"T {d['temperature']:g}")
     return name + (f" ({', '.join(lever)})" if lever else "")
 
@@ -616,8 +616,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--calib_blocks", type=int, default=PROTOCOL_CALIB_BLOCKS, help="One-shot: calibration blocks (seeded)."
     )
-    parser.add_argument("--distill_alpha", type=float, default=1.0)
-    parser.add_argument("--distill_temperature", type=float, default=1.0)
+    parser.add_argument("--distill_alpha", type=float, default=PROTOCOL_DISTILL["alpha"])
+    parser.add_argument("--distill_temperature", type=float, default=PROTOCOL_DISTILL["temperature"])
     parser.add_argument("--cric_trial_ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--cric_max_cycles", type=int, default=2)
     parser.add_argument("--cric_sampling_steps", type=int, default=4)
